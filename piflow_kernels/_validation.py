@@ -1,0 +1,88 @@
+"""Input checks shared by the policies: clear errors naming the argument and the expected shape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+SigmaLike = float | int | torch.Tensor
+
+
+def check_float_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {t.dtype}")
+    return t
+
+
+def check_latent(name: str, x: object) -> torch.Tensor:
+    x = check_float_tensor(name, x)
+    if x.dim() not in (4, 5):
+        raise ValueError(f"{name} must have shape (B, C, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name} has no elements (shape {tuple(x.shape)})")
+    return x
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: str) -> None:
+    """``expected`` may hold None for a free dimension; ``what`` spells the expected shape for the message."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        raise ValueError(f"{name} must have shape {what}, got {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return first
+
+
+def as_sigma(name: str, sigma: SigmaLike, batch: int, device: torch.device) -> torch.Tensor:
+    """A Python float, 0-d or (B,) tensor as a (B,) float32 tensor on ``device``.
+
+    Values must lie in [0, 1]; the range is checked for floats and CPU tensors (checking a CUDA
+    tensor would synchronise the host, which the sampling path never does).
+    """
+    if isinstance(sigma, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got bool")
+    if isinstance(sigma, (int, float)):
+        value = float(sigma)
+        if not (0.0 <= value <= 1.0) or math.isnan(value):
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        return torch.full((batch,), value, dtype=torch.float32, device=device)
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"{name} must be a float, a 0-d tensor or a (B,) tensor, got {type(sigma).__name__}")
+    if sigma.dim() == 0:
+        sigma = sigma.expand(batch)
+    elif sigma.dim() != 1 or sigma.shape[0] != batch:
+        # also accept (B, 1, ..., 1), the official code's habit
+        if sigma.shape[0] == batch and sigma.numel() == batch:
+            sigma = sigma.reshape(batch)
+        else:
+            raise ValueError(f"{name} must be a float, a 0-d tensor or a ({batch},) tensor, got shape {tuple(sigma.shape)}")
+    if sigma.device != device:
+        if sigma.device.type == "cpu" and sigma.numel() == batch:
+            sigma = sigma.to(device, non_blocking=True)
+        else:
+            raise ValueError(f"{name} is on {sigma.device} but the policy is on {device}")
+    if sigma.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ~((sigma >= 0) & (sigma <= 1))
+        if bool(bad.any()):
+            raise ValueError(f"{name} must lie in [0, 1], got {sigma[bad][:4].tolist()}")
+    return sigma.to(torch.float32)
+
+
+def check_total_substeps(total_substeps: object) -> int:
+    if isinstance(total_substeps, bool) or not isinstance(total_substeps, int):
+        raise TypeError(f"total_substeps must be an int, got {type(total_substeps).__name__}")
+    if total_substeps < 1:
+        raise ValueError(f"total_substeps must be >= 1, got {total_substeps}")
+    return total_substeps

@@ -1,0 +1,57 @@
+"""Policy ops with backend dispatch. Each op has a CPU twin (``*_torch``), a Triton kernel
+(``*_triton``, loaded lazily) and the literal reference (``reference`` package).
+
+All ops take the flat layout documented in :mod:`piflow_kernels.ops.gm_torch` and
+:mod:`piflow_kernels.ops.dx_torch`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from piflow_kernels.ops.dx_torch import dx_rollout_torch, dx_velocity_torch
+from piflow_kernels.ops.gm_torch import gm_rollout_torch, gm_velocity_torch
+
+
+def _triton_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"piflow_kernels.ops.{name}")
+
+
+def gm_velocity(backend: str, *args) -> torch.Tensor:
+    """Dispatch of the GM velocity (args as :func:`gm_velocity_torch`)."""
+    if backend == "triton":
+        return _triton_module("gm_triton").gm_velocity_triton(*args)
+    return gm_velocity_torch(*args)
+
+
+def gm_rollout(backend: str, *args) -> torch.Tensor:
+    """Dispatch of the GM rollout (args as :func:`gm_rollout_torch`)."""
+    if backend == "triton":
+        return _triton_module("gm_triton").gm_rollout_triton(*args)
+    return gm_rollout_torch(*args)
+
+
+def dx_velocity(backend: str, *args) -> torch.Tensor:
+    if backend == "triton":
+        return _triton_module("dx_triton").dx_velocity_triton(*args)
+    return dx_velocity_torch(*args)
+
+
+def dx_rollout(backend: str, *args) -> torch.Tensor:
+    if backend == "triton":
+        return _triton_module("dx_triton").dx_rollout_triton(*args)
+    return dx_rollout_torch(*args)
+
+
+__all__ = [
+    "gm_velocity",
+    "gm_rollout",
+    "dx_velocity",
+    "dx_rollout",
+    "gm_velocity_torch",
+    "gm_rollout_torch",
+    "dx_velocity_torch",
+    "dx_rollout_torch",
+]

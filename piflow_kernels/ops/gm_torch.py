@@ -1,0 +1,163 @@
+"""GMFlow policy ops, CPU twin ("torch" backend): restructured algebra, torch.compile'd rollout.
+
+Flat layout used by every GM op (the policy reshapes to it):
+    x, x_src    (B, C, L)     latents, L = prod(spatial)
+    means       (B, K, C, L)  velocity-space component means
+    logweights  (B, K, L)     log-softmax over K (may hold -inf)
+    logstds     (B, K1)       K1 = 1 (one std per sample) or K (per component)
+    sigma*      (B,)          float32
+
+Algebra (DESIGN.md section 3): with mu_k = x_src - s_src * means_k, var_k = exp(2 logstd_k) s_src^2,
+    nu = a x / s^2 - a_src x_src / s_src^2,  zeta = (a/s)^2 - (a_src/s_src)^2,  d_k = max(var_k zeta + 1, eps)
+    logit_k = logweights_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k,   w = softmax_k(logit)
+    x0 = sum_k (w_k / d_k) mu_k + nu * sum_k w_k var_k / d_k,   u = (x - x0) / s
+so per substep only two contractions over (K, C) remain: mu_k . nu and sum_k c_k mu_k. Over a rollout
+mu, ||mu||^2, var and the x_src part of nu are constant and computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+EPS = 1e-6
+logger = logging.getLogger(__name__)
+
+
+def _prepare(means, logweights, logstds, x_src, sigma_src):
+    """Constant-over-rollout quantities, float32: mu (B,K,C,L), var (B,K), mu_sq (B,K,L), lw (B,K,L)."""
+    s_src = sigma_src.float()[:, None, None, None]
+    mu = x_src.float()[:, None] - s_src * means.float()
+    var = torch.exp(2.0 * logstds.float()) * sigma_src.float()[:, None] ** 2
+    var = var.expand(means.shape[0], means.shape[1])
+    return mu, var, logweights.float()
+
+
+def _posterior_x0(x, s, mu, mu_sq, var, lw, zeta, nu):
+    """x0 of the GM posterior. x, nu (B,C,L); s, zeta (B,); mu (B,K,C,L); mu_sq, lw (B,K,L); var (B,K)."""
+    d = (var * zeta[:, None] + 1.0).clamp(min=EPS)  # (B, K)
+    mu_nu = torch.einsum("bkcl,bcl->bkl", mu, nu)
+    logits = lw + (mu_nu - 0.5 * zeta[:, None, None] * mu_sq) / d[:, :, None]
+    w = torch.softmax(logits, dim=1)
+    c = w / d[:, :, None]  # (B, K, L)
+    x0 = torch.einsum("bkl,bkcl->bcl", c, mu) + nu * (c * var[:, :, None]).sum(1, keepdim=True)
+    return x0
+
+
+def gm_velocity_torch(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+) -> torch.Tensor:
+    """GM policy velocity u(x, sigma), differentiable (plain autograd). Returns (B, C, L) in x.dtype."""
+    mu, var, lw = _prepare(means, logweights, logstds, x_src, sigma_src)
+    s = sigma.float().clamp(min=EPS)
+    s_src = sigma_src.float().clamp(min=EPS)
+    a, a_src = 1.0 - s, 1.0 - s_src
+    zeta = (a / s) ** 2 - (a_src / s_src) ** 2
+    xf = x.float()
+    nu = (a / s**2)[:, None, None] * xf - (a_src / s_src**2)[:, None, None] * x_src.float()
+    mu_sq = (mu * mu).sum(2)
+    x0 = _posterior_x0(xf, s, mu, mu_sq, var, lw, zeta, nu)
+    return ((xf - x0) / s[:, None, None]).to(x.dtype)
+
+
+def _gm_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src):
+    """One Euler substep in float32. x (B,C,L); s, s_next (B,); nu_src = a_src x_src / s_src^2 (B,C,L);
+    c_src = (a_src / s_src)^2 (B,). Samples whose step is over pass s_next == s and stay put."""
+    s_c = s.clamp(min=EPS)
+    a = 1.0 - s_c
+    zeta = (a / s_c) ** 2 - c_src
+    nu = (a / s_c**2)[:, None, None] * x - nu_src
+    x0 = _posterior_x0(x, s_c, mu, mu_sq, var, lw, zeta, nu)
+    u = (x - x0) / s_c[:, None, None]
+    return x + u * (s_next - s)[:, None, None]
+
+
+_compiled_substep = None
+_compile_seconds: float | None = None
+
+
+def compile_enabled() -> bool:
+    """torch.compile is used unless PIFLOW_COMPILE=0 (or no working C++ toolchain, detected at first use)."""
+    return os.environ.get("PIFLOW_COMPILE", "1") != "0"
+
+
+def _substep_fn():
+    """The compiled substep (dynamic shapes: one compilation serves every B, K, C, L), or eager."""
+    global _compiled_substep
+    if not compile_enabled():
+        return _gm_substep
+    if _compiled_substep is None:
+        _compiled_substep = torch.compile(_gm_substep, dynamic=True)
+    return _compiled_substep
+
+
+def last_compile_seconds() -> float | None:
+    """Wall time of the first compiled call in this process (compilation included), for benchmarks."""
+    return _compile_seconds
+
+
+def _call_substep(*args):
+    global _compiled_substep, _compile_seconds
+    fn = _substep_fn()
+    if fn is _gm_substep:
+        return fn(*args)
+    try:
+        if _compile_seconds is None:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            _compile_seconds = time.perf_counter() - t0
+            return out
+        return fn(*args)
+    except Exception as err:  # no C++ compiler, unsupported platform: fall back, say why once
+        logger.warning("piflow_kernels: torch.compile of the GM substep failed (%s); using eager", err)
+        os.environ["PIFLOW_COMPILE"] = "0"
+        _compiled_substep = None
+        return _gm_substep(*args)
+
+
+@torch.no_grad()
+def gm_rollout_torch(
+    x_start: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+    sigma_start: torch.Tensor,
+    n_substeps: torch.Tensor,
+    substep_size: torch.Tensor,
+    r_start: torch.Tensor,
+    shift: float,
+) -> torch.Tensor:
+    """Whole rollout (DESIGN.md section 4). n_substeps (B,) int32, substep_size and r_start (B,) float32.
+
+    Returns x_end (B, C, L) in x_start.dtype.
+    """
+    mu, var, lw = _prepare(means, logweights, logstds, x_src, sigma_src)
+    mu_sq = (mu * mu).sum(2)
+    s_src = sigma_src.float().clamp(min=EPS)
+    a_src = 1.0 - s_src
+    nu_src = (a_src / s_src**2)[:, None, None] * x_src.float()
+    c_src = (a_src / s_src) ** 2
+    x = x_start.float().clone()
+    s = sigma_start.float()
+    r = r_start.float()
+    h = substep_size.float()
+    n = n_substeps
+    # the CPU path may read the step count on the host; the Triton path never does
+    for step in range(int(n.max())):
+        active = n > step
+        r_next = torch.where(active, (r - h).clamp(min=0.0), r)
+        s_next = torch.where(active, shift * r_next / (1.0 + (shift - 1.0) * r_next), s)
+        x = _call_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src)
+        s, r = s_next, r_next
+    return x.to(x_start.dtype)

@@ -1,0 +1,25 @@
+"""Pure-PyTorch reference of the pi-Flow equations (DESIGN.md sections 2-6).
+
+Written literally and readably, dtype-agnostic (tests run it in float64), with no
+imports from ``piflow_kernels``. Every fast path of the library is tested against it.
+"""
+
+from reference.dx import dx_velocity
+from reference.flowmap_sde import flowmap_sde_dst, flowmap_sde_sigmas, flowmap_sde_step
+from reference.gmflow import gm_apply_dropout, gm_apply_temperature, gm_velocity
+from reference.rollout import rollout
+from reference.timesteps import dynamic_shift, unwarp, warp
+
+__all__ = [
+    "warp",
+    "unwarp",
+    "dynamic_shift",
+    "gm_velocity",
+    "gm_apply_temperature",
+    "gm_apply_dropout",
+    "dx_velocity",
+    "rollout",
+    "flowmap_sde_sigmas",
+    "flowmap_sde_dst",
+    "flowmap_sde_step",
+]

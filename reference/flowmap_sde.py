@@ -1,0 +1,37 @@
+"""FlowMapSDE sampler schedule and re-noising step (DESIGN.md section 5)."""
+
+import numpy as np
+import torch
+
+from reference.timesteps import warp
+
+
+def flowmap_sde_sigmas(num_steps, shift=1.0, final_step_size_scale=1.0):
+    """sigmas (num_steps + 1,) float64: warp(linspace(1, (f-1)/(n+f-1), n, endpoint=False)) then 0."""
+    f = final_step_size_scale
+    raw = np.linspace(1.0, (f - 1) / (num_steps + f - 1), num_steps, endpoint=False).clip(min=0)
+    sigmas = warp(torch.from_numpy(raw), shift)
+    return torch.cat([sigmas, torch.zeros(1, dtype=sigmas.dtype)])
+
+
+def flowmap_sde_dst(sigma_src, sigma_to, h, eps=1e-6):
+    """(sigma_dst, m): where the policy rollout stops, and the re-noising factor m.
+
+    h = 0: m = 1 (deterministic, sigma_dst = sigma_to); h = 'inf': m = 0;
+    else m = (sigma_to * a_src / (sigma_src * a_to)) ** (h^2).
+    """
+    a_src, a_to = 1 - sigma_src, 1 - sigma_to
+    if h == "inf":
+        m = 0.0 * sigma_to
+    elif h == 0:
+        m = 1.0 + 0.0 * sigma_to
+    else:
+        m = (sigma_to * a_src / max(sigma_src * a_to, eps)) ** (h * h)
+    sigma_dst = sigma_to * m / max(a_to + sigma_to * m, eps)
+    return sigma_dst, m
+
+
+def flowmap_sde_step(x_dst, sigma_to, m, noise):
+    """x_next = (a_to + s_to * m) * x_dst + s_to * sqrt(1 - m^2) * noise."""
+    a_to = 1 - sigma_to
+    return (a_to + sigma_to * m) * x_dst + sigma_to * max(1 - m * m, 0.0) ** 0.5 * noise

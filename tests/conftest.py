@@ -1,0 +1,49 @@
+"""Test set-up shared by every test module.
+
+- Without CUDA, Triton kernels run in the interpreter: TRITON_INTERPRET=1 must be set before any
+  kernel module is imported, so it is set here, first.
+- ``cuda`` marker: tests that need a GPU are skipped when none is present (decided lazily, without
+  CUDA calls at import time).
+- ``poison`` makes NaN-filled output buffers so an element a kernel never writes fails the test.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# per-dtype tolerances (relative error, ||out - ref|| / ||ref|| or max-abs over max-abs as stated in each test)
+TOL = {
+    "velocity": {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2},
+    "rollout": {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2},
+    "grad": {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2},
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, NaN anywhere in ``out`` gives inf."""
+    out = out.double()
+    ref = ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("cuda" in item.keywords for item in items) and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def poison():
+    """poison(t) -> t filled with NaN in place (the output buffer a fast path must overwrite)."""
+
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan"))
+
+    return _poison

@@ -116,7 +116,8 @@ class GMFlowPolicy(_PolicyBase):
         check_shape("means", means, [b, None, c, *spatial], what)
         if k < 1:
             raise ValueError("means must have at least one component (K >= 1)")
-        check_shape("logweights", logweights, [b, k, 1, *spatial], f"(B, K, 1, *S) = ({b}, {k}, 1, {', '.join(map(str, spatial))})")
+        sp = ", ".join(map(str, spatial))
+        check_shape("logweights", logweights, [b, k, 1, *spatial], f"(B, K, 1, *S) = ({b}, {k}, 1, {sp})")
         if not (
             logstds.dim() == means.dim()
             and logstds.shape[0] == b

@@ -1,0 +1,515 @@
+"""PiFlowScheduler: the few-step pi-Flow sampler as a diffusers scheduler (DESIGN.md section 5).
+
+Each ``step`` takes the student's *policy* output (not a velocity), builds the policy at the current
+noise level, integrates it with many cheap substeps (one fused kernel on CUDA) down to the step's
+destination, and re-noises as the FlowMapSDE sampler does (``h = 0``: deterministic).
+
+    >>> scheduler = PiFlowScheduler(shift=3.0, h=0.0, total_substeps=128)
+    >>> scheduler.set_timesteps(4, device="cuda")
+    >>> for t in scheduler.timesteps:
+    ...     out = student(x, t.expand(x.shape[0]))          # a GMFlowOutput / DXOutput / dict
+    ...     x = scheduler.step(out, t, x).prev_sample
+
+``step`` never synchronises the host with the device: every per-step quantity is precomputed as a
+Python float by ``set_timesteps`` and the schedule is indexed by a step counter. (The one exception
+is the first ``step`` after ``set_timesteps`` when no begin index is set and the timestep is a CUDA
+tensor: finding its index reads it once, as diffusers' schedulers do. ``set_begin_index(0)`` avoids it.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from piflow_kernels.outputs import POLICY_TYPES, make_policy
+from piflow_kernels.policies import GMFlowPolicy
+from piflow_kernels.timesteps import dynamic_shift, warp
+
+__all__ = ["PiFlowScheduler", "PiFlowSchedulerOutput"]
+
+logger = logging.getLogger(__name__)
+
+# FlowMatchEulerDiscreteScheduler config key -> ours (its base_shift / max_shift are log-shifts, like ours)
+_FLOW_MATCH_KEYS = {
+    "base_shift": "base_logshift",
+    "max_shift": "max_logshift",
+    "base_image_seq_len": "base_seq_len",
+    "max_image_seq_len": "max_seq_len",
+}
+# FlowMatchEuler features this sampler does not have: warn when a config turns them on
+_FLOW_MATCH_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+_EPS = 1e-6
+
+
+@dataclass
+class PiFlowSchedulerOutput(BaseOutput):
+    """Output of :meth:`PiFlowScheduler.step`.
+
+    Args:
+        prev_sample: (B, C, *S) the sample at the next noise level, dtype of the input sample.
+    """
+
+    prev_sample: torch.Tensor
+
+
+def _check_h(h: float | str) -> float | str:
+    if isinstance(h, str):
+        if h.strip().lower() != "inf":
+            raise ValueError(f"h must be a float >= 0 or 'inf', got {h!r}")
+        return "inf"
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or math.isnan(h) or h < 0:
+        raise ValueError(f"h must be a float >= 0 or 'inf', got {h!r}")
+    return "inf" if math.isinf(h) else float(h)
+
+
+def _check_temperature(temperature: float | str) -> float | str:
+    if isinstance(temperature, str):
+        if temperature != "auto":
+            raise ValueError(f"temperature must be a float > 0 or 'auto', got {temperature!r}")
+        return temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a float > 0 or 'auto', got {temperature!r}")
+    return float(temperature)
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class PiFlowScheduler(SchedulerMixin, ConfigMixin):
+    """Few-step pi-Flow sampler (FlowMapSDE) for students that output a policy.
+
+    Args:
+        num_train_timesteps: timestep scale, ``timesteps = sigmas * num_train_timesteps``.
+        shift: fixed time shift of the schedule and of the rollout substeps.
+        use_dynamic_shifting: take the shift from ``mu`` (``shift = exp(mu)``, diffusers' convention) or from
+            ``seq_len`` (``log(shift)`` linear between base_logshift at base_seq_len and max_logshift at max_seq_len).
+        base_seq_len, max_seq_len, base_logshift, max_logshift: the dynamic-shift line.
+        final_step_size_scale: relative size of the last step in raw time (1 = uniform).
+        h: re-noising strength: 0 deterministic, > 0 stochastic, ``"inf"`` full re-noising.
+        total_substeps: policy substeps per unit raw time (e.g. 128: a half-unit step takes 64).
+        policy_type: ``"GMFlow"`` or ``"DX"``, what the student outputs.
+        temperature: GM temperature applied on every step but the last (< 1 sharpens; ``"auto"`` picks
+            ``min(0.1 * (num_inference_steps - 1), 1)`` as the official FLUX pipeline does).
+        dx_segment_size, dx_shift, dx_mode: the DX policy's intrinsic segment length (raw time), shift and
+            mode ("grid" or "polynomial"); keep the values the student was trained with.
+        backend: policy backend, None (auto: Triton on CUDA, fast CPU path otherwise), "torch", "triton",
+            "reference".
+
+    Example:
+        >>> scheduler = PiFlowScheduler(use_dynamic_shifting=True)
+        >>> scheduler.set_timesteps(4, seq_len=64 * 64)
+        >>> x = scheduler.step(student_output, scheduler.timesteps[0], x).prev_sample
+    """
+
+    _compatibles = ["FlowMatchEulerDiscreteScheduler"]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_seq_len: int = 256,
+        max_seq_len: int = 4096,
+        base_logshift: float = 0.5,
+        max_logshift: float = 1.15,
+        final_step_size_scale: float = 1.0,
+        h: float | str = 0.0,
+        total_substeps: int = 128,
+        policy_type: str = "GMFlow",
+        temperature: float | str = 1.0,
+        dx_segment_size: float = 1.0,
+        dx_shift: float = 1.0,
+        dx_mode: str = "grid",
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        _positive("shift", shift)
+        _positive("final_step_size_scale", final_step_size_scale)
+        _positive("dx_segment_size", dx_segment_size)
+        _positive("dx_shift", dx_shift)
+        if use_dynamic_shifting and max_seq_len == base_seq_len:
+            raise ValueError("use_dynamic_shifting needs max_seq_len != base_seq_len")
+        self._h = _check_h(h)
+        self._temperature = _check_temperature(temperature)
+        if isinstance(total_substeps, bool) or not isinstance(total_substeps, int) or total_substeps < 1:
+            raise ValueError(f"total_substeps must be an int >= 1, got {total_substeps!r}")
+        if policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type must be one of {POLICY_TYPES}, got {policy_type!r}")
+        if dx_mode not in ("grid", "polynomial"):
+            raise ValueError(f"dx_mode must be 'grid' or 'polynomial', got {dx_mode!r}")
+        if backend is not None and backend not in ("torch", "triton", "reference"):
+            raise ValueError(f"backend must be None, 'torch', 'triton' or 'reference', got {backend!r}")
+
+        # before set_timesteps: the training grid, as diffusers' flow-matching schedulers expose
+        raw = 1.0 - np.arange(num_train_timesteps, dtype=np.float64) / num_train_timesteps
+        sigmas = torch.from_numpy(warp(raw, float(shift))).float()
+        self.sigmas = sigmas
+        self.timesteps = sigmas * num_train_timesteps
+        self.sigma_min = float(sigmas[-1])
+        self.sigma_max = float(sigmas[0])
+        self.num_inference_steps: int | None = None
+        self._shift = float(shift)
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+
+    # ------------------------------------------------------------------ diffusers plumbing
+
+    @classmethod
+    def from_config(cls, config: Mapping | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """Also accepts a ``FlowMatchEulerDiscreteScheduler`` config: the shared keys are kept and its
+        ``base_shift / max_shift / base_image_seq_len / max_image_seq_len`` become ours
+        (``base_logshift / max_logshift / base_seq_len / max_seq_len``). Keyword arguments override.
+        """
+        if isinstance(config, Mapping):
+            config = dict(config)
+            for theirs, ours in _FLOW_MATCH_KEYS.items():
+                if theirs in config:
+                    value = config.pop(theirs)
+                    if ours not in config and value is not None:
+                        config[ours] = value
+            on = [k for k in _FLOW_MATCH_UNSUPPORTED if config.get(k)]
+            if config.get("time_shift_type", "exponential") != "exponential":
+                on.append(f"time_shift_type={config['time_shift_type']!r}")
+            if on:
+                logger.warning("PiFlowScheduler.from_config: ignoring unsupported settings %s of the source config", on)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def step_index(self) -> int | None:
+        """Index of the next step in the schedule (None until the first ``step``)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first step, set by ``set_begin_index`` (pipelines set 0)."""
+        return self._begin_index
+
+    @property
+    def shift(self) -> float:
+        """The time shift in use: from the last ``set_timesteps`` (dynamic or fixed), else the config's."""
+        return self._shift
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next ``step`` at this schedule index without looking its timestep up."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Identity (flow-matching students take x_t as is)."""
+        return sample
+
+    def scale_noise(self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward diffusion to ``timestep`` (img2img): ``(1 - s) * sample + s * noise``, s = timestep / T.
+
+        ``timestep`` is a float, a 0-d or a (B,) tensor.
+        """
+        sigma = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device) / self.config.num_train_timesteps
+        if sigma.dim() == 1:
+            sigma = sigma.reshape(-1, *([1] * (sample.dim() - 1)))
+        return ((1 - sigma) * sample.float() + sigma * noise.float()).to(sample.dtype)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    # ------------------------------------------------------------------ schedule
+
+    def get_shift(self, seq_len: int | None = None, mu: float | torch.Tensor | None = None) -> float:
+        """The shift ``set_timesteps`` uses: ``exp(mu)`` or the dynamic shift of ``seq_len`` when
+        ``use_dynamic_shifting``, else the config's fixed ``shift``."""
+        cfg = self.config
+        if not cfg.use_dynamic_shifting:
+            return float(cfg.shift)
+        if mu is not None:
+            mu = float(mu)
+            if not math.isfinite(mu):
+                raise ValueError(f"mu must be finite, got {mu}")
+            return math.exp(mu)
+        if seq_len is not None:
+            if isinstance(seq_len, bool) or int(seq_len) != seq_len or seq_len < 1:
+                raise ValueError(f"seq_len must be a positive int (latent positions, H*W or T*H*W), got {seq_len!r}")
+            return dynamic_shift(int(seq_len), cfg.base_seq_len, cfg.max_seq_len, cfg.base_logshift, cfg.max_logshift)
+        raise ValueError(
+            "use_dynamic_shifting=True: set_timesteps needs mu (log-shift, as diffusers pipelines pass) or seq_len "
+            "(number of latent positions)"
+        )
+
+    def raw_sigmas(self, num_inference_steps: int) -> list[float]:
+        """The default raw-time grid of ``num_inference_steps`` steps (before the shift), n floats from 1.
+
+        ``linspace(1, (f - 1) / (n + f - 1), n, endpoint=False)`` with f = final_step_size_scale. Passing it
+        as ``sigmas=`` to a stock pipeline keeps the final step scale (their default is ``linspace(1, 1/n, n)``).
+        """
+        n = self._check_num_steps(num_inference_steps)
+        f = float(self.config.final_step_size_scale)
+        raw = np.linspace(1.0, (f - 1.0) / (n + f - 1.0), n, endpoint=False).clip(min=0.0)
+        return [float(r) for r in raw]
+
+    @staticmethod
+    def _check_num_steps(num_inference_steps: object) -> int:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        return int(num_inference_steps)
+
+    @staticmethod
+    def _check_raw_sigmas(sigmas: object) -> list[float]:
+        if isinstance(sigmas, torch.Tensor):
+            values = sigmas.detach().double().cpu().reshape(-1).tolist() if sigmas.dim() <= 1 else None
+        else:
+            values = np.asarray(sigmas, dtype=np.float64)
+            values = values.tolist() if values.ndim == 1 else None
+        if values is None:
+            raise ValueError("sigmas must be a 1-D sequence of raw noise levels")
+        if len(values) == 0:
+            raise ValueError("sigmas must not be empty")
+        if not all(math.isfinite(v) and 0.0 < v <= 1.0 for v in values):
+            raise ValueError(f"sigmas must lie in (0, 1] (raw, unshifted; the final 0 is appended), got {values}")
+        if any(b >= a for a, b in zip(values, values[1:])):
+            raise ValueError(f"sigmas must be strictly decreasing, got {values}")
+        return values
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        mu: float | None = None,
+        seq_len: int | None = None,
+    ) -> None:
+        """Set the sampling schedule of ``num_inference_steps`` steps (any number: elastic NFE).
+
+        Sets ``sigmas`` (n + 1,) ending in 0, ``timesteps = sigmas[:-1] * num_train_timesteps`` (n,), and the
+        rollout destinations ``sigmas_dst`` / ``timesteps_dst`` (n,), all float32 on ``device``.
+
+        Args:
+            num_inference_steps: number of student calls; may be None when ``sigmas`` is given.
+            device: where the schedule tensors live.
+            sigmas: custom raw (unshifted) noise levels, strictly decreasing in (0, 1], without the final 0;
+                shifted like the default grid (diffusers' ``FlowMatchEulerDiscreteScheduler`` convention).
+            mu: log-shift for dynamic shifting (``shift = exp(mu)``); used only when ``use_dynamic_shifting``.
+            seq_len: number of latent positions for dynamic shifting when ``mu`` is not given.
+        """
+        if sigmas is not None:
+            raw = self._check_raw_sigmas(sigmas)
+            if num_inference_steps is not None and self._check_num_steps(num_inference_steps) != len(raw):
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {len(raw)} sigmas were given")
+        elif num_inference_steps is None:
+            raise ValueError("set_timesteps needs num_inference_steps or sigmas")
+        else:
+            raw = self.raw_sigmas(num_inference_steps)
+        n = len(raw)
+        shift = self.get_shift(seq_len=seq_len, mu=mu)
+
+        s = [warp(r, shift) for r in raw] + [0.0]
+        sigmas_dst, scale, noise_scale = [], [], []
+        for i in range(n):
+            s_src, s_to = s[i], s[i + 1]
+            a_src, a_to = 1.0 - s_src, 1.0 - s_to
+            if self._h == 0.0:  # deterministic: exactly the next sigma, no re-noising
+                sigmas_dst.append(s_to)
+                scale.append(1.0)
+                noise_scale.append(0.0)
+                continue
+            if self._h == "inf":
+                m = 0.0
+            else:
+                m = (s_to * a_src / max(s_src * a_to, _EPS)) ** (self._h * self._h)
+            sigmas_dst.append(s_to * m / max(a_to + s_to * m, _EPS))
+            scale.append(a_to + s_to * m)
+            noise_scale.append(s_to * math.sqrt(max(1.0 - m * m, 0.0)))
+
+        t_scale = self.config.num_train_timesteps
+        self.num_inference_steps = n
+        self._shift = shift
+        self._sigmas_py = s
+        self._sigmas_dst_py = sigmas_dst
+        self._scale_py = scale
+        self._noise_scale_py = noise_scale
+        self.sigmas = torch.tensor(s, dtype=torch.float32, device=device)
+        self.timesteps = self.sigmas[:-1] * t_scale
+        self.sigmas_dst = torch.tensor(sigmas_dst, dtype=torch.float32, device=device)
+        self.timesteps_dst = self.sigmas_dst * t_scale
+        # the float32 timesteps as Python floats: looked up and checked on the host, never on the device
+        self._timesteps_py = torch.tensor(s[:-1], dtype=torch.float32).mul(t_scale).tolist()
+        self._step_index = None
+        self._begin_index = None
+
+    # ------------------------------------------------------------------ step
+
+    def _timestep_values(self, timestep: object) -> list[float] | None:
+        """Timestep as host floats, or None when reading it would synchronise with a device."""
+        if isinstance(timestep, bool):
+            raise TypeError("timestep must be a number or a tensor, got bool")
+        if isinstance(timestep, (int, float, np.floating, np.integer)):
+            return [float(timestep)]
+        if isinstance(timestep, torch.Tensor):
+            if timestep.device.type != "cpu":
+                return None
+            if timestep.numel() == 0:
+                raise ValueError("timestep is an empty tensor")
+            return timestep.detach().double().reshape(-1).tolist()
+        raise TypeError(f"timestep must be a float or a tensor from scheduler.timesteps, got {type(timestep).__name__}")
+
+    def _timestep_tol(self, timestep: object) -> float:
+        half = isinstance(timestep, torch.Tensor) and timestep.dtype in (torch.float16, torch.bfloat16)
+        return (1e-2 if half else 1e-5) * self.config.num_train_timesteps
+
+    def index_for_timestep(self, timestep: float | torch.Tensor, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Index of ``timestep`` in the schedule (reads a device tensor once: not for the hot loop)."""
+        if schedule_timesteps is None:
+            if self.num_inference_steps is None:
+                raise RuntimeError("call set_timesteps before looking a timestep up")
+            schedule = self._timesteps_py
+        else:
+            schedule = schedule_timesteps.detach().double().cpu().reshape(-1).tolist()
+        if isinstance(timestep, torch.Tensor):
+            values = timestep.detach().double().cpu().reshape(-1).tolist()
+        else:
+            values = self._timestep_values(timestep)
+        tol = self._timestep_tol(timestep)
+        matches = [i for i, t in enumerate(schedule) if all(abs(v - t) <= tol for v in values)]
+        if not matches:
+            shown = ", ".join(f"{t:.4g}" for t in schedule)
+            raise ValueError(
+                f"timestep {values[0] if len(values) == 1 else values} is not in the schedule set by set_timesteps "
+                f"(timesteps: [{shown}]); pass an element of scheduler.timesteps"
+            )
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep: float | torch.Tensor) -> None:
+        if self.begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _check_timestep(self, timestep: object, index: int) -> None:
+        values = self._timestep_values(timestep)
+        if values is None:  # a device tensor: checking it would synchronise
+            return
+        expected = self._timesteps_py[index]
+        tol = self._timestep_tol(timestep)
+        if any(abs(v - expected) > tol for v in values):
+            raise ValueError(
+                f"timestep {values[0] if len(values) == 1 else values} does not match step {index} of the schedule "
+                f"(expected {expected:.6g} = scheduler.timesteps[{index}]); pass the timesteps of set_timesteps in order"
+            )
+
+    def _make_policy(self, model_output: object, x: torch.Tensor, sigma: float):
+        cfg = self.config
+        if isinstance(model_output, torch.Tensor) and cfg.policy_type == "GMFlow":
+            raise TypeError(
+                "PiFlowScheduler.step got a tensor as model_output, but policy_type='GMFlow' expects the student's "
+                "policy output: a GMFlowOutput or a mapping/ModelOutput with 'means' (B, K, C, *S), 'logweights' "
+                "(B, K, 1, *S) and 'logstds' (B, 1|K, 1, *1). A velocity from a stock model is not a policy."
+            )
+        if isinstance(model_output, (tuple, list)):
+            raise TypeError(
+                f"PiFlowScheduler.step got a {type(model_output).__name__} as model_output; expected a "
+                + ("GMFlowOutput or a mapping with 'means', 'logweights', 'logstds'" if cfg.policy_type == "GMFlow"
+                   else "DXOutput, a mapping with 'grid' or the grid tensor (B, N, C, *S)")
+                + " (call the student with return_dict=True)"
+            )
+        try:
+            return make_policy(
+                model_output,
+                x,
+                sigma,
+                policy_type=cfg.policy_type,
+                segment_size=cfg.dx_segment_size,
+                shift=cfg.dx_shift,
+                mode=cfg.dx_mode,
+                backend=cfg.backend,
+            )
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"PiFlowScheduler.step (policy_type={cfg.policy_type!r}): {err}") from err
+
+    def step_temperature(self, index: int) -> float:
+        """The GM temperature of step ``index``: the config's on every step but the last, where it is 1."""
+        n = self.num_inference_steps
+        if n is None or index >= n - 1:
+            return 1.0
+        if self._temperature == "auto":
+            return min(max(0.1 * (n - 1), 0.0), 1.0)
+        return self._temperature
+
+    def step(
+        self,
+        model_output: object,
+        timestep: float | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        return_dict: bool = True,
+        noise: torch.Tensor | None = None,
+    ) -> PiFlowSchedulerOutput | tuple[torch.Tensor]:
+        """One sampler step: policy at the current sigma -> rollout to sigma_dst -> FlowMapSDE re-noising.
+
+        Args:
+            model_output: the student's policy output at (sample, timestep): GMFlowOutput / mapping /
+                ModelOutput with means (B, K, C, *S), logweights (B, K, 1, *S), logstds (B, 1|K, 1, *1);
+                or DXOutput / mapping with grid / the grid tensor (B, N, C, *S).
+            timestep: the current element of ``scheduler.timesteps`` (float, 0-d or (B,) tensor).
+            sample: x_t (B, C, *S), S = (H, W) or (T, H, W); any float dtype (math runs in float32).
+            generator: for the re-noising noise when h != 0 (a list: one per sample).
+            return_dict: return a :class:`PiFlowSchedulerOutput` (else a 1-tuple).
+            noise: (B, C, *S) the re-noising noise to use instead of drawing it (tests, reproducibility).
+
+        Returns:
+            prev_sample (B, C, *S) in the dtype of ``sample``.
+        """
+        if self.num_inference_steps is None:
+            raise RuntimeError("PiFlowScheduler.step called before set_timesteps(num_inference_steps)")
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            raise TypeError(f"sample must be a floating-point tensor (B, C, *S), got {type(sample).__name__}")
+        if sample.dim() not in (4, 5):
+            raise ValueError(f"sample must have shape (B, C, H, W) or (B, C, T, H, W), got {tuple(sample.shape)}")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        if i >= self.num_inference_steps:
+            raise RuntimeError(
+                f"PiFlowScheduler.step called more than num_inference_steps={self.num_inference_steps} times; "
+                "call set_timesteps again to sample anew"
+            )
+        self._check_timestep(timestep, i)
+        if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != sample.shape):
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must have the shape of sample {tuple(sample.shape)}, got {got}")
+
+        sigma_src, sigma_to = self._sigmas_py[i], self._sigmas_py[i + 1]
+        x = sample.float()
+        policy = self._make_policy(model_output, x, sigma_src)
+        if isinstance(policy, GMFlowPolicy):
+            policy = policy.temperature(self.step_temperature(i))
+        x_dst = policy.rollout(x, sigma_src, self._sigmas_dst_py[i], self.config.total_substeps, shift=self._shift)
+
+        scale, noise_scale = self._scale_py[i], self._noise_scale_py[i]
+        if noise_scale > 0.0:
+            if noise is None:
+                noise = randn_tensor(tuple(sample.shape), generator=generator, device=sample.device, dtype=torch.float32)
+            prev = torch.add(x_dst * scale, noise.to(device=x_dst.device, dtype=torch.float32), alpha=noise_scale)
+        elif scale != 1.0:
+            prev = x_dst * scale
+        else:
+            prev = x_dst
+        prev = prev.to(sample.dtype)
+        self._step_index = i + 1
+        if not return_dict:
+            return (prev,)
+        return PiFlowSchedulerOutput(prev_sample=prev)

@@ -219,7 +219,8 @@ def test_opcheck_velocity():
     ss = torch.tensor(SIGMA_SRC)
     r_src, r_dst, seg = _flat_args(grid, x_src, ss, 1.0, 1.0)
     args = (x.reshape(B, 3, -1), torch.tensor(SIGMA), grid, x_src.reshape(B, 3, -1), ss, r_src, r_dst, seg, 1.0, False)
-    torch.library.opcheck(dx_triton._dx_velocity_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(dx_triton._dx_velocity_op, args, test_utils=checks)
 
 
 def test_too_many_points_falls_back_with_logged_reason(caplog, monkeypatch):

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from piflow_kernels.ops.dx_torch import EPS, dx_rollout_torch, dx_velocity_torch
+from piflow_kernels.ops.dx_torch import dx_rollout_torch, dx_velocity_torch
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,271 @@
+"""Distributed training helpers: process group set-up, DDP and FSDP2 wrapping, gradient-sync control.
+
+Launch the trainer with ``torchrun --nproc_per_node=N`` and it runs data-parallel: the process group
+uses nccl on CUDA and gloo on CPU, each rank draws its own shard of every global batch, and
+gradients are averaged across ranks (DDP), or parameters, gradients and optimizer state are sharded
+(FSDP2, ``[distributed] mode = "fsdp"``, for students too large to replicate).
+
+    >>> ctx = init_distributed(cfg.distributed, cfg.device)
+    >>> model = wrap_model(student, ctx, cfg.distributed)
+    >>> with grad_sync(model, ctx, enabled=False):  # accumulate locally
+    ...     loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistContext",
+    "init_distributed",
+    "fully_shard_fn",
+    "wrap_model",
+    "unwrap_model",
+    "grad_sync",
+    "model_state_dict",
+    "load_model_state_dict",
+    "optimizer_state_dict",
+    "load_optimizer_state_dict",
+]
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: rank, world size, device and the wrapping mode ("none", "ddp", "fsdp")."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mode: str = "none"
+    backend: str | None = None
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.mode != "none"
+
+    def barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        """Mean of a Python float over ranks (for logging)."""
+        if not (dist.is_available() and dist.is_initialized()) or self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def close(self) -> None:
+        """Destroy the process group if this context created it."""
+        if self.owns_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def init_distributed(cfg, device: str = "auto") -> DistContext:
+    """Join (or create) the process group when launched by torchrun; single-process otherwise.
+
+    Args:
+        cfg: a :class:`~piflow_kernels.distill.config.DistributedConfig` (mode, backend).
+        device: "auto", "cpu", "cuda" or "cuda:N" ("cuda" means cuda:LOCAL_RANK).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "ddp" if world_size > 1 else "none"
+    if mode == "none" and world_size > 1:
+        raise RuntimeError(f"distributed.mode = 'none' but WORLD_SIZE={world_size}: use 'ddp', 'fsdp' or 'auto'")
+    dev = _resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if mode == "none":
+        return DistContext(device=dev)
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this PyTorch build")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+    owns = False
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ and world_size == 1:
+            # a one-process group (e.g. to exercise the FSDP path without torchrun)
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        kwargs = {"backend": backend, "rank": rank, "world_size": world_size, "timeout": datetime.timedelta(minutes=30)}
+        if backend == "nccl":
+            kwargs["device_id"] = dev
+        dist.init_process_group(**kwargs)
+        owns = True
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=dev,
+        mode=mode,
+        backend=backend,
+        owns_group=owns,
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fully_shard_fn():
+    """``fully_shard`` (FSDP2) of this PyTorch, or None (it moved from torch.distributed._composable.fsdp in 2.6)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard
+    except ImportError:
+        pass
+    try:
+        from torch.distributed._composable.fsdp import fully_shard
+
+        return fully_shard
+    except ImportError:
+        return None
+
+
+def _is_fsdp_module(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, cfg, *, trainable: bool = True) -> nn.Module:
+    """Wrap the (already on-device) student for ``ctx.mode``.
+
+    "ddp": ``DistributedDataParallel`` (gradients all-reduced and averaged in backward).
+    "fsdp": FSDP2 ``fully_shard`` on every submodule whose class name is in ``cfg.fsdp_modules``, then
+    on the root; the module is modified in place and returned. ``trainable=False`` (the EMA copy)
+    skips DDP, which only matters for gradients.
+    """
+    if ctx.mode == "none":
+        return model
+    if ctx.mode == "ddp":
+        if not trainable:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=cfg.find_unused_parameters)
+    if ctx.mode == "fsdp":
+        fully_shard = fully_shard_fn()
+        if fully_shard is None:
+            raise RuntimeError(f"distributed.mode = 'fsdp' needs FSDP2 (fully_shard, PyTorch >= 2.4), not in {torch.__version__}")
+        wanted = set(cfg.fsdp_modules)
+        found = set()
+        for module in model.modules():
+            if module is not model and type(module).__name__ in wanted:
+                fully_shard(module)
+                found.add(type(module).__name__)
+        missing = wanted - found
+        if missing:
+            raise ValueError(f"distributed.fsdp_modules: no submodule of class {sorted(missing)} in {type(model).__name__}")
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown distributed mode {ctx.mode!r}")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under a DDP wrapper (FSDP2 modules are their own unwrapped selves)."""
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, ctx: DistContext, enabled: bool) -> Iterator[None]:
+    """Within this block, backward passes (and the forwards before them) sync gradients iff ``enabled``.
+
+    Use ``enabled=False`` for every micro-batch but the last of an accumulation window.
+    """
+    if enabled or ctx.mode == "none":
+        yield
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    if _is_fsdp_module(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+def _dcp_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def model_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict of the unwrapped model; under FSDP only rank 0 gets the tensors."""
+    model = unwrap_model(model)
+    if ctx.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model, options=_dcp_options(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: DistContext) -> None:
+    """Load a full state dict (as saved by :func:`model_state_dict`) into a plain, DDP or FSDP2 model."""
+    model = unwrap_model(model)
+    if ctx.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, state, options=_dcp_options(full_state_dict=True, strict=True))
+        return
+    model.load_state_dict(state, strict=True)
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict:
+    """Optimizer state; under FSDP gathered to a full, FQN-keyed dict on rank 0."""
+    if ctx.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            unwrap_model(model), optimizer, options=_dcp_options(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
+    if ctx.mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(unwrap_model(model), optimizer, state, options=_dcp_options(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)

@@ -1,0 +1,97 @@
+"""Exponential moving average of the student's weights; the EMA copy is the model that is evaluated.
+
+    >>> ema = EMA(student, decay=0.999)
+    >>> for it in range(n):
+    ...     train_step(); ema.update(student, it)
+    >>> samples = sample(ema.module, noise)
+
+The EMA keeps its own module (a deep copy of the student, frozen, in eval mode), so it can be
+handed to the sampler as is. Updates run in place with ``lerp_`` in the student's dtype. Under
+FSDP2 both modules are sharded alike, so the update runs on the local shards.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["EMA", "ema_decay"]
+
+
+def ema_decay(iteration: int, decay: float, start_iter: int = 0, policy: str = "fixed", gamma: float = 7.0) -> float:
+    """Decay applied by the update after step ``iteration`` (0-based); 0 before ``start_iter`` (copy).
+
+    "fixed": ``decay``. "karras": ``min((1 - 1/t)^(gamma + 1), decay)``, t = iteration + 1 - start_iter,
+    which averages over a window growing with training (the official configs' momentum policy).
+    """
+    if iteration < start_iter:
+        return 0.0
+    if policy == "fixed":
+        return float(decay)
+    if policy == "karras":
+        t = max(iteration + 1 - start_iter, 1)
+        return float(min((1.0 - 1.0 / t) ** (gamma + 1.0), decay))
+    raise ValueError(f"EMA policy must be 'fixed' or 'karras', got {policy!r}")
+
+
+class EMA:
+    """EMA of a module's floating-point parameters; buffers are copied.
+
+    Args:
+        model: the student (unwrapped: not the DDP wrapper).
+        decay: decay per step in [0, 1).
+        start_iter: before this iteration the EMA copies the model.
+        policy: "fixed" or "karras" (see :func:`ema_decay`).
+        gamma: the karras exponent.
+    """
+
+    def __init__(
+        self, model: nn.Module, decay: float = 0.999, start_iter: int = 0, policy: str = "fixed", gamma: float = 7.0
+    ) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        ema_decay(0, decay, start_iter, policy, gamma)  # validates the policy
+        self.decay = float(decay)
+        self.start_iter = int(start_iter)
+        self.policy = policy
+        self.gamma = float(gamma)
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        self.module.requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, iteration: int) -> float:
+        """Fold the model's current weights in, after optimizer step ``iteration``; returns the decay used."""
+        beta = ema_decay(iteration, self.decay, self.start_iter, self.policy, self.gamma)
+        src = dict(model.named_parameters())
+        for name, p_ema in self.module.named_parameters():
+            p = src[name]
+            if not p.requires_grad:
+                continue
+            if beta == 0.0:
+                p_ema.copy_(p.detach())
+            else:
+                p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
+        src_buffers = dict(model.named_buffers())
+        for name, b_ema in self.module.named_buffers():
+            if name in src_buffers:
+                b_ema.copy_(src_buffers[name])
+        self.num_updates += 1
+        return beta
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA module's weights (what a checkpoint stores in safetensors)."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)
+
+    def meta_state(self) -> dict[str, int | float | str]:
+        """Counters and settings, for the trainer's torch state file."""
+        return {"num_updates": self.num_updates, "decay": self.decay, "start_iter": self.start_iter}
+
+    def load_meta_state(self, meta: dict) -> None:
+        self.num_updates = int(meta.get("num_updates", 0))

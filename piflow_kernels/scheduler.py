@@ -115,6 +115,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
     order = 1
+    init_noise_sigma = 1.0  # sampling starts from unit Gaussian noise at sigma = 1
 
     @register_to_config
     def __init__(
@@ -413,18 +414,23 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def _make_policy(self, model_output: object, x: torch.Tensor, sigma: float):
         cfg = self.config
-        if isinstance(model_output, torch.Tensor) and cfg.policy_type == "GMFlow":
+        expected = (
+            "a GMFlowOutput or a mapping/ModelOutput with 'means' (B, K, C, *S), 'logweights' (B, K, 1, *S) and "
+            "'logstds' (B, 1|K, 1, *1)"
+            if cfg.policy_type == "GMFlow"
+            else "a DXOutput, a mapping/ModelOutput with 'grid' (B, N, C, *S) or the grid tensor"
+        )
+        stock = isinstance(model_output, Mapping) and "sample" in model_output and "means" not in model_output
+        if (isinstance(model_output, torch.Tensor) and cfg.policy_type == "GMFlow") or stock:
+            what = f"a {type(model_output).__name__} with a 'sample' field" if stock else "a tensor"
             raise TypeError(
-                "PiFlowScheduler.step got a tensor as model_output, but policy_type='GMFlow' expects the student's "
-                "policy output: a GMFlowOutput or a mapping/ModelOutput with 'means' (B, K, C, *S), 'logweights' "
-                "(B, K, 1, *S) and 'logstds' (B, 1|K, 1, *1). A velocity from a stock model is not a policy."
+                f"PiFlowScheduler.step got {what} as model_output, but policy_type={cfg.policy_type!r} expects the "
+                f"student's policy output: {expected}. A velocity from a stock model is not a policy."
             )
         if isinstance(model_output, (tuple, list)):
             raise TypeError(
-                f"PiFlowScheduler.step got a {type(model_output).__name__} as model_output; expected a "
-                + ("GMFlowOutput or a mapping with 'means', 'logweights', 'logstds'" if cfg.policy_type == "GMFlow"
-                   else "DXOutput, a mapping with 'grid' or the grid tensor (B, N, C, *S)")
-                + " (call the student with return_dict=True)"
+                f"PiFlowScheduler.step got a {type(model_output).__name__} as model_output; expected {expected} "
+                "(call the student with return_dict=True)"
             )
         try:
             return make_policy(
@@ -492,7 +498,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise must have the shape of sample {tuple(sample.shape)}, got {got}")
 
-        sigma_src, sigma_to = self._sigmas_py[i], self._sigmas_py[i + 1]
+        sigma_src = self._sigmas_py[i]
         x = sample.float()
         policy = self._make_policy(model_output, x, sigma_src)
         if isinstance(policy, GMFlowPolicy):

@@ -1,0 +1,623 @@
+"""pi-Flow students built from diffusers teachers: the teacher's trunk with a policy head.
+
+The student is a copy of the teacher whose output layer is replaced by a policy head, as the
+official GMFlux / GMSD3 / GMDiT students do:
+
+- GMFlow (K components): a means head initialised from the teacher's output layer replicated K
+  times plus small noise on its bias, a zero-initialised logweights head, and a log-std from a
+  small MLP on the (detached) time embedding whose last layer starts at weight 0, bias log(0.05).
+- DX (N grid points): the teacher's output layer replicated N times.
+
+At initialisation the policy's velocity at the source point is therefore the teacher's output
+(exactly with ``init_noise=0``).
+
+    >>> student = build_student(teacher, policy_type="GMFlow", num_components=8)
+    >>> out = student(x_t, timestep, encoder_hidden_states=emb, pooled_projections=pooled)
+    >>> out.means.shape, out.logweights.shape, out.logstds.shape
+    ((B, 8, C, H, W), (B, 8, 1, H, W), (B, 1, 1, 1, 1))
+
+Conventions (DESIGN.md section 2):
+
+- ``student(x_t, timestep, **teacher_kwargs)`` takes image-layout latents ``(B, C, H, W)`` and the
+  diffusers scheduler timestep ``t = sigma * 1000`` whatever the teacher; it converts to the
+  teacher's own convention (FLUX and Qwen-Image take ``sigma`` and packed 2x2 tokens, the others
+  ``t`` and the image). Outputs are image-layout policy tensors.
+- Outputs are in the velocity parameterisation ``u = eps - x0`` of ``x_t = (1 - s) x0 + s eps``.
+  diffusers' flow-matching teachers (FLUX, SD3, Qwen-Image) predict exactly this. ``UNet2DModel`` and
+  ``DiTTransformer2DModel`` teachers are assumed to be flow-matching velocity models too (as the
+  official pi-Flow ImageNet DiT is); a DDPM epsilon-prediction teacher (e.g. facebook/DiT-XL-2) gives
+  a student that starts from epsilon, not velocity, and needs training before it samples well. A
+  learned-variance teacher (``out_channels = 2 * in_channels``) contributes its first
+  ``in_channels`` output channels.
+- ``student.forward_native(**kwargs)`` calls the trunk exactly as a stock pipeline calls the teacher
+  (same argument names, same timestep convention). For FLUX / Qwen-Image it returns the policy in
+  *token layout* ``(B, K, C, L, 4)``: L packed tokens of 2x2 pixels each. The GM and DX policies act
+  on every pixel independently, so this layout is as valid as the image for the policy math and
+  needs no image height or width (see :mod:`piflow_kernels.pipelines`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from piflow_kernels.outputs import POLICY_TYPES, DXOutput, GMFlowOutput
+
+__all__ = ["PiFlowStudent", "build_student", "SUPPORTED_TEACHERS"]
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How one diffusers teacher class is turned into a student."""
+
+    out_attr: str  # the teacher's output layer, replaced by the policy head
+    temb_path: str  # module whose output is the time embedding fed to the log-std MLP
+    layout: str  # "tokens": packed 2x2 sequence (B, L, R); "image": the trunk returns (B, R, H, W)
+    row_order: str  # teacher output rows per token: "cp" (channel, pixel), "pc" (pixel, channel), "conv"
+    sample_arg: str  # name of the latent argument of the teacher's forward
+    timestep_divisor: float  # trunk timestep = scheduler timestep (sigma * 1000) / timestep_divisor
+    sets_out_channels: bool  # the trunk unpatchifies with self.out_channels: set it to the head's width
+
+
+_ARCHS: dict[str, _Arch] = {
+    "UNet2DModel": _Arch("conv_out", "time_embedding", "image", "conv", "sample", 1.0, False),
+    "DiTTransformer2DModel": _Arch("proj_out_2", "transformer_blocks.0.norm1.emb", "image", "pc", "hidden_states", 1.0, True),
+    "SD3Transformer2DModel": _Arch("proj_out", "time_text_embed", "image", "pc", "hidden_states", 1.0, True),
+    "FluxTransformer2DModel": _Arch("proj_out", "time_text_embed", "tokens", "cp", "hidden_states", 1000.0, False),
+    "QwenImageTransformer2DModel": _Arch("proj_out", "time_text_embed", "tokens", "cp", "hidden_states", 1000.0, False),
+}
+
+SUPPORTED_TEACHERS: tuple[str, ...] = tuple(_ARCHS)
+
+
+def _arch_for(teacher_class: str) -> _Arch:
+    if teacher_class not in _ARCHS:
+        raise TypeError(
+            f"unsupported teacher class {teacher_class!r}: a student can be built from a diffusers "
+            f"{', '.join(SUPPORTED_TEACHERS)}"
+        )
+    return _ARCHS[teacher_class]
+
+
+def _teacher_class_name(teacher: object) -> str:
+    name = type(teacher).__name__
+    if name not in _ARCHS or getattr(diffusers, name, None) is not type(teacher):
+        raise TypeError(
+            f"unsupported teacher {type(teacher).__module__}.{type(teacher).__qualname__}: expected an instance of "
+            f"diffusers' {', '.join(SUPPORTED_TEACHERS)} (subclasses are not supported: from_pretrained rebuilds "
+            "the trunk from the diffusers class and its config)"
+        )
+    return name
+
+
+def _geometry(teacher_class: str, config: Any) -> tuple[int, int, int]:
+    """(C, C_teacher, p): latent channels per pixel, teacher output channels per pixel, pixels per token side."""
+    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+    in_ch = get("in_channels")
+    out_ch = get("out_channels")
+    if teacher_class == "FluxTransformer2DModel":
+        packed = out_ch or in_ch
+        if packed % 4:
+            raise ValueError(f"FluxTransformer2DModel output width {packed} is not 4 * C (2x2 packed latents)")
+        return packed // 4, packed // 4, 2
+    if teacher_class == "QwenImageTransformer2DModel":
+        c = out_ch or in_ch
+        return c, c, get("patch_size")
+    if teacher_class == "SD3Transformer2DModel":
+        c = out_ch if out_ch is not None else in_ch
+        return c, c, get("patch_size")
+    if teacher_class == "DiTTransformer2DModel":
+        return in_ch, (in_ch if out_ch is None else out_ch), get("patch_size")
+    # UNet2DModel
+    return in_ch, out_ch, 1
+
+
+# ---------------------------------------------------------------------------- layouts
+
+
+def _image_to_packed(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), channel index c*p*p + py*p + px (FLUX / Qwen-Image packing)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def _packed_to_tokens(x: torch.Tensor, p2: int) -> torch.Tensor:
+    """Packed latents (B, L, C*p2) -> token layout (B, C, L, p2): one policy "pixel" per (token, sub-pixel)."""
+    b, length, d = x.shape
+    return x.reshape(b, length, d // p2, p2).permute(0, 2, 1, 3)
+
+
+def _tokens_to_packed(x: torch.Tensor) -> torch.Tensor:
+    """Token layout (B, C, L, p2) -> packed latents (B, L, C*p2); inverse of :func:`_packed_to_tokens`."""
+    b, c, length, p2 = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b, length, c * p2)
+
+
+def _tokens_to_image(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
+    """(..., h*w, p*p) token layout -> (..., h*p, w*p) image layout."""
+    lead = x.shape[:-2]
+    n = len(lead)
+    x = x.reshape(*lead, h, w, p, p)
+    x = x.permute(*range(n), n, n + 2, n + 1, n + 3)
+    return x.reshape(*lead, h * p, w * p)
+
+
+def _map_output(out: GMFlowOutput | DXOutput, fn: Callable[[torch.Tensor], torch.Tensor]) -> GMFlowOutput | DXOutput:
+    """Apply a layout change to the spatial fields (means, logweights or grid); logstds have no layout."""
+    if isinstance(out, GMFlowOutput):
+        return GMFlowOutput(means=fn(out.means), logweights=fn(out.logweights), logstds=out.logstds)
+    return DXOutput(grid=fn(out.grid))
+
+
+# ---------------------------------------------------------------------------- head
+
+
+def _layer_like(template: nn.Module, out_features: int) -> nn.Module:
+    """A Linear / Conv2d with the template's input side and ``out_features`` outputs (with bias)."""
+    kw = {"device": template.weight.device, "dtype": template.weight.dtype}
+    if isinstance(template, nn.Linear):
+        return nn.Linear(template.in_features, out_features, bias=True, **kw)
+    if isinstance(template, nn.Conv2d):
+        return nn.Conv2d(
+            template.in_channels,
+            out_features,
+            template.kernel_size,
+            stride=template.stride,
+            padding=template.padding,
+            dilation=template.dilation,
+            bias=True,
+            **kw,
+        )
+    raise TypeError(f"the teacher's output layer must be nn.Linear or nn.Conv2d, got {type(template).__name__}")
+
+
+class _PolicyHead(nn.Module):
+    """Replaces the teacher's output layer; returns the head outputs in the layout the trunk expects.
+
+    Row orders (per token): ``cp`` means (K, C, p2) then logweights (K, p2) (the official GMFlux / GMQwen
+    layout); ``pc`` per sub-pixel (p2, [means (K, C) | logweights (K)]) so the trunk's own unpatchify
+    yields (B, K*C + K, H, W) (GMSD3 / GMDiT-v2 rows); ``conv`` channels [means (K, C) | logweights (K)].
+    DX: grid rows (N, C, p2) / (p2, N, C) / (N, C).
+    """
+
+    def __init__(self, template: nn.Module, policy_type: str, k: int, c: int, p2: int, row_order: str) -> None:
+        super().__init__()
+        self.policy_type, self.k, self.c, self.p2, self.row_order = policy_type, k, c, p2, row_order
+        if policy_type == "GMFlow":
+            self.means = _layer_like(template, k * c * p2)
+            self.logweights = _layer_like(template, k * p2)
+        else:
+            self.grid = _layer_like(template, k * c * p2)
+
+    @property
+    def channels_per_pixel(self) -> int:
+        """Output channels per pixel after the trunk's unpatchify (K*C + K for GM, N*C for DX)."""
+        return self.k * self.c + (self.k if self.policy_type == "GMFlow" else 0)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.policy_type != "GMFlow":
+            return self.grid(h)
+        means, logweights = self.means(h), self.logweights(h)
+        if self.row_order == "conv":
+            return torch.cat([means, logweights], dim=1)
+        if self.row_order == "cp":
+            return torch.cat([means, logweights], dim=-1)
+        lead = h.shape[:-1]
+        per_pixel = [means.reshape(*lead, self.p2, self.k * self.c), logweights.reshape(*lead, self.p2, self.k)]
+        return torch.cat(per_pixel, dim=-1).flatten(-2)
+
+    def extra_repr(self) -> str:
+        n = "K" if self.policy_type == "GMFlow" else "N"
+        return f"policy_type={self.policy_type}, {n}={self.k}, C={self.c}, pixels_per_token={self.p2}, rows={self.row_order}"
+
+
+def _logstd_mlp(in_dim: int, inner_dim: int, num_layers: int) -> nn.Sequential:
+    """(SiLU, Linear) x num_layers, the last to one output: keys ``1``, ``3``, ... as the official heads."""
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.SiLU(), nn.Linear(dim, inner_dim)]
+        dim = inner_dim
+    layers += [nn.SiLU(), nn.Linear(dim, 1)]
+    return nn.Sequential(*layers)
+
+
+def _temb_dim(module: nn.Module) -> int:
+    for path in ("linear_2", "timestep_embedder.linear_2"):
+        try:
+            sub = module.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(sub, nn.Linear):
+            return sub.out_features
+    raise TypeError(f"cannot find the time-embedding width of {type(module).__name__} (expected a linear_2 layer)")
+
+
+def _capture_temb(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    # a plain function (no closure): a deep-copied student (EMA) keeps writing to its own module
+    module.__dict__["_piflow_temb"] = output
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+# ---------------------------------------------------------------------------- student
+
+
+class PiFlowStudent(ModelMixin, ConfigMixin):
+    """A diffusers teacher's trunk with a GMFlow or DX policy head (build it with :func:`build_student`).
+
+    Args (the saved config; ``from_pretrained`` rebuilds the trunk from ``teacher_config``):
+        teacher_class: diffusers class of the teacher (one of :data:`SUPPORTED_TEACHERS`).
+        teacher_config: the teacher's config.
+        policy_type: "GMFlow" or "DX".
+        num_components: K, Gaussian components of a GMFlow policy.
+        num_points: N, grid points of a DX policy.
+        logstd_inner_dim, num_logstd_layers: the log-std MLP on the time embedding (GMFlow).
+        timestep_divisor: trunk timestep = timestep / timestep_divisor in :meth:`forward`; None picks
+            1000 for FLUX / Qwen-Image (they take sigma) and 1 for the others (they take sigma * 1000).
+        timestep_freq_shift: if set, the ``downscale_freq_shift`` of every sinusoidal timestep embedding
+            of the trunk (the official GM-DiT uses 0 where diffusers' DiT uses 1).
+        trunk: an already built trunk (the teacher or its copy) instead of building one from the config.
+
+    Shapes: ``forward(x_t (B, C, H, W), timestep)`` returns a :class:`GMFlowOutput` with means
+    (B, K, C, H, W), logweights (B, K, 1, H, W) (log-softmax over K), logstds (B, 1, 1, 1, 1), or a
+    :class:`DXOutput` with grid (B, N, C, H, W).
+    """
+
+    ignore_for_config = ["trunk"]
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        teacher_class: str,
+        teacher_config: dict,
+        policy_type: str = "GMFlow",
+        num_components: int = 8,
+        num_points: int = 10,
+        logstd_inner_dim: int = 1024,
+        num_logstd_layers: int = 2,
+        timestep_divisor: float | None = None,
+        timestep_freq_shift: float | None = None,
+        trunk: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        arch = _arch_for(teacher_class)
+        if policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type must be one of {POLICY_TYPES}, got {policy_type!r}")
+        k = _positive_int(
+            "num_components" if policy_type == "GMFlow" else "num_points",
+            num_components if policy_type == "GMFlow" else num_points,
+        )
+        _positive_int("logstd_inner_dim", logstd_inner_dim)
+        _positive_int("num_logstd_layers", num_logstd_layers)
+        if timestep_divisor is not None and not (isinstance(timestep_divisor, (int, float)) and timestep_divisor > 0):
+            raise ValueError(f"timestep_divisor must be a positive number or None, got {timestep_divisor!r}")
+        if trunk is None:
+            trunk = getattr(diffusers, teacher_class).from_config(teacher_config)
+        elif type(trunk).__name__ != teacher_class:
+            raise TypeError(f"trunk is a {type(trunk).__name__} but teacher_class is {teacher_class!r}")
+        self._check_trunk(teacher_class, trunk)
+
+        c, c_teacher, p = _geometry(teacher_class, trunk.config)
+        layer = getattr(trunk, arch.out_attr)
+        rows = layer.out_features if isinstance(layer, nn.Linear) else getattr(layer, "out_channels", None)
+        if rows != p * p * c_teacher or c_teacher not in (c, 2 * c):
+            raise ValueError(
+                f"{teacher_class}.{arch.out_attr} has {rows} outputs; expected {p}*{p}*C with C = {c} latent channels "
+                "(or 2*C with a learned variance)"
+            )
+        self._arch = arch
+        self._channels, self._teacher_channels, self._patch = c, c_teacher, p
+        self._timestep_divisor = float(timestep_divisor) if timestep_divisor is not None else arch.timestep_divisor
+        head = _PolicyHead(layer, policy_type, k, c, p * p, arch.row_order)
+        setattr(trunk, arch.out_attr, head)
+        if arch.sets_out_channels:
+            trunk.out_channels = head.channels_per_pixel  # SD3 / DiT unpatchify with self.out_channels
+        if timestep_freq_shift is not None:
+            for m in trunk.modules():
+                if isinstance(m, Timesteps):
+                    m.downscale_freq_shift = float(timestep_freq_shift)
+        self.trunk = trunk
+
+        temb_module = trunk.get_submodule(arch.temb_path)
+        temb_module.register_forward_hook(_capture_temb)
+        if policy_type == "GMFlow":
+            self.proj_out_logstds = _logstd_mlp(_temb_dim(temb_module), logstd_inner_dim, num_logstd_layers).to(
+                device=layer.weight.device, dtype=layer.weight.dtype
+            )
+
+    @staticmethod
+    def _check_trunk(teacher_class: str, trunk: nn.Module) -> None:
+        if teacher_class == "UNet2DModel":
+            cfg = trunk.config
+            if cfg.time_embedding_type == "fourier":
+                raise ValueError(
+                    "UNet2DModel with time_embedding_type='fourier' divides its output by the timestep; not supported"
+                )
+            skip = [t for t in (*cfg.down_block_types, *cfg.up_block_types) if "Skip" in t]
+            if skip:
+                raise ValueError(f"UNet2DModel with skip blocks {skip} adds a skip sample to its output; not supported")
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def policy_type(self) -> str:
+        return self.config.policy_type
+
+    @property
+    def num_components(self) -> int:
+        """K (GMFlow components) or N (DX grid points)."""
+        return self.config.num_components if self.policy_type == "GMFlow" else self.config.num_points
+
+    @property
+    def latent_channels(self) -> int:
+        """C, channels per latent pixel."""
+        return self._channels
+
+    @property
+    def patch_size(self) -> int:
+        """Pixels per token side (2 for FLUX / Qwen-Image packing, the patch size for SD3 / DiT, 1 for UNet)."""
+        return self._patch
+
+    @property
+    def latent_layout(self) -> str:
+        """ "tokens" (FLUX, Qwen-Image: :meth:`forward_native` returns token layout) or "image"."""
+        return self._arch.layout
+
+    @property
+    def teacher_class(self) -> str:
+        return self.config.teacher_class
+
+    # ------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def init_from_teacher_layer(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        init_noise: float = 0.05,
+        init_logstd: float = 0.05,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Initialise the policy head from the teacher's output layer (weight (R, in[, kh, kw]), bias (R,)).
+
+        GMFlow: means = the teacher's rows replicated K times, plus ``init_noise`` * N(0, 1) on the bias,
+        one draw per (component, channel); logweights zero; log-std MLP xavier-uniform with its last layer
+        at weight 0 and bias log(``init_logstd``). DX: the teacher's rows replicated N times.
+        """
+        if not (isinstance(init_noise, (int, float)) and init_noise >= 0 and math.isfinite(init_noise)):
+            raise ValueError(f"init_noise must be a finite float >= 0, got {init_noise!r}")
+        if not (isinstance(init_logstd, (int, float)) and init_logstd > 0 and math.isfinite(init_logstd)):
+            raise ValueError(f"init_logstd must be a positive float, got {init_logstd!r}")
+        head: _PolicyHead = getattr(self.trunk, self._arch.out_attr)
+        k, c, ct, p2 = head.k, self._channels, self._teacher_channels, head.p2
+        w = weight.detach().float()
+        b = bias.detach().float() if bias is not None else w.new_zeros(w.shape[0])
+        tail = w.shape[1:]
+        # canonical per-pixel rows, dropping learned-variance channels
+        if head.row_order == "cp":
+            w_c, b_c = w.reshape(ct, p2, *tail)[:c], b.reshape(ct, p2)[:c]  # (C, p2, ...)
+            w_rep = w_c.unsqueeze(0).expand(k, c, p2, *tail)
+            b_rep = b_c.unsqueeze(0).expand(k, c, p2)
+        elif head.row_order == "pc":
+            w_c, b_c = w.reshape(p2, ct, *tail)[:, :c], b.reshape(p2, ct)[:, :c]  # (p2, C, ...)
+            w_rep = w_c.unsqueeze(1).expand(p2, k, c, *tail)
+            b_rep = b_c.unsqueeze(1).expand(p2, k, c)
+        else:
+            w_rep = w[:c].unsqueeze(0).expand(k, c, *tail)
+            b_rep = b[:c].unsqueeze(0).expand(k, c)
+        main = head.means if self.policy_type == "GMFlow" else head.grid
+        main.weight.copy_(w_rep.reshape(main.weight.shape))
+        if self.policy_type == "GMFlow":
+            noise = torch.randn(k, c, generator=generator, dtype=torch.float32) * float(init_noise)
+            if head.row_order == "cp":
+                noise = noise.unsqueeze(-1).expand(k, c, p2)
+            elif head.row_order == "pc":
+                noise = noise.unsqueeze(0).expand(p2, k, c)
+            main.bias.copy_((b_rep + noise.to(b_rep.device)).reshape(-1))
+            head.logweights.weight.zero_()
+            head.logweights.bias.zero_()
+            linears = [m for m in self.proj_out_logstds if isinstance(m, nn.Linear)]
+            for m in linears:
+                nn.init.xavier_uniform_(m.weight, generator=generator)
+                nn.init.zeros_(m.bias)
+            linears[-1].weight.zero_()
+            linears[-1].bias.fill_(math.log(init_logstd))
+        else:
+            main.bias.copy_(b_rep.reshape(-1))
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_latents(self, x_t: object) -> torch.Tensor:
+        c, p = self._channels, self._patch
+        if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
+            raise TypeError(f"x_t must be a floating-point tensor (B, C, H, W) with C = {c}, got {type(x_t).__name__}")
+        if x_t.dim() != 4 or x_t.shape[1] != c:
+            raise ValueError(
+                f"x_t must have shape (B, C, H, W) with C = {c} for this {self.teacher_class} student, got {tuple(x_t.shape)}"
+            )
+        if x_t.shape[2] % p or x_t.shape[3] % p:
+            raise ValueError(
+                f"x_t height and width must be multiples of {p} for this {self.teacher_class} student, got {tuple(x_t.shape[2:])}"
+            )
+        return x_t
+
+    def _trunk_timestep(self, timestep: object, batch: int, device: torch.device) -> torch.Tensor:
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, float, torch.Tensor)):
+            raise TypeError(f"timestep must be a float or a tensor (sigma * 1000), got {type(timestep).__name__}")
+        t = torch.as_tensor(timestep, device=device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        elif t.shape != (batch,):
+            raise ValueError(f"timestep must be a float, a 0-d or a ({batch},) tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            t = t.float()
+        return t / self._timestep_divisor if self._timestep_divisor != 1.0 else t
+
+    def forward(
+        self, x_t: torch.Tensor, timestep: float | torch.Tensor, return_dict: bool = True, **teacher_kwargs: Any
+    ) -> GMFlowOutput | DXOutput | tuple[GMFlowOutput | DXOutput]:
+        """Policy at (x_t, timestep) in image layout.
+
+        Args:
+            x_t: (B, C, H, W) noisy latents (unpacked, also for FLUX / Qwen-Image).
+            timestep: sigma * 1000 (the diffusers scheduler timestep): float, 0-d or (B,) tensor.
+            return_dict: False returns a 1-tuple holding the output.
+            **teacher_kwargs: the teacher's conditioning (``encoder_hidden_states``, ``pooled_projections``,
+                ``guidance`` (FLUX: the guidance scale, e.g. 3.5), ``class_labels``, ...). FLUX's ``img_ids`` /
+                ``txt_ids`` and Qwen-Image's ``img_shapes`` are derived here unless given.
+
+        Returns:
+            GMFlowOutput (means (B, K, C, H, W), logweights (B, K, 1, H, W), logstds (B, 1, 1, 1, 1)) or
+            DXOutput (grid (B, N, C, H, W)), velocity parameterisation.
+        """
+        x_t = self._check_latents(x_t)
+        batch = x_t.shape[0]
+        t = self._trunk_timestep(timestep, batch, x_t.device)
+        arch = self._arch
+        if arch.layout != "tokens":
+            out = self.forward_native(**{arch.sample_arg: x_t}, timestep=t, **teacher_kwargs)
+        else:
+            p = self._patch
+            h, w = x_t.shape[2] // p, x_t.shape[3] // p
+            kwargs = dict(teacher_kwargs)
+            if self.teacher_class == "FluxTransformer2DModel":
+                emb = kwargs.get("encoder_hidden_states")
+                if not isinstance(emb, torch.Tensor):
+                    raise ValueError("a FLUX student needs encoder_hidden_states (B, L_text, joint_attention_dim)")
+                if "img_ids" not in kwargs:
+                    ids = torch.zeros(h, w, 3, device=x_t.device, dtype=emb.dtype)
+                    ids[..., 1] = torch.arange(h, device=x_t.device, dtype=emb.dtype)[:, None]
+                    ids[..., 2] = torch.arange(w, device=x_t.device, dtype=emb.dtype)[None, :]
+                    kwargs["img_ids"] = ids.reshape(h * w, 3)
+                kwargs.setdefault("txt_ids", torch.zeros(emb.shape[1], 3, device=x_t.device, dtype=emb.dtype))
+            else:
+                kwargs.setdefault("img_shapes", [[(1, h, w)]] * batch)
+            out = self.forward_native(**{arch.sample_arg: _image_to_packed(x_t, p)}, timestep=t, **kwargs)
+            out = _map_output(out, lambda z: _tokens_to_image(z, h, w, p))
+        return out if return_dict else (out,)
+
+    def forward_native(self, *args: Any, **kwargs: Any) -> GMFlowOutput | DXOutput:
+        """Call the trunk exactly as a pipeline calls the teacher; return the policy in the trunk's layout.
+
+        Image teachers (UNet2DModel, DiT, SD3): fields (B, K, C, H, W) as from :meth:`forward`. FLUX /
+        Qwen-Image (``hidden_states`` packed (B, L, 4C), ``timestep`` = sigma): token layout, means
+        (B, K, C, L, 4), logweights (B, K, 1, L, 4), logstds (B, 1, 1, 1, 1), grid (B, N, C, L, 4); the
+        matching latents are (B, C, L, 4) (``_packed_to_tokens``).
+        """
+        kwargs.pop("return_dict", None)
+        temb_module = self.trunk.get_submodule(self._arch.temb_path)
+        temb_module.__dict__.pop("_piflow_temb", None)
+        raw = self.trunk(*args, return_dict=False, **kwargs)[0]
+        temb = temb_module.__dict__.pop("_piflow_temb", None)
+        return self._split(raw, temb)
+
+    def _split(self, raw: torch.Tensor, temb: torch.Tensor | None) -> GMFlowOutput | DXOutput:
+        k, c, p2 = self.num_components, self._channels, self._patch**2
+        gm = self.policy_type == "GMFlow"
+        width = (k * c + k) * p2 if gm else k * c * p2
+        if self._arch.layout == "tokens":
+            if raw.dim() != 3 or raw.shape[-1] != width:
+                raise RuntimeError(f"trunk output {tuple(raw.shape)} is not (B, L, {width})")
+            to_tokens = lambda z, n: z.unflatten(-1, (k, n, p2)).permute(0, 2, 3, 1, 4)  # noqa: E731
+            if gm:
+                means, logweights = to_tokens(raw[..., : k * c * p2], c), to_tokens(raw[..., k * c * p2 :], 1)
+            else:
+                return DXOutput(grid=to_tokens(raw, c))
+        else:
+            per_pixel = width // p2
+            if raw.dim() != 4 or raw.shape[1] != per_pixel:
+                raise RuntimeError(f"trunk output {tuple(raw.shape)} is not (B, {per_pixel}, H, W)")
+            if not gm:
+                return DXOutput(grid=raw.unflatten(1, (k, c)))
+            means, logweights = raw[:, : k * c].unflatten(1, (k, c)), raw[:, k * c :].unsqueeze(2)
+        logweights = torch.log_softmax(logweights.float(), dim=1).to(means.dtype)
+        if temb is None:
+            raise RuntimeError(f"the time embedding ({self._arch.temb_path}) was not computed by the trunk's forward")
+        batch = means.shape[0]
+        logstds = self.proj_out_logstds(temb.detach()[:batch].to(means.dtype))
+        logstds = logstds.reshape(batch, 1, 1, *([1] * (means.dim() - 3)))
+        return GMFlowOutput(means=means, logweights=logweights, logstds=logstds)
+
+
+def build_student(
+    teacher: ModelMixin,
+    policy_type: str = "GMFlow",
+    num_components: int = 8,
+    num_points: int = 10,
+    *,
+    init_noise: float = 0.05,
+    init_logstd: float = 0.05,
+    logstd_inner_dim: int = 1024,
+    num_logstd_layers: int = 2,
+    copy_teacher: bool = True,
+    timestep_divisor: float | None = None,
+    timestep_freq_shift: float | None = None,
+    generator: torch.Generator | None = None,
+) -> PiFlowStudent:
+    """Build a GMFlow (K components) or DX (N grid points) student from a diffusers teacher.
+
+    Args:
+        teacher: a diffusers ``UNet2DModel``, ``DiTTransformer2DModel``, ``SD3Transformer2DModel``,
+            ``FluxTransformer2DModel`` or ``QwenImageTransformer2DModel``.
+        policy_type: "GMFlow" or "DX".
+        num_components: K for GMFlow (the official students use 8 for FLUX / Qwen-Image, 32 for DiT).
+        num_points: N for DX.
+        init_noise: std of the noise added to the replicated means bias, per (component, channel); 0 makes
+            every component equal the teacher's output. GMFlow only (DX replicates exactly).
+        init_logstd: initial std of every component (the log-std MLP starts constant at log(init_logstd)).
+        logstd_inner_dim, num_logstd_layers: the log-std MLP on the detached time embedding.
+        copy_teacher: deep-copy the teacher (default); False turns the teacher module itself into the
+            student's trunk (no second copy in memory; the teacher is then no longer usable as a teacher).
+        timestep_divisor, timestep_freq_shift: see :class:`PiFlowStudent`.
+        generator: for the init noise and the log-std MLP init.
+
+    Returns:
+        a :class:`PiFlowStudent` on the teacher's device and dtype, in the teacher's train/eval mode.
+
+    Example:
+        >>> student = build_student(flux_transformer, "GMFlow", num_components=8)
+        >>> out = student(x_t, t, encoder_hidden_states=emb, pooled_projections=pooled, guidance=g)
+    """
+    name = _teacher_class_name(teacher)
+    arch = _arch_for(name)
+    trunk = copy.deepcopy(teacher) if copy_teacher else teacher
+    layer = getattr(trunk, arch.out_attr)
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"{name}.{arch.out_attr} must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+    weight, bias = layer.weight, layer.bias
+    student = PiFlowStudent(
+        teacher_class=name,
+        teacher_config=_plain_config(teacher.config),
+        policy_type=policy_type,
+        num_components=num_components,
+        num_points=num_points,
+        logstd_inner_dim=logstd_inner_dim,
+        num_logstd_layers=num_logstd_layers,
+        timestep_divisor=timestep_divisor,
+        timestep_freq_shift=timestep_freq_shift,
+        trunk=trunk,
+    )
+    student.init_from_teacher_layer(weight, bias, init_noise=init_noise, init_logstd=init_logstd, generator=generator)
+    student.train(teacher.training)
+    return student

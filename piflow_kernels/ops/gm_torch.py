@@ -39,11 +39,13 @@ def _prepare(means, logweights, logstds, x_src, sigma_src):
 def _posterior_x0(x, s, mu, mu_sq, var, lw, zeta, nu):
     """x0 of the GM posterior. x, nu (B,C,L); s, zeta (B,); mu (B,K,C,L); mu_sq, lw (B,K,L); var (B,K)."""
     d = (var * zeta[:, None] + 1.0).clamp(min=EPS)  # (B, K)
-    mu_nu = torch.einsum("bkcl,bcl->bkl", mu, nu)
+    # elementwise products + sums (not einsum): inductor fuses them into one pass over mu, where an
+    # einsum becomes a bmm with a permuted copy of mu every substep (measured 2x slower end to end)
+    mu_nu = (mu * nu[:, None]).sum(2)
     logits = lw + (mu_nu - 0.5 * zeta[:, None, None] * mu_sq) / d[:, :, None]
     w = torch.softmax(logits, dim=1)
     c = w / d[:, :, None]  # (B, K, L)
-    x0 = torch.einsum("bkl,bkcl->bcl", c, mu) + nu * (c * var[:, :, None]).sum(1, keepdim=True)
+    x0 = (c[:, :, None] * mu).sum(1) + nu * (c * var[:, :, None]).sum(1, keepdim=True)
     return x0
 
 

@@ -476,9 +476,7 @@ def piid_segment_loss_from_draws(
                 target = _velocity_of(teacher(x_a, sigma_a * cfg.num_train_timesteps, **teacher_kwargs))
         if target.shape != x_a.shape:
             raise ValueError(f"the teacher returned shape {tuple(target.shape)}, expected {tuple(x_a.shape)}")
-        pred = policy_mean_velocity(
-            policy, x_a, raw_a, sigma_a, raw_b - window, shift, cfg.total_substeps, cfg.eps
-        )
+        pred = policy_mean_velocity(policy, x_a, raw_a, sigma_a, raw_b - window, shift, cfg.total_substeps, cfg.eps)
         sq_errors.append((pred.float() - target.detach().float()).square().mean())
         sigma_b = torch.minimum(_sigma(raw_b, shift), sigma_a)
         x_last = x_a + target.detach().to(x_a.dtype) * _bcast(sigma_b - sigma_a, x_a).to(x_a.dtype)
@@ -533,9 +531,7 @@ def piid_segment_loss(
     policy = student_policy(output, x_src, sigma_src, cfg)
     k = policy.num_components if isinstance(policy, GMFlowPolicy) else None
     draws = draw_segment(cfg, segment_size, teacher_ratio, k, generator)
-    return piid_segment_loss_from_draws(
-        policy, teacher, x_src, raw_src, segment_size, cfg, draws, teacher_kwargs, return_x_dst
-    )
+    return piid_segment_loss_from_draws(policy, teacher, x_src, raw_src, segment_size, cfg, draws, teacher_kwargs, return_x_dst)
 
 
 def piid_loss_data_dependent(
@@ -605,7 +601,16 @@ def piid_data_free_segments(
     for step, size in enumerate(sizes):
         last = step == len(sizes) - 1
         loss, x_dst, raw_dst = piid_segment_loss(
-            student, teacher, x_src, raw_src, size, cfg, q, generator, student_kwargs, teacher_kwargs,
+            student,
+            teacher,
+            x_src,
+            raw_src,
+            size,
+            cfg,
+            q,
+            generator,
+            student_kwargs,
+            teacher_kwargs,
             return_x_dst=not last,
         )
         weighted = loss * size

@@ -22,9 +22,9 @@ from torch import nn
 
 __all__ = ["GaussianMixtureData", "ExactGMTeacher", "CFGTeacher", "DiffusersTeacher", "as_velocity"]
 
-# sigma is clamped to [SIGMA_MIN, 1] in the exact velocity: at sigma = 0 the formula is finite for
-# components with std > 0, the clamp only matters for point-mass components (std = 0)
-SIGMA_MIN = 1e-6
+# the per-component variance of x_t, a^2 std^2 + sigma^2, is floored at VAR_MIN: the formula is exact and
+# finite at sigma = 0 for components with std > 0, the floor only matters for point masses (std = 0) at sigma = 0
+VAR_MIN = 1e-12
 
 
 def as_velocity(output: Any) -> torch.Tensor:
@@ -180,10 +180,10 @@ class GaussianMixtureData:
         self._check_x(x_t)
         n = x_t.shape[0]
         mu, mu_sq, var, logw, comp_labels = self._on(x_t.device)
-        s = _per_sample(sigma, n, "sigma").to(x_t.device).clamp(SIGMA_MIN, 1.0)[:, None]  # (n, 1)
+        s = _per_sample(sigma, n, "sigma").to(x_t.device).clamp(0.0, 1.0)[:, None]  # (n, 1)
         a = 1.0 - s
         x = x_t.reshape(n, -1).to(torch.float64)
-        v = a**2 * var[None] + s**2  # (n, M)
+        v = (a**2 * var[None] + s**2).clamp(min=VAR_MIN)  # (n, M)
         # ||x - a mu||^2 = ||x||^2 - 2 a x.mu + a^2 ||mu||^2 (float64 keeps the cancellation harmless)
         dist2 = ((x * x).sum(1, keepdim=True) - 2 * a * (x @ mu.T) + a**2 * mu_sq[None]).clamp(min=0.0)
         logits = logw[None] - 0.5 * self.dim * torch.log(v) - 0.5 * dist2 / v
@@ -203,7 +203,7 @@ class GaussianMixtureData:
 
         Args:
             x_t: (n, *shape) noisy samples.
-            sigma: noise level in [0, 1]; clamped to [1e-6, 1].
+            sigma: noise level, clamped to [0, 1].
             labels: optional (n,) class labels: the velocity of the data conditioned on that class.
         Returns:
             (n, *shape) in the dtype of ``x_t``.
@@ -211,11 +211,11 @@ class GaussianMixtureData:
         logits = self.posterior_logits(x_t, sigma, labels)
         n = x_t.shape[0]
         mu, _, var, _, _ = self._on(x_t.device)
-        s = _per_sample(sigma, n, "sigma").to(x_t.device).clamp(SIGMA_MIN, 1.0)[:, None]
+        s = _per_sample(sigma, n, "sigma").to(x_t.device).clamp(0.0, 1.0)[:, None]
         a = 1.0 - s
         x = x_t.reshape(n, -1).to(torch.float64)
         post = torch.softmax(logits, dim=1)  # (n, M)
-        v = a**2 * var[None] + s**2
+        v = (a**2 * var[None] + s**2).clamp(min=VAR_MIN)
         # u = sum_m p_m (x (s - a std_m^2) - s mu_m) / v_m
         u = x * (post * (s - a * var[None]) / v).sum(1, keepdim=True) - s * ((post / v) @ mu)
         return u.reshape(x_t.shape).to(x_t.dtype)
@@ -223,7 +223,7 @@ class GaussianMixtureData:
     def posterior_mean(self, x_t: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """E[x0 | x_t] = x_t - sigma * u, (n, *shape) in the dtype of ``x_t``."""
         n = x_t.shape[0]
-        s = _per_sample(sigma, n, "sigma").to(x_t.device).clamp(SIGMA_MIN, 1.0)
+        s = _per_sample(sigma, n, "sigma").to(x_t.device).clamp(0.0, 1.0)
         u = self.velocity(x_t.to(torch.float64), sigma, labels)
         x0 = x_t.to(torch.float64) - s.reshape(n, *([1] * (x_t.dim() - 1))) * u
         return x0.to(x_t.dtype)

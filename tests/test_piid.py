@@ -199,7 +199,11 @@ def test_segment_loss_replays_from_the_generator(data, teacher):
     raw_src, segment_size = segment_starts(cfg)
     x_src, _ = diffuse(data, raw_src, cfg, seed=3)
     losses = [
-        float(piid_segment_loss(student, teacher, x_src, raw_src, segment_size, cfg, 0.5, torch.Generator().manual_seed(s))[0])
+        float(
+            piid_segment_loss(student, teacher, x_src, raw_src, segment_size, cfg, 0.5, torch.Generator().manual_seed(s))[
+                0
+            ].detach()
+        )
         for s in (4, 4, 5)
     ]
     assert losses[0] == losses[1]
@@ -235,7 +239,7 @@ def test_data_dependent_is_forward_diffusion_then_segment(data, teacher):
     expected, _, _ = piid_segment_loss(student, teacher, x_src, raw_src, segment_size, cfg, 0.6, g)
     assert logs["teacher_ratio"] == pytest.approx(0.6)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
-    assert logs["loss"] == pytest.approx(float(loss))
+    assert logs["loss"] == pytest.approx(float(loss.detach()))
 
 
 class RecordingStudent(torch.nn.Module):
@@ -396,3 +400,34 @@ def test_config_from_dict():
     with pytest.raises(ValueError, match="unknown PiIDConfig keys \\['nfes'\\]"):
         PiIDConfig.from_dict({"nfes": 2})
     assert PiIDConfig(nfe=4, final_step_size_scale=0.5).segment_sizes() == pytest.approx([1 / 3.5] * 3 + [0.5 / 3.5])
+
+
+class FixedStudent(torch.nn.Module):
+    """A 'student' whose output is a parameter: no matmul of its own, so autocast can only touch the policy math."""
+
+    def __init__(self, policy_type, b, k, shape):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.policy_type = policy_type
+        self.means = torch.nn.Parameter(torch.randn(b, k, *shape, generator=g))
+        self.logits = torch.nn.Parameter(torch.randn(b, k, 1, *shape[1:], generator=g))
+        self.logstds = torch.nn.Parameter(torch.full((b, 1, 1, 1, 1), -1.0))
+
+    def forward(self, x_t, timestep):
+        if self.policy_type == "DX":
+            return {"grid": self.means}
+        return {"means": self.means, "logweights": torch.log_softmax(self.logits, 1), "logstds": self.logstds}
+
+
+@pytest.mark.parametrize("policy_type", ["GMFlow", "DX"])
+def test_policy_math_stays_float32_under_autocast(policy_type, data, teacher):
+    cfg = PiIDConfig(nfe=2, policy_type=policy_type, total_substeps=16, window_substeps=2)
+    student = FixedStudent(policy_type, BATCH, 3, SHAPE)
+    raw_src, segment_size = segment_starts(cfg)
+    x_src, _ = diffuse(data, raw_src, cfg, seed=4)
+    args = (student, teacher, x_src, raw_src, segment_size, cfg, 0.5)
+    plain = piid_segment_loss(*args, generator=torch.Generator().manual_seed(1))[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = piid_segment_loss(*args, generator=torch.Generator().manual_seed(1))[0]
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=0)

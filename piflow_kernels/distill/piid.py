@@ -275,6 +275,12 @@ def _eval_mode(module: Any):
         yield
 
 
+def _float32_policy_math(device: torch.device):
+    """Autocast off around policy ops: a caller's bf16 autocast (for the student and teacher) must not
+    lower the policy's float32 math (its einsums would otherwise run in bf16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _velocity_of(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -471,15 +477,17 @@ def piid_segment_loss_from_draws(
         # min(): warp is monotone, but float rounding could put sigma_a a hair above sigma_last
         sigma_a = torch.minimum(_sigma(raw_a, shift), sigma_last)
         with torch.no_grad():
-            x_a = detached.rollout(x_last, sigma_last, sigma_a, total_substeps=cfg.total_substeps, shift=shift)
-            with _eval_mode(teacher):
-                target = _velocity_of(teacher(x_a, sigma_a * cfg.num_train_timesteps, **teacher_kwargs))
+            with _float32_policy_math(device):
+                x_a = detached.rollout(x_last, sigma_last, sigma_a, total_substeps=cfg.total_substeps, shift=shift)
+            with _eval_mode(teacher):  # under the caller's autocast, if any
+                target = _velocity_of(teacher(x_a, sigma_a * cfg.num_train_timesteps, **teacher_kwargs)).detach()
         if target.shape != x_a.shape:
             raise ValueError(f"the teacher returned shape {tuple(target.shape)}, expected {tuple(x_a.shape)}")
-        pred = policy_mean_velocity(policy, x_a, raw_a, sigma_a, raw_b - window, shift, cfg.total_substeps, cfg.eps)
-        sq_errors.append((pred.float() - target.detach().float()).square().mean())
-        sigma_b = torch.minimum(_sigma(raw_b, shift), sigma_a)
-        x_last = x_a + target.detach().to(x_a.dtype) * _bcast(sigma_b - sigma_a, x_a).to(x_a.dtype)
+        with _float32_policy_math(device):
+            pred = policy_mean_velocity(policy, x_a, raw_a, sigma_a, raw_b - window, shift, cfg.total_substeps, cfg.eps)
+            sq_errors.append((pred.float() - target.float()).square().mean())
+            sigma_b = torch.minimum(_sigma(raw_b, shift), sigma_a)
+            x_last = x_a + target.to(x_a.dtype) * _bcast(sigma_b - sigma_a, x_a).to(x_a.dtype)
         raw_last, sigma_last = raw_b, sigma_b
     # every state has B*C*prod(S) entries, so the mean of per-state means is the mean over all
     loss = 0.5 * cfg.loss_scale * torch.stack(sq_errors).mean()
@@ -488,7 +496,8 @@ def piid_segment_loss_from_draws(
     x_dst = None
     if return_x_dst:
         sigma_dst = torch.minimum(_sigma(raw_dst, shift), sigma_last)
-        x_dst = detached.rollout(x_last, sigma_last, sigma_dst, total_substeps=cfg.total_substeps, shift=shift)
+        with _float32_policy_math(device):
+            x_dst = detached.rollout(x_last, sigma_last, sigma_dst, total_substeps=cfg.total_substeps, shift=shift)
     return loss, x_dst, raw_dst
 
 

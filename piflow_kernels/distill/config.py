@@ -370,8 +370,8 @@ def _check_fields(cls: type, data: Mapping[str, Any], prefix: str, skip: tuple[s
             continue
         if key not in names:
             close = [n for n in names if n.lower() == str(key).lower() or n.replace("_", "") == str(key).replace("_", "")]
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; known keys: {', '.join(sorted(names))}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         ok, conv = _type_ok(value, hints.get(key, Any))
         if not ok:
             raise ConfigError(

@@ -215,6 +215,7 @@ def build_student(cfg: TrainConfig, teacher_model: nn.Module | None) -> nn.Modul
                 else:
                     extra.setdefault("num_points", s.num_points)
                 student = students.build_student(teacher_model, policy_type=policy_type, **extra)
+            student.requires_grad_(True)  # the trunk is a copy of the frozen teacher
     return student
 
 

@@ -1,0 +1,110 @@
+"""Command line: ``python -m piflow_kernels <command>`` (also installed as ``piflow-kernels``).
+
+    python -m piflow_kernels distill examples/distill_exact_teacher.toml --max-iters 200
+    torchrun --nproc_per_node=4 -m piflow_kernels distill my_config.toml --resume
+    python -m piflow_kernels demo --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m piflow_kernels", description="pi-Flow policies, sampler and pi-ID trainer")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    distill = sub.add_parser(
+        "distill",
+        help="pi-ID distillation of a policy student from a teacher (one process, or under torchrun)",
+        description="Train a pi-Flow student by imitation distillation as configured by a TOML or JSON file.",
+    )
+    distill.add_argument("config", help="training config (.toml or .json)")
+    distill.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint under OUT/checkpoints (or from the given checkpoint directory)",
+    )
+    distill.add_argument("--out", default=None, metavar="DIR", help="output directory (overrides out_dir)")
+    distill.add_argument(
+        "--max-iters", type=int, default=None, metavar="N", help="train until N iterations (overrides max_iters)"
+    )
+    distill.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:N' or 'auto' (overrides device)")
+    distill.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    distill.add_argument("--eval", action="store_true", help="evaluate the EMA student once more after training")
+
+    # 'demo' hands all its arguments to piflow_kernels.demo.main (main() routes it before parsing)
+    sub.add_parser("demo", help="the demo (arguments are passed on; see 'demo --help')", add_help=False)
+    return parser
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from piflow_kernels.distill.config import ConfigError, TrainConfig
+
+    try:
+        cfg = TrainConfig.from_file(args.config)
+        changes = {}
+        if args.out is not None:
+            changes["out_dir"] = args.out
+        if args.max_iters is not None:
+            changes["max_iters"] = args.max_iters
+        if args.device is not None:
+            changes["device"] = args.device
+        if args.no_progress:
+            changes["progress"] = False
+        if changes:
+            cfg = cfg.replace(**changes)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from piflow_kernels.distill.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with trainer:
+        if args.resume is not None:
+            trainer.resume(None if args.resume == "latest" else args.resume)
+        trainer.train()
+        if args.eval:
+            trainer.evaluate()
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    try:
+        demo = importlib.import_module("piflow_kernels.demo")
+    except ModuleNotFoundError as err:
+        if err.name != "piflow_kernels.demo":
+            raise
+        print("error: the demo is not part of this installation (no module piflow_kernels.demo)", file=sys.stderr)
+        return 2
+    result = demo.main(argv)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return _demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "distill":
+        return _distill(args)
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,809 @@
+"""GMFlow policy ops, Triton backend: fused velocity (forward + backward) and whole-rollout kernels.
+
+Flat layout and algebra as in :mod:`piflow_kernels.ops.gm_torch` (the CPU twin these kernels are
+checked against, beside the literal ``reference`` package):
+    x, x_src (B, C, L); means (B, K, C, L); logweights (B, K, L); logstds (B, K1), K1 in {1, K};
+    sigma, sigma_src (B,) float32.
+
+    >>> u = gm_velocity_triton(x, sigma, means, logweights, logstds, x_src, sigma_src)   # (B, C, L)
+    >>> u.square().sum().backward()                        # grads for means, logweights, logstds, x, x_src
+    >>> x_end = gm_rollout_triton(x, means, logweights, logstds, x_src, sigma_src, s0, n, h, r0, 3.0)
+
+Layers: ``_gm_*_kernel`` -> launcher (``_gm_velocity_fwd`` ...) -> ``torch.library`` ops
+``piflow::gm_velocity`` (autograd registered; backward is the ``piflow::gm_velocity_bwd`` op) and
+``piflow::gm_rollout`` -> public functions ``gm_velocity_triton`` / ``gm_rollout_triton``, which fall
+back to the CPU twin (one logged warning per reason) outside the kernels' range.
+
+Kernel design. One program owns BLOCK_L pixels of one sample and all K components, so the softmax
+over K and the contractions over C stay in registers; all math is float32. Components are walked in
+chunks of BLOCK_K with an online softmax (running max in log2 units, rescaled sums) when a
+(K, C) tile does not fit the register budget. Logits are kept pre-scaled by log2(e) so every
+exponential is an exp2. The rollout kernel keeps the whole policy tile
+(mu_k = x_src - s_src * means_k, ||mu_k||^2, log2-scaled logweights) in registers across all
+substeps when it fits (NUM_K_CHUNKS == 1), loops over its sample's substep count read from memory,
+and writes x once. The backward kernel recomputes everything from the inputs in two passes over
+the chunks (softmax statistics, then gradients); the logstds gradient is reduced over pixels per
+program into a small (B, tiles, K) buffer summed on the host side of the op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from piflow_kernels.ops.gm_torch import gm_rollout_torch, gm_velocity_torch
+
+__all__ = ["gm_velocity_triton", "gm_rollout_triton", "MAX_COMPONENTS", "MAX_CHANNELS"]
+
+logger = logging.getLogger(__name__)
+
+LOG2E = 1.4426950408889634
+MAX_COMPONENTS = 64  # K range of the kernels (chunked over K beyond the register budget)
+MAX_CHANNELS = 64  # C range of the kernels
+# Per-thread register budget in fp32 elements of one (BLOCK_K, BLOCK_C) chunk. At 128 a K=32, C=4
+# (ImageNet) or K=8, C=16 (FLUX) policy tile stays resident over a rollout (255 registers, no spill
+# with Triton 3.6 for sm_90). The velocity kernels are memory-bound and stream chunks: smaller chunks,
+# fewer registers, more warps in flight (forward 122 registers, backward 162 at K=32, C=4).
+_TILE_BUDGET_ROLLOUT = 128
+_TILE_BUDGET_FWD = 64
+_TILE_BUDGET_BWD = 32
+# Read once at import: Triton decides interpreter vs compiler when a kernel is decorated.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rcp(x, FAST_RCP: tl.constexpr):
+    """1 / x; with FAST_RCP one MUFU.RCP (rcp.approx.ftz, rel. error < 2^-22) instead of the ~8-instruction
+    full-range division: a rollout takes K of these per pixel and substep with per-component stds."""
+    if FAST_RCP:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _gm_load_chunk(
+    p_means,  # means of this sample, pointer at (b, 0, 0, 0)
+    p_lw,  # logweights of this sample, pointer at (b, 0, 0)
+    p_ls,  # logstds of this sample, pointer at (b, 0)
+    k0,  # first component of the chunk
+    K,  # number of components
+    o_c,  # (BLOCK_C,) int64 channel offsets
+    o_l,  # (BLOCK_L,) int64 pixel offsets
+    m_cl,  # (BLOCK_C, BLOCK_L) valid channel and pixel
+    m_l,  # (BLOCK_L,) valid pixel
+    s_src,  # sigma_src of this sample, unclamped (mu and var use it raw, as the reference does)
+    b_xs,  # (BLOCK_C, BLOCK_L) x_src, fp32, 0 where masked
+    stride_mk,  # means stride over K
+    stride_mc,  # means stride over C
+    stride_ml,  # means stride over L
+    stride_wk,  # logweights stride over K
+    stride_wl,  # logweights stride over L
+    stride_sk,  # logstds stride over K (unused for one std per sample)
+    BLOCK_K: tl.constexpr,  # components per chunk
+    PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
+):
+    """One chunk of the policy in x0 space: mu (BK, BC, BL), ||mu||^2 (BK, BL), log2-scaled logweights
+    (BK, BL) with -inf on padded components, var (BK, BL) per component (broadcast over pixels) or a
+    scalar per sample, m_k (BK,).
+
+    Every (BK, BL) tile is loaded as (BK, 1, BL) and reduced over the unit axis, so it carries the
+    same register layout as the reductions of the 3-D tile over C: the compiler then keeps one copy
+    of each per-component quantity instead of computing it in two layouts."""
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < K
+    o_k64 = o_k.to(tl.int64)
+    p_m = p_means + o_k64[:, None, None] * stride_mk + o_c[None, :, None] * stride_mc + o_l[None, None, :] * stride_ml
+    b_means = tl.load(p_m, mask=m_k[:, None, None] & m_cl[None, :, :], other=0.0).to(tl.float32)
+    b_mu = b_xs[None, :, :] - s_src * b_means
+    m_kl = m_k[:, None, None] & m_l[None, None, :]
+    p_w = p_lw + o_k64[:, None, None] * stride_wk + o_l[None, None, :] * stride_wl
+    b_lw = tl.sum(tl.load(p_w, mask=m_kl, other=0.0).to(tl.float32), axis=1)
+    # padded components get -inf (weight 0); padded pixels keep finite 0 so no NaN is ever formed
+    b_lw2 = tl.where(m_k[:, None], b_lw * 1.4426950408889634, float("-inf"))
+    b_musq = tl.sum(b_mu * b_mu, axis=1)
+    if PER_K_STD:
+        b_ls = tl.load(p_ls + o_k64 * stride_sk, mask=m_k, other=0.0).to(tl.float32)
+        # broadcast over pixels in the layout of b_musq (0 * a finite tile is exactly 0)
+        b_var = (tl.exp(2.0 * b_ls) * (s_src * s_src))[:, None] + 0.0 * b_musq
+    else:
+        b_var = tl.exp(2.0 * tl.load(p_ls).to(tl.float32)) * (s_src * s_src)
+    return b_mu, b_musq, b_lw2, b_var, m_k
+
+
+@triton.jit
+def _gm_chunk_update(
+    b_mu,  # (BK, BC, BL) component means in x0 space
+    b_musq,  # (BK, BL) ||mu_k||^2
+    b_lw2,  # (BK, BL) logweights * log2(e)
+    b_var,  # (BK, BL) or scalar component variance
+    b_nu,  # (BC, BL) nu = a x / s^2 - a_src x_src / s_src^2
+    zeta,  # scalar (a/s)^2 - (a_src/s_src)^2
+    b_mrun,  # (BL,) running max of the log2 logits
+    b_lrun,  # (BL,) running sum of exp2(logit - max)
+    b_accx,  # (BC, BL) running sum_k p_k mu_k / d_k
+    b_accv,  # (BL,) running sum_k p_k var_k / d_k
+    PER_K_STD: tl.constexpr,  # b_var per component (else a scalar)
+):
+    """Online-softmax update of the posterior-mean accumulators with one chunk of components."""
+    b_invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
+    b_g1 = b_invd * 1.4426950408889634
+    b_g2 = b_g1 * (0.5 * zeta)
+    b_dot = tl.sum(b_mu * b_nu[None, :, :], axis=1)
+    b_l2 = b_lw2 + b_dot * b_g1 - b_musq * b_g2
+    b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
+    b_alpha = tl.exp2(b_mrun - b_mnew)
+    b_p = tl.exp2(b_l2 - b_mnew[None, :])
+    b_psum = tl.sum(b_p, axis=0)
+    if PER_K_STD:
+        b_c = b_p * b_invd
+        b_accx = b_accx * b_alpha[None, :] + tl.sum(b_c[:, None, :] * b_mu, axis=0)
+        b_accv = b_accv * b_alpha + tl.sum(b_c * b_var, axis=0)
+    else:
+        b_accx = b_accx * b_alpha[None, :] + tl.sum(b_p[:, None, :] * b_mu, axis=0) * b_invd
+        b_accv = b_accv * b_alpha + b_psum * (b_var * b_invd)
+    b_lrun = b_lrun * b_alpha + b_psum
+    return b_mnew, b_lrun, b_accx, b_accv
+
+
+@triton.jit
+def _gm_posterior_x0(
+    p_means,  # means of this sample
+    p_lw,  # logweights of this sample
+    p_ls,  # logstds of this sample
+    K,  # number of components
+    o_c,  # (BC,) channel offsets
+    o_l,  # (BL,) pixel offsets
+    m_cl,  # (BC, BL) valid mask
+    m_l,  # (BL,) valid pixel
+    s_src,  # raw sigma_src
+    b_xs,  # (BC, BL) x_src fp32
+    b_nu,  # (BC, BL) nu
+    zeta,  # scalar zeta
+    stride_mk,  # means strides (K, C, L)
+    stride_mc,
+    stride_ml,
+    stride_wk,  # logweights strides (K, L)
+    stride_wl,
+    stride_sk,  # logstds stride over K
+    BLOCK_K: tl.constexpr,  # components per chunk
+    BLOCK_C: tl.constexpr,  # padded channels
+    BLOCK_L: tl.constexpr,  # pixels per program
+    NUM_K_CHUNKS: tl.constexpr,  # ceil(K / BLOCK_K)
+    PER_K_STD: tl.constexpr,  # logstds per component
+):
+    """x0 (BC, BL) of the GM posterior at (nu, zeta), streaming the components from memory."""
+    b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
+    b_lrun = tl.zeros((BLOCK_L,), tl.float32)
+    b_accx = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    b_accv = tl.zeros((BLOCK_L,), tl.float32)
+    for i_k in range(NUM_K_CHUNKS):
+        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means, p_lw, p_ls, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src, b_xs,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+        )  # fmt: skip
+        b_mrun, b_lrun, b_accx, b_accv = _gm_chunk_update(
+            b_mu, b_musq, b_lw2, b_var, b_nu, zeta, b_mrun, b_lrun, b_accx, b_accv, PER_K_STD
+        )
+    b_inv = 1.0 / b_lrun
+    return (b_accx + b_nu * b_accv[None, :]) * b_inv[None, :]
+
+
+@triton.jit
+def _gm_velocity_fwd_kernel(
+    p_x,  # x (B, C, L), any float dtype, strided
+    p_sigma,  # sigma (B,) float32, contiguous
+    p_means,  # means (B, K, C, L), strided
+    p_lw,  # logweights (B, K, L), strided
+    p_ls,  # logstds (B, K1), strided
+    p_xs,  # x_src (B, C, L), strided
+    p_ssrc,  # sigma_src (B,) float32, contiguous
+    p_u,  # out: u (B, C, L) contiguous, dtype of x
+    K,  # number of components
+    C,  # number of channels
+    L,  # pixels per sample
+    n_tiles,  # programs per sample = ceil(L / BLOCK_L)
+    stride_xb, stride_xc, stride_xl,  # x strides
+    stride_mb, stride_mk, stride_mc, stride_ml,  # means strides
+    stride_wb, stride_wk, stride_wl,  # logweights strides
+    stride_sb, stride_sk,  # logstds strides
+    stride_yb, stride_yc, stride_yl,  # x_src strides
+    BLOCK_K: tl.constexpr,  # components per chunk
+    BLOCK_C: tl.constexpr,  # next power of two >= C
+    BLOCK_L: tl.constexpr,  # pixels per program
+    NUM_K_CHUNKS: tl.constexpr,  # ceil(K / BLOCK_K)
+    PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
+):
+    i_p = tl.program_id(0)
+    i_b = i_p // n_tiles
+    i_t = i_p % n_tiles
+    i_b64 = i_b.to(tl.int64)
+    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    m_l = o_l < L
+    m_cl = (o_c < C)[:, None] & m_l[None, :]
+
+    s_raw = tl.load(p_sigma + i_b).to(tl.float32)
+    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
+    s = tl.maximum(s_raw, 1e-6)
+    s_src = tl.maximum(s_src_raw, 1e-6)
+    a = 1.0 - s
+    a_src = 1.0 - s_src
+    inv_s = 1.0 / s
+    inv_ssrc = 1.0 / s_src
+    zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
+
+    o_x = i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl
+    b_x = tl.load(p_x + o_x, mask=m_cl, other=0.0).to(tl.float32)
+    o_y = i_b64 * stride_yb + o_c[:, None] * stride_yc + o_l[None, :] * stride_yl
+    b_xs = tl.load(p_xs + o_y, mask=m_cl, other=0.0).to(tl.float32)
+    b_nu = (a * inv_s * inv_s) * b_x - (a_src * inv_ssrc * inv_ssrc) * b_xs
+
+    b_x0 = _gm_posterior_x0(
+        p_means + i_b64 * stride_mb, p_lw + i_b64 * stride_wb, p_ls + i_b64 * stride_sb, K,
+        o_c, o_l, m_cl, m_l, s_src_raw, b_xs, b_nu, zeta,
+        stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
+        BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD,
+    )  # fmt: skip
+    b_u = (b_x - b_x0) * inv_s
+    o_u = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
+    tl.store(p_u + o_u, b_u.to(p_u.dtype.element_ty), mask=m_cl)
+
+
+@triton.jit
+def _gm_velocity_bwd_kernel(
+    p_g,  # dL/du (B, C, L), strided (may be an expanded stride-0 view)
+    p_x,  # x (B, C, L), strided
+    p_sigma,  # sigma (B,) float32, contiguous
+    p_means,  # means (B, K, C, L), strided
+    p_lw,  # logweights (B, K, L), strided
+    p_ls,  # logstds (B, K1), strided
+    p_xs,  # x_src (B, C, L), strided
+    p_ssrc,  # sigma_src (B,) float32, contiguous
+    p_dx,  # out: dL/dx (B, C, L) contiguous, dtype of x (written when NEED_DX)
+    p_dmeans,  # out: dL/dmeans (B, K, C, L) contiguous, dtype of means
+    p_dlw,  # out: dL/dlogweights (B, K, L) contiguous, dtype of logweights
+    p_dls,  # out: per-program partial dL/dlogstds (B, n_tiles, K) float32, summed by the launcher
+    p_dxs,  # out: dL/dx_src (B, C, L) contiguous, dtype of x_src (written when NEED_DXS)
+    K,  # number of components
+    C,  # number of channels
+    L,  # pixels per sample
+    n_tiles,  # programs per sample
+    stride_gb, stride_gc, stride_gl,  # dL/du strides
+    stride_xb, stride_xc, stride_xl,  # x strides
+    stride_mb, stride_mk, stride_mc, stride_ml,  # means strides
+    stride_wb, stride_wk, stride_wl,  # logweights strides
+    stride_sb, stride_sk,  # logstds strides
+    stride_yb, stride_yc, stride_yl,  # x_src strides
+    BLOCK_K: tl.constexpr,  # components per chunk
+    BLOCK_C: tl.constexpr,  # next power of two >= C
+    BLOCK_L: tl.constexpr,  # pixels per program
+    NUM_K_CHUNKS: tl.constexpr,  # ceil(K / BLOCK_K)
+    PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
+    NEED_DX: tl.constexpr,  # write dL/dx
+    NEED_DXS: tl.constexpr,  # write dL/dx_src
+):
+    # Notation: gx0 = dL/dx0 = -g / s, m_k = (var_k nu + mu_k) / d_k, e_k = gx0 . m_k,
+    # q_k = (mu_k . nu - zeta/2 ||mu_k||^2) / d_k (logit minus logweight), w = softmax(lw + q).
+    #   dL/dlogit_k = w_k (e_k - sum_j w_j e_j)                      =: gl_k
+    #   dL/dmu_k    = (w_k gx0 + gl_k (nu - zeta mu_k)) / d_k
+    #   dL/dnu      = sum_k (gl_k mu_k + w_k var_k gx0) / d_k
+    #   dL/dd_k     = -(w_k e_k + gl_k q_k) / d_k ;  dL/dvar_k = w_k (gx0 . nu) / d_k + zeta dL/dd_k
+    i_p = tl.program_id(0)
+    i_b = i_p // n_tiles
+    i_t = i_p % n_tiles
+    i_b64 = i_b.to(tl.int64)
+    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    m_l = o_l < L
+    m_cl = (o_c < C)[:, None] & m_l[None, :]
+
+    s_raw = tl.load(p_sigma + i_b).to(tl.float32)
+    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
+    s = tl.maximum(s_raw, 1e-6)
+    s_src = tl.maximum(s_src_raw, 1e-6)
+    a = 1.0 - s
+    a_src = 1.0 - s_src
+    inv_s = 1.0 / s
+    inv_ssrc = 1.0 / s_src
+    zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
+
+    b_x = tl.load(p_x + i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl, mask=m_cl, other=0.0)
+    b_xs = tl.load(p_xs + i_b64 * stride_yb + o_c[:, None] * stride_yc + o_l[None, :] * stride_yl, mask=m_cl, other=0.0)
+    b_g = tl.load(p_g + i_b64 * stride_gb + o_c[:, None] * stride_gc + o_l[None, :] * stride_gl, mask=m_cl, other=0.0)
+    b_x = b_x.to(tl.float32)
+    b_xs = b_xs.to(tl.float32)
+    b_g = b_g.to(tl.float32)
+    b_nu = (a * inv_s * inv_s) * b_x - (a_src * inv_ssrc * inv_ssrc) * b_xs
+    b_gx0 = -b_g * inv_s
+    b_gxnu = tl.sum(b_gx0 * b_nu, axis=0)  # (BL,)
+
+    p_means_b = p_means + i_b64 * stride_mb
+    p_lw_b = p_lw + i_b64 * stride_wb
+    p_ls_b = p_ls + i_b64 * stride_sb
+
+    # pass 1: softmax statistics (running max, sum) and sum_k p_k e_k
+    b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
+    b_lrun = tl.zeros((BLOCK_L,), tl.float32)
+    b_erun = tl.zeros((BLOCK_L,), tl.float32)
+    for i_k in range(NUM_K_CHUNKS):
+        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means_b, p_lw_b, p_ls_b, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src_raw, b_xs,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+        )  # fmt: skip
+        b_invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
+        b_dot = tl.sum(b_mu * b_nu[None, :, :], axis=1)
+        b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * (b_invd * 1.4426950408889634)
+        b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
+        b_alpha = tl.exp2(b_mrun - b_mnew)
+        b_p = tl.exp2(b_l2 - b_mnew[None, :])
+        b_e = (b_var * b_gxnu[None, :] + tl.sum(b_gx0[None, :, :] * b_mu, axis=1)) * b_invd
+        b_lrun = b_lrun * b_alpha + tl.sum(b_p, axis=0)
+        b_erun = b_erun * b_alpha + tl.sum(b_p * b_e, axis=0)
+        b_mrun = b_mnew
+    b_invl = 1.0 / b_lrun
+    b_ebar = b_erun * b_invl  # sum_k w_k e_k = gx0 . x0
+
+    # pass 2: gradients, chunk by chunk
+    b_dnu = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    b_dmusum = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    o_dmeans = i_b64 * K * C * L + o_c[None, :, None] * L + o_l[None, None, :]
+    o_dlw = i_b64 * K * L + o_l[None, :]
+    o_dls = (i_b64 * n_tiles + i_t) * K
+    for i_k in range(NUM_K_CHUNKS):
+        k0 = i_k * BLOCK_K
+        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_xs,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+        )  # fmt: skip
+        b_dpre = b_var * zeta + 1.0
+        b_invd = 1.0 / tl.maximum(b_dpre, 1e-6)
+        b_dot = tl.sum(b_mu * b_nu[None, :, :], axis=1)
+        b_q = (b_dot - (0.5 * zeta) * b_musq) * b_invd
+        b_w = tl.exp2(b_lw2 + b_q * 1.4426950408889634 - b_mrun[None, :]) * b_invl[None, :]
+        b_e = (b_var * b_gxnu[None, :] + tl.sum(b_gx0[None, :, :] * b_mu, axis=1)) * b_invd
+        b_gl = b_w * (b_e - b_ebar[None, :])
+        b_wd = b_w * b_invd
+        b_gld = b_gl * b_invd
+
+        o_k64 = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        m_kl = m_k[:, None] & m_l[None, :]
+        tl.store(p_dlw + o_dlw + o_k64[:, None] * L, b_gl.to(p_dlw.dtype.element_ty), mask=m_kl)
+
+        b_dmu = b_wd[:, None, :] * b_gx0[None, :, :] + b_gld[:, None, :] * (b_nu[None, :, :] - zeta * b_mu)
+        p_dm = p_dmeans + o_dmeans + o_k64[:, None, None] * C * L
+        tl.store(p_dm, (-s_src_raw * b_dmu).to(p_dmeans.dtype.element_ty), mask=m_k[:, None, None] & m_cl[None, :, :])
+        b_dmusum += tl.sum(b_dmu, axis=0)
+        if PER_K_STD:
+            b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0) + b_gx0 * tl.sum(b_wd * b_var, axis=0)[None, :]
+        else:
+            b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0) + b_gx0 * (tl.sum(b_wd, axis=0) * b_var)[None, :]
+
+        # d = max(var zeta + 1, eps): no gradient through the clamp (torch.clamp passes it at >= eps)
+        b_dd = -(b_w * b_e + b_gl * b_q) * b_invd
+        b_dd = tl.where(b_dpre >= 1e-6, b_dd, 0.0)
+        # dL/dlogstd_k = 2 var_k dL/dvar_k, summed over this tile's pixels (masked pixels contribute 0)
+        b_dls = tl.sum(2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd), axis=1)
+        tl.store(p_dls + o_dls + o_k64, b_dls, mask=m_k)
+
+    o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
+    if NEED_DX:
+        b_dx = b_g * inv_s + (a * inv_s * inv_s) * b_dnu
+        tl.store(p_dx + o_out, b_dx.to(p_dx.dtype.element_ty), mask=m_cl)
+    if NEED_DXS:
+        b_dxs = b_dmusum - (a_src * inv_ssrc * inv_ssrc) * b_dnu
+        tl.store(p_dxs + o_out, b_dxs.to(p_dxs.dtype.element_ty), mask=m_cl)
+
+
+@triton.jit
+def _gm_rollout_kernel(
+    p_x,  # x_start (B, C, L), any float dtype, strided
+    p_out,  # out: x_end (B, C, L) contiguous, dtype of x_start
+    p_means,  # means (B, K, C, L), strided
+    p_lw,  # logweights (B, K, L), strided
+    p_ls,  # logstds (B, K1), strided
+    p_xs,  # x_src (B, C, L), strided
+    p_ssrc,  # sigma_src (B,) float32, contiguous
+    p_s0,  # sigma_start (B,) float32, contiguous
+    p_n,  # n_substeps (B,) int32, contiguous: read here, never on the host
+    p_h,  # substep_size (B,) float32 in raw time, contiguous
+    p_r0,  # r_start (B,) float32 raw time of sigma_start, contiguous
+    shift,  # time shift: sigma = shift r / (1 + (shift - 1) r)
+    K,  # number of components
+    C,  # number of channels
+    L,  # pixels per sample
+    n_tiles,  # programs per sample
+    stride_xb, stride_xc, stride_xl,  # x_start strides
+    stride_mb, stride_mk, stride_mc, stride_ml,  # means strides
+    stride_wb, stride_wk, stride_wl,  # logweights strides
+    stride_sb, stride_sk,  # logstds strides
+    stride_yb, stride_yc, stride_yl,  # x_src strides
+    BLOCK_K: tl.constexpr,  # components per chunk
+    BLOCK_C: tl.constexpr,  # next power of two >= C
+    BLOCK_L: tl.constexpr,  # pixels per program
+    NUM_K_CHUNKS: tl.constexpr,  # 1: the policy tile stays in registers over all substeps
+    PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
+    FAST_RCP: tl.constexpr,  # NVIDIA GPU: approximate reciprocal by inline PTX (not in the interpreter)
+):
+    i_p = tl.program_id(0)
+    i_b = i_p // n_tiles
+    i_t = i_p % n_tiles
+    i_b64 = i_b.to(tl.int64)
+    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    m_l = o_l < L
+    m_cl = (o_c < C)[:, None] & m_l[None, :]
+    shift = tl.cast(shift, tl.float32)  # inductor passes Python floats as fp64
+
+    # constant over the rollout: sigma_src terms, x_src part of nu
+    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
+    s_src = tl.maximum(s_src_raw, 1e-6)
+    a_src = 1.0 - s_src
+    c_src = (a_src / s_src) * (a_src / s_src)
+    o_y = i_b64 * stride_yb + o_c[:, None] * stride_yc + o_l[None, :] * stride_yl
+    b_xs = tl.load(p_xs + o_y, mask=m_cl, other=0.0).to(tl.float32)
+    b_nusrc = (a_src / (s_src * s_src)) * b_xs
+    o_x = i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl
+    b_x = tl.load(p_x + o_x, mask=m_cl, other=0.0).to(tl.float32)
+
+    n_sub = tl.load(p_n + i_b)
+    h = tl.load(p_h + i_b).to(tl.float32)
+    r = tl.load(p_r0 + i_b).to(tl.float32)
+    s = tl.load(p_s0 + i_b).to(tl.float32)
+    p_means_b = p_means + i_b64 * stride_mb
+    p_lw_b = p_lw + i_b64 * stride_wb
+    p_ls_b = p_ls + i_b64 * stride_sb
+
+    if NUM_K_CHUNKS == 1:
+        # the whole policy tile lives in registers: read once, used n_sub times
+        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means_b, p_lw_b, p_ls_b, 0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_xs,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+        )  # fmt: skip
+        for _ in range(n_sub):
+            r = tl.maximum(r - h, 0.0)
+            s_next = shift * r / (1.0 + (shift - 1.0) * r)
+            s_c = tl.maximum(s, 1e-6)
+            inv_s = 1.0 / s_c
+            a = 1.0 - s_c
+            zeta = a * a * inv_s * inv_s - c_src
+            b_nu = (a * inv_s * inv_s) * b_x - b_nusrc
+            b_dot = tl.sum(b_mu * b_nu[None, :, :], axis=1)
+            if PER_K_STD:
+                # only g_k = log2(e) / d_k is kept per component (registers: the tile already holds ~200)
+                b_g = 1.4426950408889634 * _rcp(tl.maximum(b_var * zeta + 1.0, 1e-6), FAST_RCP)
+                b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * b_g
+                b_m = tl.max(b_l2, axis=0)
+                b_p = tl.exp2(b_l2 - b_m[None, :])
+                b_psum = tl.sum(b_p, axis=0)
+                b_c = b_p * b_g  # p_k / d_k, times log2(e), undone below
+                b_accx = tl.sum(b_c[:, None, :] * b_mu, axis=0)
+                b_accv = tl.sum(b_c * b_var, axis=0)
+                b_inv = 0.6931471805599453 * _rcp(b_psum, FAST_RCP)
+            else:
+                invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
+                g1 = invd * 1.4426950408889634
+                g2 = g1 * (0.5 * zeta)
+                b_l2 = b_lw2 + b_dot * g1 - b_musq * g2
+                b_m = tl.max(b_l2, axis=0)
+                b_p = tl.exp2(b_l2 - b_m[None, :])
+                b_psum = tl.sum(b_p, axis=0)
+                b_accx = tl.sum(b_p[:, None, :] * b_mu, axis=0)
+                b_accv = b_psum * b_var
+                b_inv = invd * _rcp(b_psum, FAST_RCP)
+            b_x0 = (b_accx + b_nu * b_accv[None, :]) * b_inv[None, :]
+            # x += u (s_next - s) with u = (x - x0) / s
+            b_x = b_x + (b_x - b_x0) * ((s_next - s) * inv_s)
+            s = s_next
+    else:
+        # tile too large for registers: stream the chunks (cache-resident) at every substep
+        for _ in range(n_sub):
+            r = tl.maximum(r - h, 0.0)
+            s_next = shift * r / (1.0 + (shift - 1.0) * r)
+            s_c = tl.maximum(s, 1e-6)
+            inv_s = 1.0 / s_c
+            a = 1.0 - s_c
+            zeta = a * a * inv_s * inv_s - c_src
+            b_nu = (a * inv_s * inv_s) * b_x - b_nusrc
+            b_x0 = _gm_posterior_x0(
+                p_means_b, p_lw_b, p_ls_b, K, o_c, o_l, m_cl, m_l, s_src_raw, b_xs, b_nu, zeta,
+                stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
+                BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD,
+            )  # fmt: skip
+            b_x = b_x + (b_x - b_x0) * ((s_next - s) * inv_s)
+            s = s_next
+
+    o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
+    tl.store(p_out + o_out, b_x.to(p_out.dtype.element_ty), mask=m_cl)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _gm_config(k: int, c: int, length: int, budget: int) -> dict[str, int]:
+    """Block sizes and warps. All C per program, K in chunks of BLOCK_K.
+
+    Triton's default layout fills a warp's threads along L (the fastest axis) first, then along C.
+    Up to 16 channels one thread owns whole pixels (BLOCK_L = 32 * num_warps), so reductions over
+    K and C need no shuffles; above that t_c = BLOCK_C / 16 threads share a pixel inside one warp
+    (BLOCK_L = 32 / t_c, one warp per program), which keeps the per-thread state (x, x_src, nu,
+    accumulators: about 5 * C floats) out of local memory. BLOCK_K * BLOCK_C / t_c <= budget."""
+    block_c = triton.next_power_of_2(c)
+    t_c = max(1, block_c // 16)
+    block_k = triton.next_power_of_2(k)
+    if block_k * block_c > budget * t_c:  # chunked: a smaller chunk leaves room for the online-softmax state
+        block_k = max(1, budget * t_c // (2 * block_c))
+    if t_c == 1:
+        num_warps = 4 if length >= 128 else (2 if length >= 64 else 1)
+        block_l = min(32 * num_warps, max(triton.next_power_of_2(length), 2))
+    else:
+        num_warps = 1
+        block_l = 32 // t_c
+    return {
+        "BLOCK_K": block_k,
+        "BLOCK_C": block_c,
+        "BLOCK_L": block_l,
+        "NUM_K_CHUNKS": triton.cdiv(k, block_k),
+        "num_warps": num_warps,
+    }
+
+
+def _fast_rcp(t: torch.Tensor) -> bool:
+    """Inline-PTX reciprocal only where PTX exists: compiled kernels on NVIDIA GPUs."""
+    return t.device.type == "cuda" and torch.version.hip is None and not _INTERPRET
+
+
+def _vec(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (B,) per-sample scalar as a contiguous tensor of ``dtype`` (expanded 0-d sigmas have stride 0)."""
+    return t.to(dtype).contiguous()
+
+
+def _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src) -> torch.Tensor:
+    b, k, c, length = means.shape
+    cfg = _gm_config(k, c, length, _TILE_BUDGET_FWD)
+    n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
+    u = torch.empty((b, c, length), dtype=x.dtype, device=x.device)
+    _gm_velocity_fwd_kernel[(b * n_tiles,)](
+        x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src), u,
+        k, c, length, n_tiles,
+        *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
+        PER_K_STD=logstds.shape[1] > 1, **cfg,
+    )  # fmt: skip
+    return u
+
+
+def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, need_x, need_x_src):
+    b, k, c, length = means.shape
+    cfg = _gm_config(k, c, length, _TILE_BUDGET_BWD)
+    n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
+    dev = x.device
+    dx = torch.empty((b, c, length) if need_x else (0,), dtype=x.dtype, device=dev)
+    dxs = torch.empty((b, c, length) if need_x_src else (0,), dtype=x_src.dtype, device=dev)
+    dmeans = torch.empty((b, k, c, length), dtype=means.dtype, device=dev)
+    dlw = torch.empty((b, k, length), dtype=logweights.dtype, device=dev)
+    dls_part = torch.empty((b, n_tiles, k), dtype=torch.float32, device=dev)
+    _gm_velocity_bwd_kernel[(b * n_tiles,)](
+        grad_u, x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src),
+        dx, dmeans, dlw, dls_part, dxs,
+        k, c, length, n_tiles,
+        *grad_u.stride(), *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
+        PER_K_STD=logstds.shape[1] > 1, NEED_DX=need_x, NEED_DXS=need_x_src, **cfg,
+    )  # fmt: skip
+    dls = dls_part.sum(1)  # (B, K)
+    if logstds.shape[1] == 1:
+        dls = dls.sum(1, keepdim=True)
+    return dx, dmeans, dlw, dls.to(logstds.dtype), dxs
+
+
+def _gm_rollout(x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift):
+    b, k, c, length = means.shape
+    cfg = _gm_config(k, c, length, _TILE_BUDGET_ROLLOUT)
+    n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
+    out = torch.empty((b, c, length), dtype=x_start.dtype, device=x_start.device)
+    _gm_rollout_kernel[(b * n_tiles,)](
+        x_start, out, means, logweights, logstds, x_src,
+        _vec(sigma_src), _vec(sigma_start), _vec(n_substeps, torch.int32), _vec(substep_size), _vec(r_start),
+        float(shift), k, c, length, n_tiles,
+        *x_start.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
+        PER_K_STD=logstds.shape[1] > 1, FAST_RCP=_fast_rcp(x_start), **cfg,
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile, no graph breaks, CUDA-graph capturable)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("piflow::gm_velocity", mutates_args=())
+def gm_velocity_op(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+) -> torch.Tensor:
+    """GM velocity (B, C, L) in x.dtype; flat layout as :func:`gm_velocity_triton`."""
+    return _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src)
+
+
+@gm_velocity_op.register_fake
+def _gm_velocity_fake(x, sigma, means, logweights, logstds, x_src, sigma_src):
+    return x.new_empty((x.shape[0], x.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("piflow::gm_velocity_bwd", mutates_args=())
+def gm_velocity_bwd_op(
+    grad_u: torch.Tensor,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+    need_x: bool,
+    need_x_src: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dmeans, dlogweights, dlogstds, dx_src); dx / dx_src are empty (0,) unless asked for."""
+    return _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, need_x, need_x_src)
+
+
+@gm_velocity_bwd_op.register_fake
+def _gm_velocity_bwd_fake(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, need_x, need_x_src):
+    b, c, length = x.shape
+    return (
+        x.new_empty((b, c, length) if need_x else (0,)),
+        means.new_empty(means.shape),
+        logweights.new_empty(logweights.shape),
+        logstds.new_empty(logstds.shape),
+        x_src.new_empty((b, c, length) if need_x_src else (0,)),
+    )
+
+
+def _gm_velocity_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # inputs only: the backward recomputes, no (K, C, L) intermediates
+
+
+def _gm_velocity_backward(ctx, grad_u):
+    x, sigma, means, logweights, logstds, x_src, sigma_src = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dmeans, dlw, dls, dxs = torch.ops.piflow.gm_velocity_bwd(
+        grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, bool(need[0]), bool(need[5])
+    )
+    return (
+        dx if need[0] else None,
+        None,
+        dmeans if need[2] else None,
+        dlw if need[3] else None,
+        dls if need[4] else None,
+        dxs if need[5] else None,
+        None,
+    )
+
+
+gm_velocity_op.register_autograd(_gm_velocity_backward, setup_context=_gm_velocity_setup_context)
+
+
+@torch.library.custom_op("piflow::gm_rollout", mutates_args=())
+def gm_rollout_op(
+    x_start: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+    sigma_start: torch.Tensor,
+    n_substeps: torch.Tensor,
+    substep_size: torch.Tensor,
+    r_start: torch.Tensor,
+    shift: float,
+) -> torch.Tensor:
+    """Whole GM rollout in one launch, x_end (B, C, L) in x_start.dtype (no autograd)."""
+    return _gm_rollout(
+        x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift
+    )
+
+
+@gm_rollout_op.register_fake
+def _gm_rollout_fake(x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift):  # noqa: E501
+    return x_start.new_empty((x_start.shape[0], x_start.shape[1], x_start.shape[2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _fallback_reason(x: torch.Tensor, means: torch.Tensor) -> str | None:
+    """Why the kernels cannot run these inputs (None when they can). Decided from shapes and devices only."""
+    k, c = means.shape[1], means.shape[2]
+    if k > MAX_COMPONENTS or c > MAX_CHANNELS:
+        return f"K={k}, C={c} is outside the Triton kernels' range (K <= {MAX_COMPONENTS}, C <= {MAX_CHANNELS})"
+    if x.device.type == "cpu" and not _INTERPRET:
+        return "CPU tensors need TRITON_INTERPRET=1 set before piflow_kernels.ops.gm_triton is imported"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"device {x.device.type!r} has no Triton backend here"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("piflow_kernels: GM Triton kernels fall back to the torch path: %s", reason)
+
+
+def gm_velocity_triton(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+) -> torch.Tensor:
+    """GM policy velocity u(x, sigma) by the fused Triton kernels, differentiable.
+
+    Args:
+        x, x_src: (B, C, L) any float dtype, any strides; sigma, sigma_src: (B,) float32.
+        means: (B, K, C, L); logweights: (B, K, L) (may hold -inf); logstds: (B, 1) or (B, K).
+    Returns:
+        u (B, C, L) in x.dtype. Gradients flow to means, logweights, logstds, x and x_src; the
+        backward kernel recomputes from the inputs. Math in float32.
+    """
+    reason = _fallback_reason(x, means)
+    if reason is not None:
+        _warn_once(reason)
+        return gm_velocity_torch(x, sigma, means, logweights, logstds, x_src, sigma_src)
+    return torch.ops.piflow.gm_velocity(x, sigma, means, logweights, logstds, x_src, sigma_src)
+
+
+def gm_rollout_triton(
+    x_start: torch.Tensor,
+    means: torch.Tensor,
+    logweights: torch.Tensor,
+    logstds: torch.Tensor,
+    x_src: torch.Tensor,
+    sigma_src: torch.Tensor,
+    sigma_start: torch.Tensor,
+    n_substeps: torch.Tensor,
+    substep_size: torch.Tensor,
+    r_start: torch.Tensor,
+    shift: float,
+) -> torch.Tensor:
+    """Whole GM rollout (DESIGN.md section 4) in one kernel launch, no host synchronisation.
+
+    Args:
+        x_start, x_src: (B, C, L); means (B, K, C, L); logweights (B, K, L); logstds (B, 1) or (B, K).
+        sigma_src, sigma_start, substep_size, r_start: (B,) float32; n_substeps: (B,) int32.
+        shift: the time shift of the substep grid.
+    Returns:
+        x_end (B, C, L) in x_start.dtype (no autograd).
+    """
+    reason = _fallback_reason(x_start, means)
+    if reason is not None:
+        _warn_once(reason)
+        return gm_rollout_torch(
+            x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift
+        )
+    with torch.no_grad():
+        return torch.ops.piflow.gm_rollout(
+            x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, float(shift)
+        )

@@ -1,0 +1,140 @@
+"""Benchmark cases: shapes, random inputs and the cost model of DESIGN.md section 9.
+
+A case is one workload (a GM rollout, a DX rollout or a GM velocity forward+backward) at one shape.
+Its cost model gives the bytes a fused kernel must move at least once and the flops it must do,
+from which the roofline time is max(bytes / copy bandwidth, flops / fp32 peak).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+KINDS = ("gm_rollout", "dx_rollout", "gm_velocity_fwd_bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark workload.
+
+    Args:
+        name: short label ("imagenet-train", "flux-1024", ...).
+        kind: one of ``KINDS``.
+        batch, components (K for GM, N grid points for DX), channels, spatial: the latent shape.
+        substeps: substeps of the rollout from sigma 1 to 0 (total_substeps); 1 for a velocity.
+        shift: the rollout's time shift (and the DX policy's).
+    """
+
+    name: str
+    kind: str
+    batch: int
+    components: int
+    channels: int
+    spatial: tuple[int, ...]
+    substeps: int = 1
+    shift: float = 1.0
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def pixels(self) -> int:
+        """B * prod(spatial): the number of independent per-pixel problems."""
+        return self.batch * math.prod(self.spatial)
+
+    @property
+    def shape(self) -> str:
+        letter = "N" if self.kind == "dx_rollout" else "K"
+        return f"B{self.batch}-{letter}{self.components}-C{self.channels}-{'x'.join(map(str, self.spatial))}"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = self.shape
+        return d
+
+
+def cost(case: Case, element_size: int = 4) -> tuple[float, float]:
+    """(bytes, flops) a fused kernel needs for the case, DESIGN.md section 9.
+
+    GM rollout: means K*C, logweights K, x_start, x_src and x_end C each per pixel, moved once;
+    K*(4C + 10) flops per pixel and substep (two K x C contractions plus the softmax).
+    DX rollout: grid N*C plus 3C per pixel once; the substep recurrence is per-sample scalar work, so
+    about C*(2N + 4) flops per pixel.
+    GM velocity forward+backward: the forward reads the policy, x and x_src and writes u; the backward
+    reads them again with grad_u and writes the policy gradients: 3(K*C + K) + 6C per pixel, and about
+    three times the forward's K*(4C + 10) flops.
+    """
+    k, c, px = case.components, case.channels, case.pixels
+    if case.kind == "gm_rollout":
+        return px * (k * c + k + 3 * c) * element_size, px * case.substeps * k * (4 * c + 10)
+    if case.kind == "dx_rollout":
+        return px * (k * c + 3 * c) * element_size, px * c * (2 * k + 4)
+    if case.kind == "gm_velocity_fwd_bwd":
+        return px * (3 * (k * c + k) + 6 * c) * element_size, 3 * px * k * (4 * c + 10)
+    raise ValueError(f"unknown case kind {case.kind!r}")
+
+
+def case_list(device: str, quick: bool) -> list[Case]:
+    """The benchmark table's cases for a device ("cpu" or "cuda"), full or quick."""
+    if device == "cuda" and not quick:
+        return [
+            Case("imagenet-train", "gm_rollout", 512, 32, 4, (32, 32), 128, tags=("target-train",)),
+            Case("flux-1024", "gm_rollout", 1, 8, 16, (128, 128), 32, shift=3.0, tags=("target-flux",)),
+            Case("video-5d", "gm_rollout", 1, 8, 16, (8, 40, 40), 32, shift=3.0),
+            Case("imagenet-train", "dx_rollout", 512, 10, 4, (32, 32), 128),
+            Case("imagenet-train", "gm_velocity_fwd_bwd", 512, 32, 4, (32, 32), tags=("target-velocity",)),
+        ]
+    if device == "cuda":
+        return [
+            Case("imagenet-train-q", "gm_rollout", 64, 32, 4, (32, 32), 128),
+            Case("flux-512", "gm_rollout", 1, 8, 16, (64, 64), 32, shift=3.0),
+            Case("video-5d-q", "gm_rollout", 1, 8, 16, (4, 20, 20), 32, shift=3.0),
+            Case("imagenet-train-q", "dx_rollout", 64, 10, 4, (32, 32), 128),
+            Case("imagenet-train-q", "gm_velocity_fwd_bwd", 64, 32, 4, (32, 32)),
+        ]
+    if not quick:
+        return [
+            Case("cpu-target", "gm_rollout", 16, 32, 4, (32, 32), 128, tags=("target-cpu",)),
+            Case("imagenet-train", "gm_rollout", 64, 32, 4, (32, 32), 128),
+            Case("flux-1024", "gm_rollout", 1, 8, 16, (128, 128), 32, shift=3.0),
+            Case("video-5d", "gm_rollout", 1, 8, 16, (8, 40, 40), 32, shift=3.0),
+            Case("imagenet-train", "dx_rollout", 64, 10, 4, (32, 32), 128),
+            Case("imagenet-train", "gm_velocity_fwd_bwd", 64, 32, 4, (32, 32)),
+        ]
+    return [
+        Case("tiny-train", "gm_rollout", 4, 8, 4, (16, 16), 32),
+        Case("tiny-flux", "gm_rollout", 1, 8, 16, (24, 24), 8, shift=3.0),
+        Case("tiny-video", "gm_rollout", 1, 4, 16, (2, 8, 8), 8, shift=3.0),
+        Case("tiny-train", "dx_rollout", 4, 5, 4, (16, 16), 32),
+        Case("tiny-train", "gm_velocity_fwd_bwd", 4, 8, 4, (16, 16)),
+    ]
+
+
+def gm_inputs(case: Case, device: str | torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Random GM policy for a case: means (B,K,C,*S), logweights (B,K,1,*S), logstds (B,1,1,*1),
+    x_src (B,C,*S), sigma_src (B,) = 1 (a policy predicted from pure noise)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b, k, c, sp = case.batch, case.components, case.channels, case.spatial
+    ones = (1,) * len(sp)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
+
+    return dict(
+        means=rnd(b, k, c, *sp),
+        logweights=torch.log_softmax(rnd(b, k, 1, *sp, scale=2.0).float(), dim=1).to(dtype),
+        logstds=(rnd(b, 1, 1, *ones, scale=0.2).float() - 1.0).to(dtype),
+        x_src=rnd(b, c, *sp),
+        sigma_src=torch.ones(b, device=device),
+    )
+
+
+def dx_inputs(case: Case, device: str | torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Random DX policy for a case: grid (B,N,C,*S), x_src (B,C,*S), sigma_src (B,) = 1."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    b, n, c, sp = case.batch, case.components, case.channels, case.spatial
+    return dict(
+        grid=torch.randn(b, n, c, *sp, generator=gen).to(device=device, dtype=dtype),
+        x_src=torch.randn(b, c, *sp, generator=gen).to(device=device, dtype=dtype),
+        sigma_src=torch.ones(b, device=device),
+    )

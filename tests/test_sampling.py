@@ -6,11 +6,11 @@ from conftest import TOL, rel_err
 
 import reference as R
 from piflow_kernels import DXOutput, GMFlowOutput
-from piflow_kernels.sampling import sample
-from piflow_kernels.scheduler import PiFlowScheduler
 from reference.sampler import flowmap_sde_sample
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")  # the scheduler is a diffusers scheduler
+from piflow_kernels.sampling import sample  # noqa: E402
+from piflow_kernels.scheduler import PiFlowScheduler  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,12 @@ from conftest import TOL, rel_err
 
 import reference as R
 from piflow_kernels import DXOutput, GMFlowOutput
-from piflow_kernels.scheduler import PiFlowScheduler, PiFlowSchedulerOutput
 from reference.sampler import flowmap_sde_policy_step
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")  # the scheduler is a diffusers scheduler
 from diffusers.models.modeling_outputs import Transformer2DModelOutput  # noqa: E402
+
+from piflow_kernels.scheduler import PiFlowScheduler, PiFlowSchedulerOutput  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -603,6 +603,8 @@ def build_student(
     arch = _arch_for(name)
     trunk = copy.deepcopy(teacher) if copy_teacher else teacher
     layer = getattr(trunk, arch.out_attr)
+    if isinstance(layer, _PolicyHead):
+        raise TypeError(f"this {name} is already a student's trunk (its {arch.out_attr} is a policy head): pass the teacher")
     if not isinstance(layer, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"{name}.{arch.out_attr} must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
     weight, bias = layer.weight, layer.bias

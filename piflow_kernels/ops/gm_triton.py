@@ -566,6 +566,11 @@ def _fast_rcp(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and torch.version.hip is None and not _INTERPRET
 
 
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests swap in NaN-filled allocations)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _vec(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A (B,) per-sample scalar as a contiguous tensor of ``dtype`` (expanded 0-d sigmas have stride 0)."""
     return t.to(dtype).contiguous()
@@ -575,7 +580,7 @@ def _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src) -> 
     b, k, c, length = means.shape
     cfg = _gm_config(k, c, length, _TILE_BUDGET_FWD)
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
-    u = torch.empty((b, c, length), dtype=x.dtype, device=x.device)
+    u = _alloc((b, c, length), x.dtype, x.device)
     _gm_velocity_fwd_kernel[(b * n_tiles,)](
         x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src), u,
         k, c, length, n_tiles,
@@ -590,11 +595,11 @@ def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_
     cfg = _gm_config(k, c, length, _TILE_BUDGET_BWD)
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     dev = x.device
-    dx = torch.empty((b, c, length) if need_x else (0,), dtype=x.dtype, device=dev)
-    dxs = torch.empty((b, c, length) if need_x_src else (0,), dtype=x_src.dtype, device=dev)
-    dmeans = torch.empty((b, k, c, length), dtype=means.dtype, device=dev)
-    dlw = torch.empty((b, k, length), dtype=logweights.dtype, device=dev)
-    dls_part = torch.empty((b, n_tiles, k), dtype=torch.float32, device=dev)
+    dx = _alloc((b, c, length) if need_x else (0,), x.dtype, dev)
+    dxs = _alloc((b, c, length) if need_x_src else (0,), x_src.dtype, dev)
+    dmeans = _alloc((b, k, c, length), means.dtype, dev)
+    dlw = _alloc((b, k, length), logweights.dtype, dev)
+    dls_part = _alloc((b, n_tiles, k), torch.float32, dev)
     _gm_velocity_bwd_kernel[(b * n_tiles,)](
         grad_u, x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src),
         dx, dmeans, dlw, dls_part, dxs,
@@ -612,7 +617,7 @@ def _gm_rollout(x_start, means, logweights, logstds, x_src, sigma_src, sigma_sta
     b, k, c, length = means.shape
     cfg = _gm_config(k, c, length, _TILE_BUDGET_ROLLOUT)
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
-    out = torch.empty((b, c, length), dtype=x_start.dtype, device=x_start.device)
+    out = _alloc((b, c, length), x_start.dtype, x_start.device)
     _gm_rollout_kernel[(b * n_tiles,)](
         x_start, out, means, logweights, logstds, x_src,
         _vec(sigma_src), _vec(sigma_start), _vec(n_substeps, torch.int32), _vec(substep_size), _vec(r_start),

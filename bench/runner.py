@@ -159,10 +159,11 @@ def run_case(case: Case, backend: str, machine: MachineInfo, target_ms: float | 
              measure_memory: bool = True) -> dict:  # fmt: skip
     """Benchmark one case on one backend; returns its row (``error`` set when it failed)."""
     device = machine.device
-    nbytes, flops = cost(case)
     row = dict(case=case.name, kind=case.kind, shape=case.shape, backend=backend, substeps=case.substeps,
-               tags=list(case.tags), bytes=nbytes, flops=flops, error=None)  # fmt: skip
+               tags=list(case.tags), error=None)  # fmt: skip
     try:
+        nbytes, flops = cost(case)
+        row.update(bytes=nbytes, flops=flops)
         fn, compile_seconds = build_callable(case, backend, device)
         row["first_call_s"] = _first_call_seconds(fn, device)
         row["compile_s"] = compile_seconds()

@@ -235,3 +235,105 @@ def test_too_many_points_falls_back_with_logged_reason(caplog, monkeypatch):
     assert len(reasons) == 1  # logged once, not per call
     u_ref = _ref_velocity(x, SIGMA, grid, x_src, SIGMA_SRC, 0.5, 1.0, "grid")
     assert rel_err(u, u_ref) <= TOL["velocity"][torch.float32]
+
+
+# ------------------------------------------------------------------------------------------ CUDA only
+
+
+def _needs_compiled_kernels():
+    if dx_triton._interpreted():
+        pytest.skip("kernels were loaded for the interpreter; run the CUDA tests with TRITON_INTERPRET=0")
+
+
+def _cuda_policy(b, n, c, spatial, dtype=torch.float32, seed=0, shift=3.0, mode="grid"):
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.randn(b, n, c, *spatial, generator=gen).to("cuda", dtype)
+    x_src = torch.randn(b, c, *spatial, generator=gen).to("cuda", dtype)
+    sigma_src = (0.6 + 0.4 * torch.rand(b, generator=gen)).cuda()
+    pol = pk.DXPolicy(grid, x_src, sigma_src, segment_size=0.6, shift=shift, mode=mode, backend="triton")
+    return pol, gen
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_training_shape_vs_reference(dtype):
+    """B=512, N=10, C=4, 32x32: velocity, gradients and a 128-substep rollout against float64 on the GPU."""
+    _needs_compiled_kernels()
+    b, n, c, sp = 512, 10, 4, (32, 32)
+    pol, gen = _cuda_policy(b, n, c, sp, dtype)
+    grid = pol.grid.detach().requires_grad_(True)
+    pol = pol._replace(grid=grid)
+    x = (pol.x_src.float() + 0.3 * torch.randn(pol.x_src.shape, generator=gen).cuda()).to(dtype)
+    sigma = (0.05 + 0.9 * torch.rand(b, generator=gen)).cuda()
+    u = pol.velocity(x, sigma)
+    grad_u = torch.randn(u.shape, generator=gen).cuda()
+    (g,) = torch.autograd.grad(u, grid, grad_u.to(dtype))
+    g64 = grid.detach().double().requires_grad_(True)
+    u64 = reference.dx_velocity(x.double(), sigma.double(), g64, pol.x_src.double(), pol.sigma_src.double(), 0.6, 3.0)
+    (g_ref,) = torch.autograd.grad(u64, g64, grad_u.double())
+    assert rel_err(u, u64) <= TOL["velocity"][dtype]
+    assert rel_err(g, g_ref) <= TOL["grad"][dtype]
+
+    s_end = pol.sigma_src * torch.rand(b, generator=gen).cuda() * 0.8
+    x_end = pol.rollout(pol.x_src, pol.sigma_src, s_end, total_substeps=128, shift=3.0)
+    xs64 = pol.x_src.double()
+    vel = lambda xx, s: reference.dx_velocity(xx, s, g64.detach(), xs64, pol.sigma_src.double(), 0.6, 3.0)  # noqa: E731
+    x_ref = reference.rollout(vel, xs64, pol.sigma_src.double(), s_end.double(), 128, 3.0)
+    assert rel_err(x_end, x_ref) <= TOL["rollout"][dtype]
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph_inductor():
+    """A sampling step (velocity, then a rollout) under torch.compile(fullgraph=True) with inductor."""
+    _needs_compiled_kernels()
+    pol, gen = _cuda_policy(4, 6, 16, (64, 64))
+    x = torch.randn(pol.x_src.shape, generator=gen).cuda()
+    sigma, s_end = torch.full((4,), 0.7, device="cuda"), torch.full((4,), 0.2, device="cuda")
+
+    def step(x):
+        u = pol.velocity(x, sigma)
+        return pol.rollout(x - 0.01 * u, sigma, s_end, total_substeps=64, shift=3.0)
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert rel_err(compiled(x), step(x)) <= TOL["rollout"][torch.float32]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_rollout():
+    """The rollout reads substep counts on the device only, so it records into a CUDA graph and replays."""
+    _needs_compiled_kernels()
+    pol, gen = _cuda_policy(8, 5, 16, (32, 32))
+    x_in = torch.randn(pol.x_src.shape, generator=gen).cuda()
+    s0 = (0.5 + 0.5 * torch.rand(8, generator=gen)).cuda()
+    s1 = s0 * 0.3
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0)  # warm-up (kernel compilation) off the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x_out = pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0)
+    x_in.copy_(torch.randn(x_in.shape, generator=gen).cuda())
+    graph.replay()
+    expected = pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0)
+    assert rel_err(x_out, expected) <= 1e-6
+
+
+@pytest.mark.cuda
+def test_cuda_velocity_backward_saves_no_policy_sized_tensor():
+    """Forward + backward peak memory stays near the gradient itself (nothing (B, N, C, L) is saved)."""
+    _needs_compiled_kernels()
+    pol, gen = _cuda_policy(256, 10, 4, (32, 32))
+    grid = pol.grid.detach().requires_grad_(True)
+    pol = pol._replace(grid=grid)
+    x = torch.randn(pol.x_src.shape, generator=gen).cuda()
+    sigma = torch.full((256,), 0.5, device="cuda")
+    grad_u = torch.randn(x.shape, generator=gen).cuda()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    (g,) = torch.autograd.grad(pol.velocity(x, sigma), grid, grad_u)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= g.numel() * 4 + 2 * x.numel() * 4 + 2**20

@@ -11,12 +11,17 @@ import io
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-from test_students import POOLED_DIM, TEXT_DIM, TEXT_LEN, pack, tiny_teacher, unpack
 
 import reference
-from piflow_kernels import GMFlowOutput, PiFlowScheduler, build_student, dynamic_shift, make_policy, to_piflow
-from piflow_kernels.pipelines import PiFlowPipelineScheduler, PiFlowTransformer
+from piflow_kernels import GMFlowOutput, dynamic_shift, make_policy
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # the stock pipelines import their text encoders' classes
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline  # noqa: E402
+from test_students import POOLED_DIM, TEXT_DIM, TEXT_LEN, pack, tiny_teacher, unpack  # noqa: E402
+
+from piflow_kernels import PiFlowScheduler, build_student, to_piflow  # noqa: E402
+from piflow_kernels.pipelines import PiFlowPipelineScheduler, PiFlowTransformer  # noqa: E402
 
 BATCH, HEIGHT, WIDTH = 2, 16, 24  # pixels; the tiny VAE downsamples by 2: latents 8 x 12 (FLUX: 4 x 6 tokens)
 LAT_H, LAT_W = HEIGHT // 2, WIDTH // 2

@@ -1,0 +1,325 @@
+"""Load released pi-Flow checkpoints (official layout) into :class:`~piflow_kernels.PiFlowStudent`.
+
+The official releases are diffusers-style folders: ``config.json`` (``_class_name`` such as
+``GMFluxTransformer2DModel``) and ``diffusion_pytorch_model.safetensors`` whose metadata carries
+``policy_config`` (JSON: the policy type and its options). Two kinds:
+
+- adapters (pi-FLUX.1, pi-Qwen-Image: ``gmflux_k8_piid_4step``, ``dxflux_n10_piid_4step``,
+  ``gmqwen_k8_piid_4step``, ...): the policy head (``proj_out_means``, ``proj_out_logweights``,
+  ``proj_out_logstds.{1,3}`` for GMFlow; the widened ``proj_out`` for DX), ``norm_out.*``, and PEFT
+  LoRA pairs ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` on the base model's layers. The
+  base model (the teacher) must be given.
+- full models (GM-DiT ImageNet, ``GMDiTTransformer2DModelV2``): every weight; the DiT teacher is
+  built from ``config.json`` when none is given. Its time/class embedding ``emb.*`` is shared by all
+  blocks (diffusers' DiT keeps one copy per block, so it is copied into each) and its sinusoidal
+  timestep embedding has frequency shift 0 (diffusers' DiT: 1), which the student records.
+
+LoRA pairs are fused into the weights (``W += lora_scale * alpha / r * B @ A``, alpha = r when the file
+has no ``.alpha``; the official adapters are trained with alpha = r), as the official training-side
+loader does. Nothing is downloaded: pass a local folder (e.g. from ``huggingface_hub.snapshot_download``).
+
+    >>> teacher = FluxTransformer2DModel.from_pretrained("black-forest-labs/FLUX.1-dev", subfolder="transformer")
+    >>> student = load_official_adapter("pi-FLUX.1/gmflux_k8_piid_4step", teacher, copy_teacher=False)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from piflow_kernels.students import _ARCHS, PiFlowStudent, _geometry, _teacher_class_name, build_student
+
+__all__ = ["load_official_adapter", "read_policy_config"]
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+
+# official _class_name -> (diffusers teacher class, policy type or None when the keys decide)
+_OFFICIAL_CLASSES: dict[str, tuple[str, str | None]] = {
+    "GMFluxTransformer2DModel": ("FluxTransformer2DModel", "GMFlow"),
+    "DXFluxTransformer2DModel": ("FluxTransformer2DModel", "DX"),
+    "FluxTransformer2DModel": ("FluxTransformer2DModel", None),
+    "GMQwenImageTransformer2DModel": ("QwenImageTransformer2DModel", "GMFlow"),
+    "DXQwenImageTransformer2DModel": ("QwenImageTransformer2DModel", "DX"),
+    "QwenImageTransformer2DModel": ("QwenImageTransformer2DModel", None),
+    "GMSD3Transformer2DModel": ("SD3Transformer2DModel", "GMFlow"),
+    "GMDiTTransformer2DModelV2": ("DiTTransformer2DModel", "GMFlow"),
+}
+_FULL_MODEL_CLASSES = ("GMDiTTransformer2DModelV2",)
+_LORA_RE = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
+_ALPHA_RE = re.compile(r"^(?P<path>.+)\.alpha$")
+_PREFIXES = ("transformer.", "diffusion_ema.denoising.", "diffusion.denoising.")
+
+
+def _resolve(path: str | os.PathLike, subfolder: str | None) -> tuple[list[Path], dict[str, Any] | None]:
+    root = Path(path)
+    if subfolder:
+        root = root / subfolder
+    if not root.exists():
+        raise FileNotFoundError(
+            f"{root} does not exist: load_official_adapter reads a local folder or .safetensors file (download it first, "
+            "e.g. huggingface_hub.snapshot_download('Lakonik/pi-FLUX.1', allow_patterns='gmflux_k8_piid_4step/*'))"
+        )
+    folder = root.parent if root.is_file() else root
+    if root.is_file():
+        if root.suffix != ".safetensors":
+            raise ValueError(f"{root} is not a .safetensors file")
+        files = [root]
+    elif (root / INDEX_NAME).exists():
+        weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
+        files = [root / name for name in sorted(set(weight_map.values()))]
+    elif (root / WEIGHTS_NAME).exists():
+        files = [root / WEIGHTS_NAME]
+    else:
+        found = sorted(root.glob("*.safetensors"))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"{root} must hold {WEIGHTS_NAME} (or one .safetensors file, or {INDEX_NAME}); found {[f.name for f in found]}"
+            )
+        files = found
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    return files, config
+
+
+def read_policy_config(path: str | os.PathLike, subfolder: str | None = None) -> dict[str, Any]:
+    """The ``policy_config`` metadata of an official checkpoint (e.g. ``{"type": "DX", "segment_size": 0.2857,
+    "shift": 3.2}``), or {} when absent. DX options map to :class:`~piflow_kernels.PiFlowScheduler`'s
+    ``dx_segment_size`` / ``dx_shift`` / ``dx_mode``."""
+    files, _ = _resolve(path, subfolder)
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "policy_config" in meta:
+            return json.loads(meta["policy_config"])
+    return {}
+
+
+def _normalise_key(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key.replace(".base_layer.", ".")
+
+
+def _dit_teacher_from_config(config: dict[str, Any]) -> nn.Module:
+    params = inspect.signature(diffusers.DiTTransformer2DModel.__init__).parameters
+    kwargs = {k: v for k, v in config.items() if k in params and k != "self"}
+    return diffusers.DiTTransformer2DModel(**kwargs)
+
+
+def _infer(
+    state: dict[str, torch.Tensor], teacher_class: str, teacher: nn.Module, policy_type: str | None
+) -> tuple[str, int, int, int]:
+    """(policy_type, K or N, logstd_inner_dim, num_logstd_layers) from the tensors."""
+    arch = _ARCHS[teacher_class]
+    c, _, p = _geometry(teacher_class, teacher.config)
+    p2 = p * p
+    has_gm = "proj_out_means.weight" in state or "proj_out_logweights.weight" in state
+    if policy_type is None:
+        policy_type = "GMFlow" if has_gm else "DX"
+    if policy_type == "GMFlow":
+        missing = [k for k in ("proj_out_means.weight", "proj_out_means.bias", "proj_out_logweights.weight") if k not in state]
+        if missing:
+            raise ValueError(f"not a GMFlow checkpoint in the official layout: missing {missing}")
+        rows = state["proj_out_logweights.weight"].shape[0]
+        if rows % p2:
+            raise ValueError(
+                f"proj_out_logweights.weight has {rows} rows, not a multiple of {p2} pixels per token of {teacher_class}"
+            )
+        k = rows // p2
+        logstd = sorted(
+            (int(m.group(1)), t) for key, t in state.items() if (m := re.fullmatch(r"proj_out_logstds\.(\d+)\.weight", key))
+        )
+        if not logstd:
+            raise ValueError("GMFlow checkpoint without proj_out_logstds.*: constant log-std students are not supported")
+        indices = [i for i, _ in logstd]
+        if indices != list(range(1, 2 * len(indices), 2)):
+            raise ValueError(f"proj_out_logstds layers {indices} are not the (SiLU, Linear) stack 1, 3, 5, ...")
+        inner = logstd[0][1].shape[0] if len(logstd) > 1 else 1024
+        return policy_type, k, inner, len(logstd)
+    key = f"{arch.out_attr}.weight"
+    if key not in state:
+        raise ValueError(f"not a DX checkpoint in the official layout: missing {key} (the N-times widened output layer)")
+    rows = state[key].shape[0]
+    if rows % (p2 * c):
+        raise ValueError(f"{key} has {rows} rows, not N * {p2 * c} (N grid points of {p2} pixels x {c} channels)")
+    return policy_type, rows // (p2 * c), 1024, 2
+
+
+def _target_keys(key: str, student: PiFlowStudent) -> list[str]:
+    """Student state-dict keys an official key maps to."""
+    out_attr = student._arch.out_attr
+    head = f"trunk.{out_attr}"
+    if key.startswith("proj_out_means."):
+        return [f"{head}.means.{key.split('.', 1)[1]}"]
+    if key.startswith("proj_out_logweights."):
+        return [f"{head}.logweights.{key.split('.', 1)[1]}"]
+    if key.startswith("proj_out_logstds."):
+        return [key]
+    if student.policy_type == "DX" and key.startswith(f"{out_attr}."):
+        return [f"{head}.grid.{key.split('.', 1)[1]}"]
+    if student.teacher_class == "DiTTransformer2DModel" and key.startswith("emb."):
+        n = len(student.trunk.transformer_blocks)
+        return [f"trunk.transformer_blocks.{i}.norm1.{key}" for i in range(n)]
+    return [f"trunk.{key}"]
+
+
+def _target_modules(path: str, student: PiFlowStudent) -> list[nn.Module]:
+    """The student's layers a LoRA on the official module ``path`` applies to (several for GM-DiT's shared ``emb``)."""
+    modules = []
+    for key in _target_keys(f"{path}.weight", student):
+        module_path = key[: -len(".weight")]
+        try:
+            module = student.get_submodule(module_path)
+        except AttributeError as err:
+            raise ValueError(f"LoRA weights for {path!r}, but the student has no module {module_path!r}") from err
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"LoRA weights for {path!r}: {module_path} is a {type(module).__name__}, not Linear/Conv2d")
+        modules.append(module)
+    return modules
+
+
+@torch.no_grad()
+def _fuse_lora(module: nn.Module, path: str, pair: dict[str, torch.Tensor], scale: float) -> None:
+    down = pair.get("lora_A", pair.get("lora_down"))
+    up = pair.get("lora_B", pair.get("lora_up"))
+    if down is None or up is None:
+        raise ValueError(f"LoRA for {path!r} needs both lora_A (down) and lora_B (up) weights, got {sorted(pair)}")
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        raise ValueError(f"LoRA for {path!r}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} ranks differ")
+    alpha = float(pair["alpha"]) if "alpha" in pair else float(rank)
+    delta = up.flatten(1).double() @ down.flatten(1).double() * (scale * alpha / rank)
+    weight = module.weight
+    if delta.numel() != weight.numel() or delta.shape[0] != weight.shape[0]:
+        raise ValueError(f"LoRA for {path!r}: lora_B @ lora_A is {tuple(delta.shape)} but the weight is {tuple(weight.shape)}")
+    weight.add_(delta.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
+
+
+def load_official_adapter(
+    path: str | os.PathLike,
+    teacher: nn.Module | None = None,
+    *,
+    subfolder: str | None = None,
+    policy_type: str | None = None,
+    lora_scale: float = 1.0,
+    copy_teacher: bool = True,
+    strict: bool = True,
+    return_policy_config: bool = False,
+) -> PiFlowStudent | tuple[PiFlowStudent, dict[str, Any]]:
+    """Build a student from a released pi-Flow checkpoint in the official layout (local files only).
+
+    Args:
+        path: folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or a sharded
+            index, or a single ``.safetensors`` file).
+        teacher: the base model the adapter was trained on (FLUX.1-dev / Qwen-Image transformer, ...). May be
+            None for a full-model checkpoint (GM-DiT): the DiT is then built from ``config.json``.
+        subfolder: e.g. ``"gmflux_k8_piid_4step"``.
+        policy_type: "GMFlow" or "DX"; None reads it from the metadata, the class name or the keys.
+        lora_scale: multiplies the fused LoRA update.
+        copy_teacher: deep-copy the teacher (False: the teacher module becomes the student's trunk).
+        strict: raise on keys that map to nothing in the student (False: ignore them).
+        return_policy_config: also return the checkpoint's ``policy_config`` metadata (see :func:`read_policy_config`).
+
+    Returns:
+        the :class:`~piflow_kernels.PiFlowStudent` in eval mode (and the policy config dict if asked).
+    """
+    if not (isinstance(lora_scale, (int, float)) and math.isfinite(lora_scale)):
+        raise ValueError(f"lora_scale must be a finite float, got {lora_scale!r}")
+    files, config = _resolve(path, subfolder)
+    meta_policy = read_policy_config(path, subfolder)
+    class_name = (config or {}).get("_class_name")
+    expected_teacher, class_policy = _OFFICIAL_CLASSES.get(class_name, (None, None)) if class_name else (None, None)
+    if class_name is not None and expected_teacher is None:
+        raise ValueError(
+            f"unsupported checkpoint class {class_name!r}; supported official classes: {', '.join(_OFFICIAL_CLASSES)}"
+        )
+    if teacher is None:
+        if class_name not in _FULL_MODEL_CLASSES:
+            raise ValueError(
+                f"teacher is required: {class_name or 'this checkpoint'} is an adapter holding only the policy head and "
+                "LoRA weights; pass the base model it was trained on (e.g. FluxTransformer2DModel.from_pretrained(...))"
+            )
+        teacher = _dit_teacher_from_config(config)
+        copy_teacher = False
+    teacher_class = _teacher_class_name(teacher)
+    if expected_teacher is not None and teacher_class != expected_teacher:
+        raise ValueError(f"{class_name} checkpoints are for a {expected_teacher} teacher, got a {teacher_class}")
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        for key, tensor in load_file(str(file)).items():
+            if "lora_magnitude_vector" in key:
+                raise ValueError(f"DoRA weights ({key}) are not supported")
+            state[_normalise_key(key)] = tensor
+    if any(k.startswith("gm_out.") for k in state):
+        raise ValueError("GM-DiT v1 checkpoints (gm_out.*) are not supported; the v2 layout has proj_out_means/logweights")
+
+    requested = [p for p in (policy_type, class_policy, meta_policy.get("type")) if p is not None]
+    if len(set(requested)) > 1:
+        raise ValueError(
+            f"conflicting policy types: argument {policy_type!r}, class {class_name!r} ({class_policy}), "
+            f"metadata {meta_policy.get('type')!r}"
+        )
+    kind, k, inner, layers = _infer(state, teacher_class, teacher, requested[0] if requested else None)
+    if config is not None and kind == "GMFlow" and config.get("num_gaussians", k) != k:
+        raise ValueError(f"config.json says num_gaussians={config['num_gaussians']} but the weights hold {k} components")
+
+    student = build_student(
+        teacher,
+        kind,
+        num_components=k,
+        num_points=k,
+        init_noise=0.0,
+        logstd_inner_dim=inner,
+        num_logstd_layers=layers,
+        copy_teacher=copy_teacher,
+        timestep_freq_shift=0.0 if class_name in _FULL_MODEL_CLASSES else None,
+    )
+
+    targets = dict(student.named_parameters())
+    targets.update(dict(student.named_buffers()))
+    loras: dict[str, dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    with torch.no_grad():
+        for key, tensor in state.items():
+            if m := _LORA_RE.match(key):
+                loras.setdefault(m.group("path"), {})[m.group("kind")] = tensor
+                continue
+            if m := _ALPHA_RE.match(key):
+                loras.setdefault(m.group("path"), {})["alpha"] = tensor
+                continue
+            names = [n for n in _target_keys(key, student) if n in targets]
+            if not names:
+                unknown.append(key)
+                continue
+            for name in names:
+                target = targets[name]
+                if target.shape != tensor.shape:
+                    raise ValueError(
+                        f"{key}: checkpoint tensor {tuple(tensor.shape)} does not fit the student's {name} "
+                        f"{tuple(target.shape)} (a checkpoint for another model size or K/N?)"
+                    )
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    if unknown and strict:
+        shown = ", ".join(unknown[:8]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 8 else "")
+        raise ValueError(f"checkpoint keys with no place in the {teacher_class} student: {shown} (strict=False ignores them)")
+    for module_path, pair in loras.items():
+        for module in _target_modules(module_path, student):
+            _fuse_lora(module, module_path, pair, float(lora_scale))
+    student.eval()
+    if return_policy_config:
+        return student, meta_policy
+    return student

@@ -14,9 +14,17 @@ from piflow_kernels.ops.gm_torch import gm_rollout_torch, gm_velocity_torch
 
 
 def _triton_module(name: str):
-    import importlib
+    """The Triton op module, imported on first use. Looked up in sys.modules first: torch.compile traces
+    a dict lookup, whereas importlib.import_module is a graph break under fullgraph=True."""
+    import sys
 
-    return importlib.import_module(f"piflow_kernels.ops.{name}")
+    full = f"piflow_kernels.ops.{name}"
+    module = sys.modules.get(full)
+    if module is None:
+        import importlib
+
+        module = importlib.import_module(full)
+    return module
 
 
 def gm_velocity(backend: str, *args) -> torch.Tensor:

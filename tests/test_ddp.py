@@ -2,8 +2,9 @@
 
 One torchrun launch runs three trainers in the worker: DDP data-dependent, DDP data-free (several
 backward passes per step) and FSDP2 (``fully_shard``, which runs on CPU with gloo). Each computes
-the gradient of step 0 and then takes two optimizer steps; rank 0 saves everything. In-process
-single trainers with ``grad_accum = 2`` see the same two shards and must agree.
+the gradient of step 0, takes two optimizer steps, checkpoints, and checks that a second trainer
+resumed from that checkpoint takes the same next step bit for bit; rank 0 saves everything.
+In-process single trainers with ``grad_accum = 2`` see the same two shards and must agree.
 """
 
 from __future__ import annotations
@@ -49,10 +50,18 @@ WORKER = textwrap.dedent(
         params = {n: full(p) for n, p in trainer.student.named_parameters()}
         ema = {n: full(p) for n, p in trainer.ema.module.named_parameters()}
         trainer.save_checkpoint()
+        # resume in a second trainer: one more step on both must agree bit for bit
+        again = Trainer(TrainConfig.from_dict(cfg))
+        resumed = again.resume()
+        trainer.train_step()
+        again.train_step()
+        same = [torch.equal(full(a), full(b)) for a, b in zip(trainer.student.parameters(), again.student.parameters())]
+        same += [torch.equal(full(a), full(b)) for a, b in zip(trainer.ema.module.parameters(), again.ema.module.parameters())]
         if dist.get_rank() == 0:
-            torch.save({"grads": grads, "params": params, "ema": ema, "loss": loss, "wrapped": wrapped},
-                       f"{out_dir}/{name}.pt")
+            torch.save({"grads": grads, "params": params, "ema": ema, "loss": loss, "wrapped": wrapped,
+                        "resumed": resumed and all(same)}, f"{out_dir}/{name}.pt")
         trainer.close()
+        again.close()
     dist.barrier()
     dist.destroy_process_group()
     """
@@ -150,6 +159,12 @@ def test_two_processes_match_one_process_on_the_same_global_batch(two_process_ru
         torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     for name, value in ema.items():
         torch.testing.assert_close(got["ema"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_distributed_resume_is_bit_exact(two_process_run, case):
+    results, _ = two_process_run
+    assert results[case]["resumed"] is True
 
 
 def test_distributed_checkpoint_has_full_weights_and_every_rank_rng(two_process_run):

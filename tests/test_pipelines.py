@@ -20,7 +20,7 @@ pytest.importorskip("transformers")  # the stock pipelines import their text enc
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline  # noqa: E402
 from test_students import POOLED_DIM, TEXT_DIM, TEXT_LEN, pack, tiny_teacher, unpack  # noqa: E402
 
-from piflow_kernels import PiFlowScheduler, build_student, to_piflow  # noqa: E402
+from piflow_kernels import PiFlowScheduler, build_student, sample, to_piflow  # noqa: E402
 from piflow_kernels.pipelines import PiFlowPipelineScheduler, PiFlowTransformer  # noqa: E402
 
 BATCH, HEIGHT, WIDTH = 2, 16, 24  # pixels; the tiny VAE downsamples by 2: latents 8 x 12 (FLUX: 4 x 6 tokens)
@@ -122,6 +122,9 @@ def test_pipeline_matches_manual_loop(kind, policy_type):
     ref = manual_loop(student, x0, steps, shift, f, cond, temperature=0.7, dx=None if policy_type == "GMFlow" else seg)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the library's own loop drives the same student in image layout
+    looped = sample(student, x0, steps, PiFlowScheduler.from_config(pipe.scheduler.config), progress=False, **cond)
+    torch.testing.assert_close(looped, ref, atol=1e-5, rtol=1e-5)
     # the stock grid linspace(1, 1/n, n) that FLUX passes was replaced: the final step keeps its scale f
     torch.testing.assert_close(pipe.scheduler.sigmas.double(), reference.flowmap_sde_sigmas(steps, shift, f), atol=1e-6, rtol=0)
 
@@ -134,6 +137,15 @@ def test_decoded_images_are_deterministic_with_a_generator(kind):
     assert all(bool((im >= 0).all() and (im <= 1).all()) for im in images)
     assert (images[0] == images[1]).all()
     assert (images[0] != images[2]).any()
+
+
+def test_bf16_pipeline_keeps_its_dtype():
+    pipe, _ = converted("flux", shift=3.0)
+    pipe.to(torch.bfloat16)
+    embeds = {k: v.bfloat16() for k, v in prompt().items()}
+    latents = pipe(**embeds, height=HEIGHT, width=WIDTH, num_inference_steps=2, guidance_scale=3.5, output_type="latent").images
+    assert latents.dtype == torch.bfloat16 and torch.isfinite(latents).all()
+    assert pipe.transformer.dtype == torch.bfloat16
 
 
 def test_renoising_noise_comes_from_the_scheduler_generator():

@@ -29,6 +29,11 @@ from piflow_kernels.timesteps import substep_schedule, unwarp
 __all__ = ["GMFlowPolicy", "DXPolicy"]
 
 
+def _no_autocast(device: torch.device):
+    """Policy math is float32 by contract: switch off any autocast region of the caller (bf16 training)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _check_shift(shift: float) -> float:
     if isinstance(shift, torch.Tensor):
         shift = float(shift)
@@ -170,7 +175,8 @@ class GMFlowPolicy(_PolicyBase):
             )
             return u.to(x.dtype)
         means, lw, ls, xs = self._flat_policy()
-        u = ops.gm_velocity(self.backend, self._flat(x), sigma, means, lw, ls, xs, self.sigma_src)
+        with _no_autocast(x.device):
+            u = ops.gm_velocity(self.backend, self._flat(x), sigma, means, lw, ls, xs, self.sigma_src)
         return u.reshape(x.shape)
 
     @torch.no_grad()
@@ -195,7 +201,8 @@ class GMFlowPolicy(_PolicyBase):
             s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
             return reference.rollout(vel, x_start.float(), s0, s1, total_substeps, shift).to(x_start.dtype)
         means, lw, ls, xs = self._flat_policy()
-        x_end = ops.gm_rollout(self.backend, self._flat(x_start), means, lw, ls, xs, self.sigma_src, s0, n, h, r0, shift)
+        with _no_autocast(x_start.device):
+            x_end = ops.gm_rollout(self.backend, self._flat(x_start), means, lw, ls, xs, self.sigma_src, s0, n, h, r0, shift)
         return x_end.reshape(x_start.shape)
 
     def detach(self) -> GMFlowPolicy:
@@ -339,7 +346,8 @@ class DXPolicy(_PolicyBase):
             )
             return u.to(x.dtype)
         grid, xs, ss, r_src, r_dst, seg, pshift, poly = self._args()
-        u = ops.dx_velocity(self.backend, self._flat(x), sigma, grid, xs, ss, r_src, r_dst, seg, pshift, poly)
+        with _no_autocast(x.device):
+            u = ops.dx_velocity(self.backend, self._flat(x), sigma, grid, xs, ss, r_src, r_dst, seg, pshift, poly)
         return u.reshape(x.shape)
 
     @torch.no_grad()
@@ -359,7 +367,8 @@ class DXPolicy(_PolicyBase):
             vel = lambda x, s: self.velocity(x, s).float()  # noqa: E731
             s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
             return reference.rollout(vel, x_start.float(), s0, s1, total_substeps, shift).to(x_start.dtype)
-        x_end = ops.dx_rollout(self.backend, self._flat(x_start), *self._args(), s0, n, h, r0, shift)
+        with _no_autocast(x_start.device):
+            x_end = ops.dx_rollout(self.backend, self._flat(x_start), *self._args(), s0, n, h, r0, shift)
         return x_end.reshape(x_start.shape)
 
     def detach(self) -> DXPolicy:

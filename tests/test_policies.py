@@ -247,3 +247,19 @@ def test_sigma_forms():
     outs = [p.rollout(x_src, 0.7, torch.tensor(0.2), total_substeps=8) for p in pols]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0])
+
+
+def test_policy_math_stays_float32_under_autocast():
+    """DESIGN: policy math runs in float32 whatever the caller's autocast region says."""
+    g = torch.Generator().manual_seed(11)
+    grid = torch.randn(2, 4, 3, 5, 5, generator=g)
+    x_src = torch.randn(2, 3, 5, 5, generator=g)
+    pol = pk.DXPolicy(grid, x_src, 0.8, segment_size=0.5)
+    means, lw, ls, _, s_src = make_gm(2, 4, 3, (5, 5), seed=12)
+    gm_pol = pk.GMFlowPolicy(means, lw, ls, x_src, s_src)
+    plain = (pol.velocity(x_src, 0.5), pol.rollout(x_src, 0.8, 0.2), gm_pol.velocity(x_src, 0.4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = (pol.velocity(x_src, 0.5), pol.rollout(x_src, 0.8, 0.2), gm_pol.velocity(x_src, 0.4))
+    for a, b in zip(plain, under):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -1,7 +1,7 @@
 """Drop-in pi-Flow sampling for stock diffusers pipelines.
 
-One call turns an existing ``FluxPipeline`` or ``StableDiffusion3Pipeline`` into a few-step pi-Flow
-sampler; the pipeline keeps its own prompt encoding, VAE decoding, callbacks and progress bar:
+One call turns an existing ``FluxPipeline``, ``StableDiffusion3Pipeline`` (or ``QwenImagePipeline``) into a
+few-step pi-Flow sampler; the pipeline keeps its own prompt encoding, VAE decoding, callbacks and progress bar:
 
     >>> pipe = to_piflow(pipe, student, PiFlowScheduler(shift=3.2, final_step_size_scale=0.5))
     >>> image = pipe(prompt, num_inference_steps=4, guidance_scale=3.5).images[0]   # FLUX
@@ -53,7 +53,7 @@ __all__ = ["to_piflow", "PiFlowTransformer", "PiFlowPipelineScheduler"]
 logger = logging.getLogger(__name__)
 
 # pipelines whose denoising loop this module is tested against (others with the same loop may work)
-TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline")
+TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline")
 
 # our dynamic-shift keys under the names stock pipelines read to compute ``mu``
 _FLOW_MATCH_ALIASES = {
@@ -234,9 +234,9 @@ def to_piflow(pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | No
     """Turn a stock diffusers pipeline into a few-step pi-Flow sampler (in place; returns ``pipe``).
 
     Args:
-        pipe: a ``FluxPipeline`` or ``StableDiffusion3Pipeline`` (others with the same denoising loop and a
-            ``transformer`` of the student's teacher class, e.g. ``QwenImagePipeline``, may work; untested),
-            or a pipeline already converted (its student is replaced).
+        pipe: a ``FluxPipeline``, ``StableDiffusion3Pipeline`` or ``QwenImagePipeline`` (others with the same
+            denoising loop and a ``transformer`` of the student's teacher class may work; untested), or a
+            pipeline already converted (its student is replaced).
         student: a :class:`~piflow_kernels.PiFlowStudent` built from the pipeline's transformer class.
         scheduler: a :class:`~piflow_kernels.PiFlowScheduler` with the student's policy type (its config is
             copied into a :class:`PiFlowPipelineScheduler`); None converts the pipeline's current scheduler

@@ -129,6 +129,24 @@ def test_pipeline_matches_manual_loop(kind, policy_type):
     torch.testing.assert_close(pipe.scheduler.sigmas.double(), reference.flowmap_sde_sigmas(steps, shift, f), atol=1e-6, rtol=0)
 
 
+def test_qwen_image_pipeline_matches_manual_loop():
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # fmt: skip
+    pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(shift=3.0), vae, None, None, tiny_teacher("qwen"))
+    pipe.set_progress_bar_config(disable=True)
+    student = student_for(pipe)
+    to_piflow(pipe, student, PiFlowScheduler(shift=3.0, final_step_size_scale=0.5, temperature=0.7))
+    x0 = torch.randn(BATCH, 3, LAT_H, LAT_W, generator=torch.Generator().manual_seed(0))
+    embeds, mask = prompt()["prompt_embeds"], torch.ones(BATCH, TEXT_LEN, dtype=torch.long)
+    got = pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, height=HEIGHT, width=WIDTH, num_inference_steps=3,
+               latents=pack(x0), output_type="latent").images  # fmt: skip
+    cond = {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+    ref = manual_loop(student, x0, 3, 3.0, 0.5, cond, temperature=0.7)
+    torch.testing.assert_close(unpack(got, LAT_H, LAT_W), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
 def test_decoded_images_are_deterministic_with_a_generator(kind):
     pipe, _ = converted(kind, shift=3.0)

@@ -28,6 +28,7 @@ def sample(
     scheduler: PiFlowScheduler | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
+    seq_len: int | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Run the few-step sampler from ``noise`` to the final latents.
@@ -39,9 +40,11 @@ def sample(
         noise: (B, C, H, W) or (B, C, T, H, W) the initial sample at sigma = 1.
         num_inference_steps: number of student calls (any number >= 1).
         scheduler: a :class:`PiFlowScheduler` (its schedule is reset here); default ``PiFlowScheduler()``.
-            With ``use_dynamic_shifting`` the shift follows ``seq_len = prod(S)``.
+            With ``use_dynamic_shifting`` the shift follows ``seq_len`` (below).
         generator: for the re-noising noise when the scheduler's h != 0.
         progress: show a tqdm bar advancing once per student call.
+        seq_len: sequence length for the dynamic shift; default ``prod(S)`` (latent pixels). FLUX-style
+            transformers count packed 2x2 tokens: pass ``H * W // 4`` to match their pipelines' shift.
         **model_kwargs: passed to every student call (e.g. text embeddings).
 
     Returns:
@@ -61,7 +64,8 @@ def sample(
             "your_scheduler.config) to convert a flow-matching scheduler)"
         )
     batch = noise.shape[0]
-    seq_len = noise.shape[2:].numel()
+    if seq_len is None:
+        seq_len = noise.shape[2:].numel()
     scheduler.set_timesteps(num_inference_steps, device=noise.device, seq_len=seq_len)
     scheduler.set_begin_index(0)
 

@@ -21,6 +21,8 @@ from piflow_kernels.timesteps import substep_schedule, unwarp
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+# with a GPU the kernels are compiled and need CUDA tensors; without one they run in the interpreter on CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = 3
 SIGMA_SRC = [0.93, 0.61, 1.0]
 SIGMA = [0.71, 0.27, 0.88]  # batch-varying, inside each sample's segment or not
@@ -28,16 +30,20 @@ SIGMA = [0.71, 0.27, 0.88]  # batch-varying, inside each sample's segment or not
 
 def _policy_inputs(n, c, spatial, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
-    grid = torch.randn(B, n, c, *spatial, generator=gen).to(dtype)
-    x_src = torch.randn(B, c, *spatial, generator=gen).to(dtype)
-    x = (x_src.float() + 0.3 * torch.randn(B, c, *spatial, generator=gen)).to(dtype)
+    grid = torch.randn(B, n, c, *spatial, generator=gen).to(DEVICE, dtype)
+    x_src = torch.randn(B, c, *spatial, generator=gen).to(DEVICE, dtype)
+    x = (x_src.float() + 0.3 * torch.randn(B, c, *spatial, generator=gen).to(DEVICE)).to(dtype)
     return grid, x_src, x
+
+
+def _vec(values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype, device=DEVICE)
 
 
 def _ref_velocity(x, sigma, grid, x_src, sigma_src, segment_size, shift, mode):
     return reference.dx_velocity(
-        x.double(), torch.tensor(sigma, dtype=torch.float64), grid.double(), x_src.double(),
-        torch.tensor(sigma_src, dtype=torch.float64), segment_size, shift, mode,
+        x.double(), torch.tensor(sigma, dtype=torch.float64, device=x.device), grid.double(), x_src.double(),
+        torch.tensor(sigma_src, dtype=torch.float64, device=x.device), segment_size, shift, mode,
     )  # fmt: skip
 
 
@@ -67,15 +73,15 @@ def test_velocity_forward_backward_vs_reference(case):
     grid.requires_grad_(True)
     x_src.requires_grad_(True)
     x.requires_grad_(True)
-    pol = pk.DXPolicy(grid, x_src, torch.tensor(SIGMA_SRC), segment_size=seg, shift=shift, mode=mode, backend="triton")
-    u = pol.velocity(x, torch.tensor(SIGMA))
+    pol = pk.DXPolicy(grid, x_src, _vec(SIGMA_SRC), segment_size=seg, shift=shift, mode=mode, backend="triton")
+    u = pol.velocity(x, _vec(SIGMA))
     assert u.dtype == dtype and u.shape == x.shape
 
     leaves = [t.detach().double().requires_grad_(True) for t in (x, grid, x_src)]
     u_ref = _ref_velocity(leaves[0], SIGMA, leaves[1], leaves[2], SIGMA_SRC, seg, shift, mode)
     assert rel_err(u, u_ref) <= TOL["velocity"][dtype]
 
-    grad_u = torch.randn(u.shape, generator=torch.Generator().manual_seed(7))
+    grad_u = torch.randn(u.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     grads = torch.autograd.grad(u, (x, grid, x_src), grad_u.to(dtype))
     grads_ref = torch.autograd.grad(u_ref, leaves, grad_u.double())
     for name, g, g_ref in zip(("x", "grid", "x_src"), grads, grads_ref):
@@ -87,8 +93,8 @@ def test_velocity_grad_only_for_grid():
     """Only the grid requires grad: the backward computes that gradient alone and it is right."""
     grid, x_src, x = _policy_inputs(5, 5, (7, 9), torch.float32, seed=3)
     grid.requires_grad_(True)
-    pol = pk.DXPolicy(grid, x_src, torch.tensor(SIGMA_SRC), segment_size=0.5, shift=3.2, backend="triton")
-    u = pol.velocity(x, torch.tensor(SIGMA))
+    pol = pk.DXPolicy(grid, x_src, _vec(SIGMA_SRC), segment_size=0.5, shift=3.2, backend="triton")
+    u = pol.velocity(x, _vec(SIGMA))
     (g,) = torch.autograd.grad(u.square().sum(), grid)
     grid64 = grid.detach().double().requires_grad_(True)
     u_ref = _ref_velocity(x, SIGMA, grid64, x_src, SIGMA_SRC, 0.5, 3.2, "grid")
@@ -108,22 +114,22 @@ def test_velocity_non_contiguous_and_poisoned(poison, polynomial):
     """Launchers on strided views (channels-last latents, every other grid point) into NaN buffers."""
     n, c, length, shift, segment_size = 5, 5, 63, 3.2, 0.5
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(B, length, c, generator=gen).transpose(1, 2)  # (B, C, L), stride_l = C
-    x_src = torch.randn(B, length, c, generator=gen).transpose(1, 2)
-    grid = torch.randn(B, 2 * n, c, length, generator=gen)[:, ::2]  # (B, N, C, L), stride_n doubled
-    sigma = torch.tensor(SIGMA).repeat_interleave(2)[::2]  # strided (B,) vector
-    sigma_src = torch.tensor(SIGMA_SRC)
+    x = torch.randn(B, length, c, generator=gen).to(DEVICE).transpose(1, 2)  # (B, C, L), stride_l = C
+    x_src = torch.randn(B, length, c, generator=gen).to(DEVICE).transpose(1, 2)
+    grid = torch.randn(B, 2 * n, c, length, generator=gen).to(DEVICE)[:, ::2]  # (B, N, C, L), stride_n doubled
+    sigma = _vec(SIGMA).repeat_interleave(2)[::2]  # strided (B,) vector
+    sigma_src = _vec(SIGMA_SRC)
     r_src, r_dst, seg = _flat_args(grid, x_src, sigma_src, segment_size, shift)
     assert not x.is_contiguous() and not grid.is_contiguous() and not sigma.is_contiguous()
 
-    out = poison(torch.empty(B, c, length))
+    out = poison(torch.empty(B, c, length, device=DEVICE))
     dx_triton._dx_velocity_fwd(x, sigma, grid, x_src, sigma_src, r_src, r_dst, seg, shift, polynomial, out)
     mode = "polynomial" if polynomial else "grid"
     u_ref = _ref_velocity(x, SIGMA, grid, x_src, SIGMA_SRC, segment_size, shift, mode)
     assert rel_err(out, u_ref) <= TOL["velocity"][torch.float32]
 
-    grad_u = torch.randn(B, length, c, generator=gen).transpose(1, 2)
-    gx, gxs, gg = (poison(torch.empty(B, c, length)), poison(torch.empty(B, c, length)), poison(torch.empty(B, n, c, length)))
+    grad_u = torch.randn(B, length, c, generator=gen).to(DEVICE).transpose(1, 2)
+    gx, gxs, gg = (poison(torch.empty(shape, device=DEVICE)) for shape in ((B, c, length), (B, c, length), (B, n, c, length)))
     dx_triton._dx_velocity_bwd(grad_u, sigma, sigma_src, r_src, r_dst, seg, shift, polynomial, n, gx, gxs, gg)
     leaves = [t.double().requires_grad_(True) for t in (x, grid, x_src)]
     u64 = _ref_velocity(leaves[0], SIGMA, leaves[1], leaves[2], SIGMA_SRC, segment_size, shift, mode)
@@ -154,27 +160,27 @@ def test_rollout_vs_reference(case, poison):
     n, c, spatial, mode, pshift, shift, dtype = case
     segment_size, total = 0.6, 128
     grid, x_src, _ = _policy_inputs(n, c, spatial, dtype, seed=n * 10 + c + 1)
-    sigma_start = torch.tensor([0.93, 0.5, 1.0])
-    sigma_end = torch.tensor([0.35, 0.49, 0.0])  # about 60, 1 and 128 substeps
-    pol = pk.DXPolicy(grid, x_src, torch.tensor(SIGMA_SRC), segment_size=segment_size, shift=pshift, mode=mode,
+    sigma_start = _vec([0.93, 0.5, 1.0])
+    sigma_end = _vec([0.35, 0.49, 0.0])  # about 60, 1 and 128 substeps
+    pol = pk.DXPolicy(grid, x_src, _vec(SIGMA_SRC), segment_size=segment_size, shift=pshift, mode=mode,
                       backend="triton")  # fmt: skip
     x_end = pol.rollout(x_src, sigma_start, sigma_end, total_substeps=total, shift=shift)
     assert x_end.dtype == dtype and x_end.shape == x_src.shape
 
     grid64, xs64 = grid.double(), x_src.double()
     vel = lambda x, s: reference.dx_velocity(  # noqa: E731
-        x, s, grid64, xs64, torch.tensor(SIGMA_SRC, dtype=torch.float64), segment_size, pshift, mode
+        x, s, grid64, xs64, _vec(SIGMA_SRC, torch.float64), segment_size, pshift, mode
     )
     x_ref = reference.rollout(vel, xs64, sigma_start.double(), sigma_end.double(), total, shift)
     assert rel_err(x_end, x_ref) <= TOL["rollout"][dtype]
 
     # the same through the launcher, into a NaN-poisoned buffer
     gf, xsf = grid.reshape(B, n, c, -1), x_src.reshape(B, c, -1)
-    ss = torch.tensor(SIGMA_SRC)
+    ss = _vec(SIGMA_SRC)
     r_src, r_dst, seg = _flat_args(gf, xsf, ss, segment_size, pshift)
     n_sub, h, r0 = substep_schedule(sigma_start, sigma_end, total, shift)
     assert len(set(n_sub.tolist())) == 3
-    out = poison(torch.empty(xsf.shape, dtype=dtype))
+    out = poison(torch.empty(xsf.shape, dtype=dtype, device=DEVICE))
     dx_triton._dx_rollout(xsf, gf, xsf, ss, r_src, r_dst, seg, pshift, mode == "polynomial",
                           sigma_start, n_sub, h, r0, shift, out)  # fmt: skip
     assert rel_err(out, x_ref.reshape(out.shape)) <= TOL["rollout"][dtype]
@@ -183,11 +189,11 @@ def test_rollout_vs_reference(case, poison):
 def test_rollout_non_contiguous():
     gen = torch.Generator().manual_seed(5)
     n, c, length = 4, 5, 63
-    x = torch.randn(B, length, c, generator=gen).transpose(1, 2)
-    grid = torch.randn(B, n, length, c, generator=gen).transpose(2, 3)
-    ss = torch.tensor(SIGMA_SRC)
+    x = torch.randn(B, length, c, generator=gen).to(DEVICE).transpose(1, 2)
+    grid = torch.randn(B, n, length, c, generator=gen).to(DEVICE).transpose(2, 3)
+    ss = _vec(SIGMA_SRC)
     r_src, r_dst, seg = _flat_args(grid, x, ss, 1.0, 3.2)
-    s0, s1 = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0.1, 0.4, 0.69])
+    s0, s1 = _vec([0.9, 0.8, 0.7]), _vec([0.1, 0.4, 0.69])
     n_sub, h, r0 = substep_schedule(s0, s1, 64, 3.2)
     out = dx_triton.dx_rollout_triton(x, grid, x, ss, r_src, r_dst, seg, 3.2, False, s0, n_sub, h, r0, 3.2)
     vel = lambda xx, s: reference.dx_velocity(xx, s, grid.double(), x.double(), ss.double(), 1.0, 3.2)  # noqa: E731
@@ -200,7 +206,7 @@ def test_compile_fullgraph_forward_backward():
     grid, x_src, x = _policy_inputs(3, 5, (7, 9), torch.float32, seed=21)
     grid = grid.reshape(B, 3, 5, -1).requires_grad_(True)
     xs, xf = x_src.reshape(B, 5, -1), x.reshape(B, 5, -1)
-    ss, sig = torch.tensor(SIGMA_SRC), torch.tensor(SIGMA)
+    ss, sig = _vec(SIGMA_SRC), _vec(SIGMA)
     r_src, r_dst, seg = _flat_args(grid, xs, ss, 0.5, 3.2)
 
     def loss_fn(g):
@@ -216,9 +222,9 @@ def test_opcheck_velocity():
     """Schema, fake (meta) implementation and autograd registration agree with the real kernel."""
     grid, x_src, x = _policy_inputs(2, 3, (4, 5), torch.float32, seed=9)
     grid = grid.reshape(B, 2, 3, -1).requires_grad_(True)
-    ss = torch.tensor(SIGMA_SRC)
+    ss = _vec(SIGMA_SRC)
     r_src, r_dst, seg = _flat_args(grid, x_src, ss, 1.0, 1.0)
-    args = (x.reshape(B, 3, -1), torch.tensor(SIGMA), grid, x_src.reshape(B, 3, -1), ss, r_src, r_dst, seg, 1.0, False)
+    args = (x.reshape(B, 3, -1), _vec(SIGMA), grid, x_src.reshape(B, 3, -1), ss, r_src, r_dst, seg, 1.0, False)
     checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(dx_triton._dx_velocity_op, args, test_utils=checks)
 
@@ -227,10 +233,10 @@ def test_too_many_points_falls_back_with_logged_reason(caplog, monkeypatch):
     monkeypatch.setattr(dx_triton, "_logged_reasons", set())
     n = dx_triton.MAX_POINTS + 1
     grid, x_src, x = _policy_inputs(n, 2, (2, 3), torch.float32, seed=13)
-    pol = pk.DXPolicy(grid, x_src, torch.tensor(SIGMA_SRC), segment_size=0.5, mode="grid", backend="triton")
+    pol = pk.DXPolicy(grid, x_src, _vec(SIGMA_SRC), segment_size=0.5, mode="grid", backend="triton")
     with caplog.at_level(logging.WARNING, logger="piflow_kernels.ops.dx_triton"):
-        u = pol.velocity(x, torch.tensor(SIGMA))
-        pol.velocity(x, torch.tensor(SIGMA))
+        u = pol.velocity(x, _vec(SIGMA))
+        pol.velocity(x, _vec(SIGMA))
     reasons = [r.getMessage() for r in caplog.records if f"N = {n} grid points" in r.getMessage()]
     assert len(reasons) == 1  # logged once, not per call
     u_ref = _ref_velocity(x, SIGMA, grid, x_src, SIGMA_SRC, 0.5, 1.0, "grid")

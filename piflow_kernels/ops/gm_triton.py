@@ -200,7 +200,17 @@ def _gm_posterior_x0(
     return (b_accx + b_nu * b_accv[None, :]) * b_inv[None, :]
 
 
-@triton.jit
+# Pointers are not specialized on 16-byte alignment. Aligned, Triton vectorizes the loads 4-wide along L
+# and the compute layout follows (4 pixels per thread, the rest of the warp and the other warps spread
+# over C and K), so every reduction over K or C becomes shuffles or shared memory plus barriers. Measured
+# on an H100 (Triton 3.6) with aligned pointers, the 128-substep B=512, K=32, C=4, 32x32 rollout took
+# 8.3 / 3.1 / 1.8 ms at 4 / 2 / 1 warps. Unaligned, a warp still reads 32 consecutive floats per
+# load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 the substep loop
+# is 514 instructions per pixel (303 FFMA, 36 MUFU), with no shuffles, barriers or spills.
+_UNALIGNED = ["p_x", "p_out", "p_u", "p_g", "p_means", "p_lw", "p_xs", "p_dx", "p_dmeans", "p_dlw", "p_dxs"]
+
+
+@triton.jit(do_not_specialize_on_alignment=_UNALIGNED)
 def _gm_velocity_fwd_kernel(
     p_x,  # x (B, C, L), any float dtype, strided
     p_sigma,  # sigma (B,) float32, contiguous
@@ -261,7 +271,7 @@ def _gm_velocity_fwd_kernel(
     tl.store(p_u + o_u, b_u.to(p_u.dtype.element_ty), mask=m_cl)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_UNALIGNED)
 def _gm_velocity_bwd_kernel(
     p_g,  # dL/du (B, C, L), strided (may be an expanded stride-0 view)
     p_x,  # x (B, C, L), strided
@@ -406,7 +416,7 @@ def _gm_velocity_bwd_kernel(
         tl.store(p_dxs + o_out, b_dxs.to(p_dxs.dtype.element_ty), mask=m_cl)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=_UNALIGNED)
 def _gm_rollout_kernel(
     p_x,  # x_start (B, C, L), any float dtype, strided
     p_out,  # out: x_end (B, C, L) contiguous, dtype of x_start
@@ -726,7 +736,7 @@ def gm_rollout_op(
 
 
 @gm_rollout_op.register_fake
-def _gm_rollout_fake(x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift):  # noqa: E501
+def _gm_rollout_fake(x_start, means, logweights, logstds, x_src, sigma_src, *schedule):
     return x_start.new_empty((x_start.shape[0], x_start.shape[1], x_start.shape[2]))
 
 

@@ -112,3 +112,30 @@ def test_default_plan_skips_compile_off_gm_rollouts():
     plan = default_plan(case_list("cuda", quick=False), "cuda")
     assert all(kind_backend[1] != "compile" or kind_backend[0].kind == "gm_rollout" for kind_backend in plan)
     assert any(b == "triton" for _, b in plan)
+
+
+def test_gpu_check_records_torch_comparison_when_over_tolerance(monkeypatch):
+    """A figure over the fixed tolerance passes only within 2x the torch path's own error on the same inputs."""
+    from bench import gpu_check
+
+    check = gpu_check.Check("dx", 2, 3, 4, (3, 5), substeps=8, shift=3.2)
+    tight = {kind: {"float32": 1e-12, "bfloat16": 1e-12} for kind in gpu_check.TOL}
+    monkeypatch.setattr(gpu_check, "TOL", tight)
+    records: list = []
+    gpu_check.check_and_record(check, "cpu", lambda *a: None, records)
+    assert {r["quantity"] for r in records} == {"velocity", "grad grid", "grad x", "grad x_src", "rollout(8)"}
+    for r in records:
+        assert r["torch_rel_err"] is not None
+        assert r["passed"] == (r["rel_err"] <= 2 * r["torch_rel_err"])
+
+
+def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
+    from bench import gpu_check
+
+    rc = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--skip", "pytest,benchmark",
+                         "--budget-s", "120"])  # fmt: skip
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rc == 0 and doc["parts"]["correctness"]["status"] == "ok"
+    assert len(doc["correctness"]) >= 20 and all(r["passed"] for r in doc["correctness"])
+    assert not doc["diffusers_imported"]
+    assert "GPU CHECK SUMMARY" in (tmp_path / "gpu_check.log").read_text()

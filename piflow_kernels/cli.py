@@ -26,14 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a pi-Flow student by imitation distillation as configured by a TOML or JSON file.",
     )
     distill.add_argument("config", help="training config (.toml or .json)")
-    distill.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue from the latest checkpoint under OUT/checkpoints (or from the given checkpoint directory)",
-    )
+    distill.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
+    distill.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help="continue from this checkpoint directory")
     distill.add_argument("--out", default=None, metavar="DIR", help="output directory (overrides out_dir)")
     distill.add_argument(
         "--max-iters", type=int, default=None, metavar="N", help="train until N iterations (overrides max_iters)"
@@ -75,8 +69,10 @@ def _distill(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     with trainer:
-        if args.resume is not None:
-            trainer.resume(None if args.resume == "latest" else args.resume)
+        if args.resume_from is not None:
+            trainer.resume(args.resume_from)
+        elif args.resume:
+            trainer.resume()
         trainer.train()
         if args.eval:
             trainer.evaluate()

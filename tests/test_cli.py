@@ -32,11 +32,13 @@ def test_distill_exact_example_runs_and_resumes(tmp_path, capsys):
     args = ["distill", "examples/distill_exact_teacher.toml", "--out", str(out), "--no-progress"]
     assert main([*args, "--max-iters", "2"]) == 0
     assert (out / "checkpoints" / "latest").read_text() == "iter_00000002"
-    assert main([*args, "--max-iters", "3", "--resume"]) == 0
+    assert main(["distill", "--resume", *args[1:], "--max-iters", "3"]) == 0
     assert (out / "checkpoints" / "latest").read_text() == "iter_00000003"
+    assert main([*args, "--max-iters", "4", "--resume-from", str(out / "checkpoints" / "iter_00000002")]) == 0
     records = _records(out)
     losses = [r for r in records if "loss" in r]
-    assert [r["iteration"] for r in losses] == [2, 3]
+    assert [r["iteration"] for r in losses] == [2, 3, 4]
+    assert [r["iteration"] for r in records if r.get("event") == "resume"] == [2, 2]  # --resume-from iter 2
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["it_per_s"] > 0 and "teacher_ratio" in r for r in losses)
     assert any(r.get("event") == "resume" and r["iteration"] == 2 for r in records)
     assert "resumed from" in capsys.readouterr().out

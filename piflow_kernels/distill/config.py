@@ -171,12 +171,16 @@ class DistributedConfig:
     """``mode`` "auto" (DDP when launched with WORLD_SIZE > 1), "none", "ddp" or "fsdp" (FSDP2).
 
     ``backend`` "auto" picks nccl for CUDA and gloo for CPU. ``fsdp_modules`` names the submodule
-    classes sharded one by one (e.g. "BasicTransformerBlock"); the root is always sharded.
+    classes sharded one by one (e.g. "FluxTransformerBlock"); the root is always sharded.
+    ``fsdp_reshard_after_forward`` = false keeps those submodules gathered from forward to backward:
+    needed when a model reads a block's weights outside the block's forward (diffusers' DiT reuses
+    ``transformer_blocks[0].norm1.emb`` for its output layer), at the cost of memory.
     """
 
     mode: str = "auto"
     backend: str = "auto"
     fsdp_modules: list = field(default_factory=list)
+    fsdp_reshard_after_forward: bool = True
     find_unused_parameters: bool = False
 
 

@@ -165,8 +165,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, cfg, *, trainable: bool = Tru
     """Wrap the (already on-device) student for ``ctx.mode``.
 
     "ddp": ``DistributedDataParallel`` (gradients all-reduced and averaged in backward).
-    "fsdp": FSDP2 ``fully_shard`` on every submodule whose class name is in ``cfg.fsdp_modules``, then
-    on the root; the module is modified in place and returned. ``trainable=False`` (the EMA copy)
+    "fsdp": FSDP2 ``fully_shard`` on every submodule whose class name is in ``cfg.fsdp_modules`` (with
+    ``reshard_after_forward = cfg.fsdp_reshard_after_forward``), then on the root; the module is
+    modified in place and returned. ``trainable=False`` (the EMA copy)
     skips DDP, which only matters for gradients.
     """
     if ctx.mode == "none":
@@ -183,11 +184,10 @@ def wrap_model(model: nn.Module, ctx: DistContext, cfg, *, trainable: bool = Tru
         if fully_shard is None:
             raise RuntimeError(f"distributed.mode = 'fsdp' needs FSDP2 (fully_shard, PyTorch >= 2.4), not in {torch.__version__}")
         wanted = set(cfg.fsdp_modules)
-        found = set()
-        for module in model.modules():
-            if module is not model and type(module).__name__ in wanted:
-                fully_shard(module)
-                found.add(type(module).__name__)
+        targets = [m for m in model.modules() if m is not model and type(m).__name__ in wanted]
+        found = {type(m).__name__ for m in targets}  # before fully_shard renames the classes (FSDP<name>)
+        for module in targets:
+            fully_shard(module, reshard_after_forward=cfg.fsdp_reshard_after_forward)
         missing = wanted - found
         if missing:
             raise ValueError(f"distributed.fsdp_modules: no submodule of class {sorted(missing)} in {type(model).__name__}")

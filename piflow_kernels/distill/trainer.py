@@ -395,6 +395,8 @@ class Trainer:
             raise ConfigError("data.mode = 'data_dependent' needs a data source")
 
         if student is None:
+            if cfg.student.kind == "diffusers" and teacher_model is None and not cfg.student.init_from:
+                raise ValueError("student.kind = 'diffusers' is built from the teacher model: pass student= with teacher=")
             student = build_student(cfg, teacher_model)
         student = student.to(self.device)
         student.train()

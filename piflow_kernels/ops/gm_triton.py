@@ -214,11 +214,11 @@ def _gm_posterior_x0(
     b_nu,  # (BC, BL) nu
     zeta,  # scalar zeta
     var0,  # scalar: variance of component 0 (the reference d_0), or the per-sample variance
-    stride_mk,  # means strides (K, C, L)
-    stride_mc,
-    stride_ml,
-    stride_wk,  # logweights strides (K, L)
-    stride_wl,
+    stride_mk,  # means stride over K
+    stride_mc,  # means stride over C
+    stride_ml,  # means stride over L
+    stride_wk,  # logweights stride over K
+    stride_wl,  # logweights stride over L
     stride_sk,  # logstds stride over K
     BLOCK_K: tl.constexpr,  # components per chunk
     BLOCK_C: tl.constexpr,  # padded channels

@@ -141,6 +141,8 @@ class GMFlowPolicy(_PolicyBase):
         self.sigma_src = as_sigma("sigma_src", sigma_src, b, device)
         self._backend_arg = backend
         self.backend = resolve_backend(backend, device)
+        if self.backend == "triton" and not torch.compiler.is_compiling():
+            ops.load_triton_ops()
 
     @property
     def num_components(self) -> int:
@@ -301,6 +303,8 @@ class DXPolicy(_PolicyBase):
         self.mode = mode
         self._backend_arg = backend
         self.backend = resolve_backend(backend, device)
+        if self.backend == "triton" and not torch.compiler.is_compiling():
+            ops.load_triton_ops()
         self.r_src = unwarp(self.sigma_src, self.shift)
         self.r_dst = (self.r_src - segment_size).clamp(min=0.0)
         self.seg = (self.r_src - self.r_dst).clamp(min=1e-4)

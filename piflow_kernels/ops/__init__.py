@@ -27,6 +27,13 @@ def _triton_module(name: str):
     return module
 
 
+def load_triton_ops() -> None:
+    """Import both Triton op modules now (the policies call this when they pick the Triton backend), so a
+    policy whose first use is inside ``torch.compile(fullgraph=True)`` finds them already loaded."""
+    _triton_module("gm_triton")
+    _triton_module("dx_triton")
+
+
 def gm_velocity(backend: str, *args) -> torch.Tensor:
     """Dispatch of the GM velocity (args as :func:`gm_velocity_torch`)."""
     if backend == "triton":

@@ -6,8 +6,6 @@ Backends (one row each per case):
     compile  ``torch.compile`` of the official-style substep, Python loop around it (GM rollouts).
     torch    the library's CPU path (``backend="torch"``).
     triton   the library's Triton kernels (``backend="triton"``).
-    cpp      opt-in, GM rollouts on CPU: the prototype whole-rollout C++ loop of
-             :mod:`bench.cpu_rollout_proto` (what a fused CPU kernel would gain).
 Speed-ups are against the ``eager`` row of the same case.
 """
 
@@ -36,7 +34,7 @@ from bench.timing import (
     versions,
 )
 
-BACKENDS = ("eager", "compile", "torch", "triton", "cpp")
+BACKENDS = ("eager", "compile", "torch", "triton")
 
 
 def default_backends(device: str, kind: str, quick: bool = False) -> tuple[str, ...]:
@@ -116,14 +114,6 @@ def build_callable(case: Case, backend: str, device: str) -> tuple[Callable[[], 
                 official_style.reset_compiled()
                 run = official_style.compiled_official_style_rollout
             return (lambda: run(pol, p["x_src"], s_start, s_end, case.substeps, case.shift)), no_compile
-        if backend == "cpp":  # opt-in prototype of a whole-rollout CPU kernel (bench/cpu_rollout_proto.py)
-            from bench.cpu_rollout_proto import gm_rollout_cpp
-            from piflow_kernels.timesteps import substep_schedule
-
-            flat = [p["means"].reshape(b, case.components, case.channels, -1), p["logweights"].reshape(b, case.components, -1)]
-            ls, xs = p["logstds"].reshape(b, -1), p["x_src"].reshape(b, case.channels, -1)
-            plan = substep_schedule(s_start, s_end, case.substeps, case.shift)
-            return (lambda: gm_rollout_cpp(xs, *flat, ls, xs, p["sigma_src"], s_start, *plan, case.shift)), no_compile
         pol = pk.GMFlowPolicy(*args, backend=backend)
         fn = lambda: pol.rollout(p["x_src"], s_start, s_end, case.substeps, case.shift)  # noqa: E731
         if backend == "torch":

@@ -140,23 +140,3 @@ def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
     assert not doc["diffusers_imported"]
     assert "GPU CHECK SUMMARY" in (tmp_path / "gpu_check.log").read_text()
 
-
-@pytest.mark.slow
-def test_cpp_prototype_rollout_matches_reference():
-    """The opt-in C++ prototype (about a minute to build) integrates like the reference, -inf weights included."""
-    from bench.cpu_rollout_proto import gm_rollout_cpp
-    from piflow_kernels.timesteps import substep_schedule
-
-    case = Case("t", "gm_rollout", 3, 5, 4, (7, 9), 64)
-    p = gm_inputs(case, "cpu", seed=2)
-    p["logweights"][:, 0] = float("-inf")
-    sigma_src, s_end = torch.tensor([0.9, 0.7, 1.0]), torch.tensor([0.1, 0.6, 0.0])
-    plan = substep_schedule(sigma_src, s_end, 64, 3.0)
-    flat = lambda t: t.reshape(3, t.shape[1], -1)  # noqa: E731
-    xs = flat(p["x_src"])
-    means = p["means"].reshape(3, 5, 4, -1)
-    out = gm_rollout_cpp(xs, means, flat(p["logweights"]), p["logstds"].reshape(3, 1), xs, sigma_src, sigma_src, *plan, 3.0)
-    d = {k: v.double() for k, v in p.items()}
-    vel = lambda x, s: reference.gm_velocity(x, s, d["means"], d["logweights"], d["logstds"], d["x_src"], sigma_src.double())  # noqa: E731
-    ref = reference.rollout(vel, d["x_src"], sigma_src.double(), s_end.double(), 64, 3.0)
-    assert float((out.double().reshape(ref.shape) - ref).abs().max() / ref.abs().max()) <= 1e-4

@@ -93,12 +93,18 @@ def compile_enabled() -> bool:
 
 
 def _substep_fn():
-    """The compiled substep (dynamic shapes: one compilation serves every B, K, C, L), or eager."""
+    """The compiled substep, or eager.
+
+    Only the batch dimension is dynamic (marked at each call); K, C and L are static, so a policy shape
+    compiles once and every later call, whatever its batch size, reuses it. Fully dynamic shapes cost
+    vectorisation: measured on 2 cores at B=16, K=32, C=4, 32x32, 1 thread, 3.9 ms CPU per substep with
+    ``dynamic=True`` against 2.7 ms with only B dynamic (eager: 10 ms).
+    """
     global _compiled_substep
     if not compile_enabled():
         return _gm_substep
     if _compiled_substep is None:
-        _compiled_substep = torch.compile(_gm_substep, dynamic=True)
+        _compiled_substep = torch.compile(_gm_substep, dynamic=False)
     return _compiled_substep
 
 
@@ -112,6 +118,8 @@ def _call_substep(*args):
     fn = _substep_fn()
     if fn is _gm_substep:
         return fn(*args)
+    for a in args:
+        torch._dynamo.maybe_mark_dynamic(a, 0)  # batch size: symbolic (no recompile per B)
     try:
         if _compile_seconds is None:
             t0 = time.perf_counter()

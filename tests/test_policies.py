@@ -263,3 +263,25 @@ def test_policy_math_stays_float32_under_autocast():
     for a, b in zip(plain, under):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", GM_CASES[1:4], ids=case_id)
+def test_gm_gradients_near_data_bounded_by_float32_reference_error(case):
+    """Far from the source (sigma = 0.05) the problem itself is ill-conditioned in float32: the fixed 1e-4
+    bound does not hold even for the reference run in float32 (2e-4 seen), so the CPU path's gradient error
+    is bounded by twice the float32 reference's own error there (the flash-attention convention)."""
+    b, k, c, sp = case
+    means, lw, ls, x_src, s_src = make_gm(b, k, c, sp, per_component=False, seed=13)
+    x = torch.randn_like(x_src)
+    sigma = torch.full((b,), 0.05)
+    grad_out = torch.randn_like(x)
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (means, lw, ls, x_src, x)]
+        return torch.autograd.grad(fn(leaves), leaves, grad_out.to(dtype))
+
+    ours = grads(lambda t: pk.GMFlowPolicy(*t[:4], s_src, backend="torch").velocity(t[4], sigma), torch.float32)
+    ref32 = grads(lambda t: R.gm_velocity(t[4], sigma, t[0], t[1], t[2], t[3], s_src), torch.float32)
+    ref64 = grads(lambda t: R.gm_velocity(t[4], sigma.double(), t[0], t[1], t[2], t[3], s_src.double()), torch.float64)
+    for name, g, g32, g64 in zip(["means", "logweights", "logstds", "x_src", "x"], ours, ref32, ref64):
+        assert rel_err(g, g64) <= max(2 * rel_err(g32, g64), TOL["grad"][torch.float32]), name

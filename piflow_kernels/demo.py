@@ -433,9 +433,10 @@ def format_table(
         key = (row["method"], row["nfe"])
         train = train_seconds.get(key)
         sd = spreads.get(key, float("nan"))
+        sd_text = f"{sd:.5f}" if math.isfinite(sd) else "-"
         ratio = f"{row['distance'] / ref:.2f}x" if ref else ""
         lines.append(
-            f"{row['method']:<14} {row['nfe']:>4} {row['distance']:>26.5f} {sd:>8.5f} {ratio:>15} {row['precision']:>10.3f} "
+            f"{row['method']:<14} {row['nfe']:>4} {row['distance']:>26.5f} {sd_text:>8} {ratio:>15} {row['precision']:>10.3f} "
             f"{row['recall']:>7.3f} {row['seconds']:>9.2f} {'' if train is None else f'{train:.1f}':>8}"
         )
     return "\n".join(lines)
@@ -507,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="piflow_demo", metavar="DIR", help="output directory (default: piflow_demo)")
     parser.add_argument("--quick", action="store_true", help="a small run (under a minute): fewer iterations and samples")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); a seed gives the same numbers")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0); a seed gives the same numbers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plot", action="store_true", help="do not draw samples.png")
     return parser

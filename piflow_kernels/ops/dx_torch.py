@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from piflow_kernels.timesteps import sigma_table
+
 EPS = 1e-4
 
 
@@ -84,14 +86,10 @@ def dx_rollout_torch(
     """
     gridf, xsf, ssf = grid.float(), x_src.float(), sigma_src.float()
     x = x_start.float().clone()
-    s, r, h, n = sigma_start.float(), r_start.float(), substep_size.float(), n_substeps
-    for step in range(int(n.max())):
-        active = n > step
-        r_next = torch.where(active, (r - h).clamp(min=0.0), r)
-        s_next = torch.where(active, shift * r_next / (1.0 + (shift - 1.0) * r_next), s)
+    sigmas = sigma_table(sigma_start, n_substeps, substep_size, r_start, shift)
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         w = dx_weights(s, grid.shape[1], r_src.float(), r_dst.float(), seg.float(), policy_shift, polynomial)
         x0 = _dx_x0(w, gridf, xsf, ssf)
         u = (x - x0) / s.clamp(min=EPS)[:, None, None]
         x = x + u * (s_next - s)[:, None, None]
-        s, r = s_next, r_next
     return x.to(x_start.dtype)

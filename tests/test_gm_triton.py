@@ -278,29 +278,77 @@ def test_fake_impls_shapes():
 
     x, sigma, means, lw, ls, x_src, sigma_src = _op_args()
     n, h, r0 = substep_schedule(sigma, sigma * 0.5, 4, 1.0)
-    real_u = torch.ops.piflow.gm_velocity(x, sigma, means, lw, ls, x_src, sigma_src)
-    real_b = torch.ops.piflow.gm_velocity_bwd(real_u, x, sigma, means, lw, ls, x_src, sigma_src, True, False)
+    real_f = torch.ops.piflow.gm_velocity(x, sigma, means, lw, ls, x_src, sigma_src, True)
+    real_n = torch.ops.piflow.gm_velocity(x, sigma, means, lw, ls, x_src, sigma_src, False)
+    real_b = torch.ops.piflow.gm_velocity_bwd(real_f[0], x, sigma, means, lw, ls, x_src, sigma_src, *real_f[1:], True, False)
     real_r = torch.ops.piflow.gm_rollout(x, means, lw, ls, x_src, sigma_src, sigma, n, h, r0, 1.0)
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (x, sigma, means, lw, ls, x_src, sigma_src, n, h, r0)]
         fx, fs, fm, fw, fl, fxs, fss, fn, fh, fr = fake
-        fake_u = torch.ops.piflow.gm_velocity(fx, fs, fm, fw, fl, fxs, fss)
-        fake_b = torch.ops.piflow.gm_velocity_bwd(fake_u, fx, fs, fm, fw, fl, fxs, fss, True, False)
+        fake_f = torch.ops.piflow.gm_velocity(fx, fs, fm, fw, fl, fxs, fss, True)
+        fake_n = torch.ops.piflow.gm_velocity(fx, fs, fm, fw, fl, fxs, fss, False)
+        fake_b = torch.ops.piflow.gm_velocity_bwd(fake_f[0], fx, fs, fm, fw, fl, fxs, fss, *fake_f[1:], True, False)
         fake_r = torch.ops.piflow.gm_rollout(fx, fm, fw, fl, fxs, fss, fs, fn, fh, fr, 1.0)
-    for real, fk in zip([real_u, *real_b, real_r], [fake_u, *fake_b, fake_r]):
+    reals, fakes = [*real_f, *real_n, *real_b, real_r], [*fake_f, *fake_n, *fake_b, fake_r]
+    assert len(reals) == len(fakes) == 12
+    for real, fk in zip(reals, fakes):
         assert tuple(fk.shape) == tuple(real.shape) and fk.dtype == real.dtype
 
 
-@pytest.mark.parametrize("op", ["gm_velocity", "gm_rollout"])
-def test_opcheck(op):
+@pytest.mark.parametrize("op,per_component", [("gm_velocity", False), ("gm_velocity", True), ("gm_rollout", False)])
+def test_opcheck(op, per_component):
     """torch.library.opcheck: schema, fake impl, autograd registration, AOT dispatch."""
-    x, sigma, means, lw, ls, x_src, sigma_src = _op_args(per_component=False)
+    x, sigma, means, lw, ls, x_src, sigma_src = _op_args(per_component=per_component)
     if op == "gm_velocity":
-        args = (x, sigma, means.requires_grad_(), lw.requires_grad_(), ls.requires_grad_(), x_src.requires_grad_(), sigma_src)
+        leaves = [t.requires_grad_() for t in (means, lw, ls, x_src)]
+        args = (x, sigma, *leaves[:3], leaves[3], sigma_src, True)
     else:
         n, h, r0 = substep_schedule(sigma, sigma * 0.5, 4, 3.2)
         args = (x, means, lw, ls, x_src, sigma_src, sigma, n, h, r0, 3.2)
     torch.library.opcheck(getattr(torch.ops.piflow, op).default, args)
+
+
+def test_backward_statistics_saved_only_when_needed(monkeypatch):
+    """The forward writes the backward's per-pixel statistics (C + 1 floats, C + 3 with per-component stds)
+    only when a gradient can flow; the op called without them still differentiates (it recomputes them)."""
+    x, sigma, means, lw, ls, x_src, sigma_src = make_inputs(2, 3, 5, 11, per_component=True, neg_inf=True, dtype=torch.float32)
+    shapes = []
+
+    def alloc(shape, dtype, device):
+        shapes.append(tuple(shape))
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(gm_triton, "_alloc", alloc)
+    with torch.no_grad():
+        gm_triton.gm_velocity_triton(x, sigma, means.requires_grad_(), lw, ls, x_src, sigma_src)
+    assert shapes == [(2, 5, 11), (0,), (0,)]
+    shapes.clear()
+    u = gm_triton.gm_velocity_triton(x, sigma, means, lw, ls, x_src, sigma_src)
+    assert shapes == [(2, 5, 11), (2, 5, 11), (2, 3, 11)]
+    grad_u = torch.randn(u.shape)
+    (g_saved,) = torch.autograd.grad(u, [means], grad_u)
+    u2, ybar, stats = torch.ops.piflow.gm_velocity(x, sigma, means, lw, ls, x_src, sigma_src, False)
+    assert ybar.numel() == stats.numel() == 0
+    (g_recomputed,) = torch.autograd.grad(u2, [means], grad_u)
+    assert torch.equal(g_saved, g_recomputed)
+    d_means = means.detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ref_velocity(x, sigma, d_means, lw, ls, x_src, sigma_src), [d_means], grad_u.double())
+    assert rel_err(g_saved, g_ref) <= TOL["grad"][torch.float32]
+
+
+def test_single_component_pixels_have_zero_logweight_gradient(poisoned):
+    """Where every other component has logweight -inf the softmax is constant: dL/dlogweights is exactly 0
+    there (the backward forms w_k (e_k - sum_j w_j e_j) without cancelling large terms)."""
+    for per_component in (False, True):
+        x, sigma, means, lw, ls, x_src, sigma_src = make_inputs(
+            2, 4, 3, 17, per_component=per_component, neg_inf=False, dtype=torch.float32, seed=11
+        )
+        lw[:, 1:, :5] = float("-inf")
+        lw.requires_grad_()
+        u = gm_triton.gm_velocity_triton(x, sigma, means, lw, ls, x_src, sigma_src)
+        (g,) = torch.autograd.grad(u, [lw], torch.randn(u.shape))
+        assert torch.all(g[:, :, :5] == 0), per_component
+        assert torch.isfinite(g).all() and g[:, :, 5:].abs().max() > 0
 
 
 def test_compile_fullgraph_no_graph_breaks():

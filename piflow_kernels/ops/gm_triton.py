@@ -23,8 +23,11 @@ kernel, the prior mixture mean in the rollout): (mu_k - c) . (nu - zeta c) is mu
 mu_k . nu at small sigma, and so is its float32 rounding. The rollout kernel keeps the whole policy
 tile (mu_k - c, ||mu_k - c||^2, log2-scaled logweights) in registers across all substeps when it fits
 (NUM_K_CHUNKS == 1), loops over its sample's substep count read from memory, and writes x once. The
-backward kernel recomputes everything from the inputs in two passes over the chunks (softmax
-statistics, then gradients); the logstds gradient is reduced over pixels per program into a small
+backward kernel recomputes everything from the inputs in ONE pass over the chunks, as flash
+attention does: the forward also writes the log-sum-exp of the logits and the softmax-weighted
+means of the centred component means (C + 1 floats per pixel, C + 3 with per-component stds; not
+K * C), which give every chunk its normalised weights and its logit gradients without the other
+chunks. The logstds gradient is reduced over pixels per program into a small
 (B, tiles, K) buffer summed on the host side of the op.
 
 Range: K <= 64 and C <= 64 in any combination, logstds per sample or per component, any L, any
@@ -132,6 +135,38 @@ def _gm_load_chunk(
 
 
 @triton.jit
+def _gm_logits2(
+    b_mu,  # (BK, BC, BL) centred component means mu_k - c in x0 space
+    b_musq,  # (BK, BL) ||mu_k - c||^2
+    b_lw2,  # (BK, BL) logweights * log2(e)
+    b_var,  # (BK, BL) or scalar component variance
+    b_nup,  # (BC, BL) centred nu' = nu - zeta c
+    b_r,  # (BL,) c . nu - zeta/2 ||c||^2 (per-component stds only)
+    zeta,  # scalar (a/s)^2 - (a_src/s_src)^2
+    g0,  # scalar log2(e) / d_0 (per-component stds only)
+    PER_K_STD: tl.constexpr,  # b_var per component (else a scalar)
+):
+    """Centred log2 logits (BK, BL) and 1 / d ((BK, BL), or a scalar per sample).
+
+    logit_k = lw_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k = lw_k + (A_k + r) / d_k with
+    A_k = (mu_k - c) . nu' - zeta/2 ||mu_k - c||^2; r is the same for every k, so it is dropped when d
+    is, and only its k-varying part r (1/d_k - 1/d_0) is kept with per-component d. The forward, the
+    rollout and the backward all evaluate the logits here, so the backward's softmax is normalised by
+    the forward's log-sum-exp to within float32 rounding."""
+    b_dot = tl.sum(b_mu * b_nup[None, :, :], axis=1)
+    if PER_K_STD:
+        b_invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
+        b_g = 1.4426950408889634 * b_invd
+        b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * b_g + b_r[None, :] * (b_g - g0)
+        return b_l2, b_invd
+    else:
+        invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
+        g = 1.4426950408889634 * invd
+        b_l2 = b_lw2 + b_dot * g - b_musq * (g * (0.5 * zeta))
+        return b_l2, invd
+
+
+@triton.jit
 def _gm_chunk_update(
     b_mu,  # (BK, BC, BL) centred component means mu_k - c in x0 space
     b_musq,  # (BK, BL) ||mu_k - c||^2
@@ -143,29 +178,20 @@ def _gm_chunk_update(
     g0,  # scalar log2(e) / d of a reference component (per-component stds only)
     b_mrun,  # (BL,) running max of the log2 logits
     b_lrun,  # (BL,) running sum of p_k = exp2(logit_k - max)
-    b_accx,  # (BC, BL) running sum_k p_k g_k (mu_k - c), g_k = log2(e) / d_k (per sample: sum_k p_k (mu_k - c))
-    b_accv,  # (BL,) running sum_k p_k g_k var_k (per sample: unused)
-    b_accg,  # (BL,) running sum_k p_k g_k (per sample: unused)
+    b_accx,  # (BC, BL) running sum_k p_k (mu_k - c) / d_k (per sample: sum_k p_k (mu_k - c))
+    b_accv,  # (BL,) running sum_k p_k var_k / d_k (per sample: unused)
+    b_accg,  # (BL,) running sum_k p_k / d_k (per sample: unused)
     PER_K_STD: tl.constexpr,  # b_var per component (else a scalar)
 ):
-    """Online-softmax update of the posterior-mean accumulators with one chunk of components.
-
-    logit_k = lw_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k is evaluated centred on c:
-    ((mu_k - c) . nu' - zeta/2 ||mu_k - c||^2 + r) / d_k, where r is the same for every k (dropped when
-    d is; with per-component d only its k-varying part r (1/d_k - 1/d_0) is kept)."""
-    b_dot = tl.sum(b_mu * b_nup[None, :, :], axis=1)
-    if PER_K_STD:
-        b_g = 1.4426950408889634 / tl.maximum(b_var * zeta + 1.0, 1e-6)
-        b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * b_g + b_r[None, :] * (b_g - g0)
-    else:
-        g = 1.4426950408889634 / tl.maximum(b_var * zeta + 1.0, 1e-6)
-        b_l2 = b_lw2 + b_dot * g - b_musq * (g * (0.5 * zeta))
+    """Online-softmax update of the posterior-mean accumulators with one chunk of components (logits
+    centred on c, see :func:`_gm_logits2`)."""
+    b_l2, b_invd = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
     b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
     b_alpha = tl.exp2(b_mrun - b_mnew)
     b_p = tl.exp2(b_l2 - b_mnew[None, :])
     b_lrun = b_lrun * b_alpha + tl.sum(b_p, axis=0)
     if PER_K_STD:
-        b_pg = b_p * b_g
+        b_pg = b_p * b_invd
         b_accx = b_accx * b_alpha[None, :] + tl.sum(b_pg[:, None, :] * b_mu, axis=0)
         b_accv = b_accv * b_alpha + tl.sum(b_pg * b_var, axis=0)
         b_accg = b_accg * b_alpha + tl.sum(b_pg, axis=0)
@@ -184,12 +210,13 @@ def _gm_x0_from_acc(
     b_c,  # (BC, BL) the centre c
     var,  # scalar variance (per-sample stds)
     zeta,  # scalar zeta
+    acc_scale,  # scalar the per-component accumulators are divided by (they may carry a log2(e))
     FAST_RCP: tl.constexpr,  # approximate reciprocal
     PER_K_STD: tl.constexpr,  # per-component stds
 ):
     """x0 = sum_k w_k (var_k nu + mu_k) / d_k from the (centred) accumulators."""
     if PER_K_STD:
-        b_inv = 0.6931471805599453 * _rcp(b_lrun, FAST_RCP)  # the g_k carry a log2(e)
+        b_inv = _rcp(b_lrun * acc_scale, FAST_RCP)
         return (b_accx + b_c * b_accg[None, :] + b_nu * b_accv[None, :]) * b_inv[None, :]
     else:
         invd = 1.0 / tl.maximum(var * zeta + 1.0, 1e-6)
@@ -227,7 +254,8 @@ def _gm_posterior_x0(
     PER_K_STD: tl.constexpr,  # logstds per component
     FAST_RCP: tl.constexpr,  # approximate reciprocal
 ):
-    """x0 (BC, BL) of the GM posterior at (nu, zeta), streaming the components from memory."""
+    """x0 (BC, BL) of the GM posterior at (nu, zeta), streaming the components from memory, and the
+    softmax statistics of the centred log2 logits: running max (BL,) and sum of exp2(logit - max) (BL,)."""
     b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
     b_lrun = tl.zeros((BLOCK_L,), tl.float32)
     b_accx = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
@@ -244,7 +272,8 @@ def _gm_posterior_x0(
         b_mrun, b_lrun, b_accx, b_accv, b_accg = _gm_chunk_update(
             b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, b_mrun, b_lrun, b_accx, b_accv, b_accg, PER_K_STD
         )
-    return _gm_x0_from_acc(b_lrun, b_accx, b_accv, b_accg, b_nu, b_c, var0, zeta, FAST_RCP, PER_K_STD)
+    b_x0 = _gm_x0_from_acc(b_lrun, b_accx, b_accv, b_accg, b_nu, b_c, var0, zeta, 1.0, FAST_RCP, PER_K_STD)
+    return b_x0, b_mrun, b_lrun, b_accx, b_accv, b_accg
 
 
 @triton.jit
@@ -273,6 +302,9 @@ def _gm_velocity_fwd_kernel(
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_u,  # out: u (B, C, L) contiguous, dtype of x
+    p_ybar,  # out (SAVE_STATS): sum_k w_k (mu_k - c) [/ d_k with per-component stds] (B, C, L) float32
+    p_stats,  # out (SAVE_STATS): (B, S, L) float32: lse2 = log2 sum_k 2^logit2_k, then for per-component
+    #           stds (S = 3) sum_k w_k var_k / d_k and sum_k w_k / d_k
     K,  # number of components
     C,  # number of channels
     L,  # pixels per sample
@@ -288,6 +320,7 @@ def _gm_velocity_fwd_kernel(
     NUM_K_CHUNKS: tl.constexpr,  # ceil(K / BLOCK_K)
     PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
     FAST_RCP: tl.constexpr,  # NVIDIA GPU: approximate reciprocal by inline PTX (not in the interpreter)
+    SAVE_STATS: tl.constexpr,  # write ybar and stats for the backward
 ):
     i_p = tl.program_id(0)
     i_b = i_p // n_tiles
@@ -316,7 +349,7 @@ def _gm_velocity_fwd_kernel(
 
     # logits centred on c = x_src (free: the chunks then load as mu_k - c = -s_src means_k)
     p_ls_b = p_ls + i_b64 * stride_sb
-    b_x0 = _gm_posterior_x0(
+    b_x0, b_mrun, b_lrun, b_accx, b_accv, b_accg = _gm_posterior_x0(
         p_means + i_b64 * stride_mb, p_lw + i_b64 * stride_wb, p_ls_b, K,
         o_c, o_l, m_cl, m_l, s_src_raw, tl.zeros_like(b_xs), b_xs, tl.sum(b_xs * b_xs, axis=0), b_nu, zeta,
         _gm_var0(p_ls_b, s_src_raw), stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
@@ -325,6 +358,14 @@ def _gm_velocity_fwd_kernel(
     b_u = (b_x - b_x0) * inv_s
     o_u = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
     tl.store(p_u + o_u, b_u.to(p_u.dtype.element_ty), mask=m_cl)
+    if SAVE_STATS:
+        b_invl = 1.0 / b_lrun
+        tl.store(p_ybar + o_u, b_accx * b_invl[None, :], mask=m_cl)
+        o_s = i_b64 * (3 if PER_K_STD else 1) * L + o_l
+        tl.store(p_stats + o_s, b_mrun + tl.log2(b_lrun), mask=m_l)
+        if PER_K_STD:
+            tl.store(p_stats + o_s + L, b_accv * b_invl, mask=m_l)
+            tl.store(p_stats + o_s + 2 * L, b_accg * b_invl, mask=m_l)
 
 
 @triton.jit(do_not_specialize_on_alignment=_UNALIGNED)
@@ -337,6 +378,8 @@ def _gm_velocity_bwd_kernel(
     p_ls,  # logstds (B, K1), strided
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
+    p_ybar,  # the forward's ybar (B, C, L) float32, contiguous
+    p_stats,  # the forward's stats (B, S, L) float32, contiguous: lse2 [, vbar, hbar with per-component stds]
     p_dx,  # out: dL/dx (B, C, L) contiguous, dtype of x (written when NEED_DX)
     p_dmeans,  # out: dL/dmeans (B, K, C, L) contiguous, dtype of means
     p_dlw,  # out: dL/dlogweights (B, K, L) contiguous, dtype of logweights
@@ -366,6 +409,15 @@ def _gm_velocity_bwd_kernel(
     #   dL/dmu_k    = (w_k gx0 + gl_k (nu - zeta mu_k)) / d_k
     #   dL/dnu      = sum_k (gl_k mu_k + w_k var_k gx0) / d_k
     #   dL/dd_k     = -(w_k e_k + gl_k q_k) / d_k ;  dL/dvar_k = w_k (gx0 . nu) / d_k + zeta dL/dd_k
+    # One pass over the components, as in flash attention: the forward saved the softmax normaliser
+    # (its log-sum-exp) and the weighted means of what e_k is linear in, so the weights and gl_k of a
+    # chunk need no other chunk. Everything is evaluated centred on c = x_src like the forward (the
+    # chunks load as mu'_k = mu_k - c = -s_src means_k; nu - zeta mu_k = nu' - zeta mu'_k, nu' = nu - zeta c):
+    #   e_k = (gx0 . mu'_k + var_k gx0 . nu + gx0 . c) / d_k, and gl_k = w_k (e_k - ebar) is formed as
+    #   w_k [gx0 . (mu'_k / d_k - ybar) + gx0.nu (var_k / d_k - vbar) + gx0.c (1 / d_k - hbar)] with the
+    #   forward's ybar = sum_j w_j mu'_j / d_j, vbar, hbar; with one d the last two terms are 0 and
+    #   gl_k = w_k gx0 . (mu'_k - ybar) / d, ybar = sum_j w_j mu'_j. No large terms cancel, and a pixel
+    #   whose weight sits on one component gets gl = 0 exactly, as it should.
     i_p = tl.program_id(0)
     i_b = i_p // n_tiles
     i_t = i_p % n_tiles
@@ -385,61 +437,61 @@ def _gm_velocity_bwd_kernel(
     inv_ssrc = 1.0 / s_src
     zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
 
+    o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
     b_x = tl.load(p_x + i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl, mask=m_cl, other=0.0)
     b_xs = tl.load(p_xs + i_b64 * stride_yb + o_c[:, None] * stride_yc + o_l[None, :] * stride_yl, mask=m_cl, other=0.0)
     b_g = tl.load(p_g + i_b64 * stride_gb + o_c[:, None] * stride_gc + o_l[None, :] * stride_gl, mask=m_cl, other=0.0)
+    b_ybar = tl.load(p_ybar + o_out, mask=m_cl, other=0.0)
+    o_s = i_b64 * (3 if PER_K_STD else 1) * L + o_l
+    b_lse = tl.load(p_stats + o_s, mask=m_l, other=0.0)
     b_x = b_x.to(tl.float32)
     b_xs = b_xs.to(tl.float32)
     b_g = b_g.to(tl.float32)
     b_nu = (a * inv_s * inv_s) * b_x - (a_src * inv_ssrc * inv_ssrc) * b_xs
+    b_nup = b_nu - zeta * b_xs
     b_gx0 = -b_g * inv_s
     b_gxnu = tl.sum(b_gx0 * b_nu, axis=0)  # (BL,)
+    b_gxc = tl.sum(b_gx0 * b_xs, axis=0)  # gx0 . c
+    b_r = tl.sum(b_xs * b_nu, axis=0) - (0.5 * zeta) * tl.sum(b_xs * b_xs, axis=0)  # q_k = (A_k + r) / d_k
+    if PER_K_STD:
+        b_vbar = tl.load(p_stats + o_s + L, mask=m_l, other=0.0)
+        b_hbar = tl.load(p_stats + o_s + 2 * L, mask=m_l, other=0.0)
+    else:
+        b_gxybar = tl.sum(b_gx0 * b_ybar, axis=0)
 
     p_means_b = p_means + i_b64 * stride_mb
     p_lw_b = p_lw + i_b64 * stride_wb
     p_ls_b = p_ls + i_b64 * stride_sb
+    g0 = 1.4426950408889634 / tl.maximum(_gm_var0(p_ls_b, s_src_raw) * zeta + 1.0, 1e-6)
+    b_zero = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
 
-    # pass 1: softmax statistics (running max, sum) and sum_k p_k e_k
-    b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
-    b_lrun = tl.zeros((BLOCK_L,), tl.float32)
-    b_erun = tl.zeros((BLOCK_L,), tl.float32)
-    for i_k in range(NUM_K_CHUNKS):
-        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means_b, p_lw_b, p_ls_b, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src_raw, b_xs,
-            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
-        )  # fmt: skip
-        b_invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
-        b_dot = tl.sum(b_mu * b_nu[None, :, :], axis=1)
-        b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * (b_invd * 1.4426950408889634)
-        b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
-        b_alpha = tl.exp2(b_mrun - b_mnew)
-        b_p = tl.exp2(b_l2 - b_mnew[None, :])
-        b_e = (b_var * b_gxnu[None, :] + tl.sum(b_gx0[None, :, :] * b_mu, axis=1)) * b_invd
-        b_lrun = b_lrun * b_alpha + tl.sum(b_p, axis=0)
-        b_erun = b_erun * b_alpha + tl.sum(b_p * b_e, axis=0)
-        b_mrun = b_mnew
-    b_invl = 1.0 / b_lrun
-    b_ebar = b_erun * b_invl  # sum_k w_k e_k = gx0 . x0
-
-    # pass 2: gradients, chunk by chunk
     b_dnu = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
     b_dmusum = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    b_gldsum = tl.zeros((BLOCK_L,), tl.float32)
     o_dmeans = i_b64 * K * C * L + o_c[None, :, None] * L + o_l[None, None, :]
     o_dlw = i_b64 * K * L + o_l[None, :]
     o_dls = (i_b64 * n_tiles + i_t) * K
     for i_k in range(NUM_K_CHUNKS):
         k0 = i_k * BLOCK_K
         b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_xs,
+            p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_zero,
             stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
+        b_l2, b_invd = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
+        b_w = tl.exp2(b_l2 - b_lse[None, :])
         b_dpre = b_var * zeta + 1.0
-        b_invd = 1.0 / tl.maximum(b_dpre, 1e-6)
-        b_dot = tl.sum(b_mu * b_nu[None, :, :], axis=1)
-        b_q = (b_dot - (0.5 * zeta) * b_musq) * b_invd
-        b_w = tl.exp2(b_lw2 + b_q * 1.4426950408889634 - b_mrun[None, :]) * b_invl[None, :]
-        b_e = (b_var * b_gxnu[None, :] + tl.sum(b_gx0[None, :, :] * b_mu, axis=1)) * b_invd
-        b_gl = b_w * (b_e - b_ebar[None, :])
+        b_a = tl.sum(b_mu * b_nup[None, :, :], axis=1) - (0.5 * zeta) * b_musq  # A_k
+        b_gxmu = tl.sum(b_gx0[None, :, :] * b_mu, axis=1)
+        b_e = (b_var * b_gxnu[None, :] + b_gxmu + b_gxc[None, :]) * b_invd
+        if PER_K_STD:
+            b_de = (
+                tl.sum(b_gx0[None, :, :] * (b_mu * b_invd[:, None, :] - b_ybar[None, :, :]), axis=1)
+                + b_gxnu[None, :] * (b_var * b_invd - b_vbar[None, :])
+                + b_gxc[None, :] * (b_invd - b_hbar[None, :])
+            )
+        else:
+            b_de = (b_gxmu - b_gxybar[None, :]) * b_invd
+        b_gl = b_w * b_de
         b_wd = b_w * b_invd
         b_gld = b_gl * b_invd
 
@@ -447,29 +499,33 @@ def _gm_velocity_bwd_kernel(
         m_kl = m_k[:, None] & m_l[None, :]
         tl.store(p_dlw + o_dlw + o_k64[:, None] * L, b_gl.to(p_dlw.dtype.element_ty), mask=m_kl)
 
-        b_dmu = b_wd[:, None, :] * b_gx0[None, :, :] + b_gld[:, None, :] * (b_nu[None, :, :] - zeta * b_mu)
+        b_dmu = b_wd[:, None, :] * b_gx0[None, :, :] + b_gld[:, None, :] * (b_nup[None, :, :] - zeta * b_mu)
         p_dm = p_dmeans + o_dmeans + o_k64[:, None, None] * C * L
         tl.store(p_dm, (-s_src_raw * b_dmu).to(p_dmeans.dtype.element_ty), mask=m_k[:, None, None] & m_cl[None, :, :])
         b_dmusum += tl.sum(b_dmu, axis=0)
+        # sum_k gl_k mu_k / d_k = sum_k gl_k (mu_k - c) / d_k + c sum_k gl_k / d_k; with one d the last sum
+        # is (sum_k gl_k) / d = 0 exactly and is left out
         if PER_K_STD:
             b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0) + b_gx0 * tl.sum(b_wd * b_var, axis=0)[None, :]
+            b_gldsum += tl.sum(b_gld, axis=0)
         else:
             b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0) + b_gx0 * (tl.sum(b_wd, axis=0) * b_var)[None, :]
 
         # d = max(var zeta + 1, eps): no gradient through the clamp (torch.clamp passes it at >= eps)
         if PER_K_STD:
-            b_dd = -(b_w * b_e + b_gl * b_q) * b_invd
+            b_dd = -(b_w * b_e + b_gl * ((b_a + b_r[None, :]) * b_invd)) * b_invd
         else:
             # one d for all k: only sum_k dL/dd_k is used, and sum_k gl_k = 0, so q_k may be shifted by any
-            # per-pixel constant; shifted by the max logit it is O(1) for the components that carry weight
-            # instead of O(zeta ||mu||^2), which cuts the float32 cancellation in the logstds gradient
-            b_dd = -(b_w * b_e + b_gl * (b_q - b_mrun[None, :] * 0.6931471805599453)) * b_invd
+            # per-pixel constant; q_k - r/d - lse = log(w_k) - lw_k is O(1) for the components that carry
+            # weight instead of O(zeta ||mu||^2), which cuts the float32 cancellation in the logstds gradient
+            b_dd = -(b_w * b_e + b_gl * (b_a * b_invd - b_lse[None, :] * 0.6931471805599453)) * b_invd
         b_dd = tl.where(b_dpre >= 1e-6, b_dd, 0.0)
         # dL/dlogstd_k = 2 var_k dL/dvar_k, summed over this tile's pixels (masked pixels contribute 0)
         b_dls = tl.sum(2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd), axis=1)
         tl.store(p_dls + o_dls + o_k64, b_dls, mask=m_k)
 
-    o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
+    if PER_K_STD:
+        b_dnu += b_xs * b_gldsum[None, :]
     if NEED_DX:
         b_dx = b_g * inv_s + (a * inv_s * inv_s) * b_dnu
         tl.store(p_dx + o_out, b_dx.to(p_dx.dtype.element_ty), mask=m_cl)
@@ -574,7 +630,7 @@ def _gm_rollout_kernel(
                 b_pg = b_p * b_g  # p_k / d_k, times log2(e), undone in _gm_x0_from_acc
                 b_x0 = _gm_x0_from_acc(
                     tl.sum(b_p, axis=0), tl.sum(b_pg[:, None, :] * b_mu, axis=0), tl.sum(b_pg * b_var, axis=0),
-                    tl.sum(b_pg, axis=0), b_nu, b_c, var0, zeta, FAST_RCP, PER_K_STD,
+                    tl.sum(b_pg, axis=0), b_nu, b_c, var0, zeta, 1.4426950408889634, FAST_RCP, PER_K_STD,
                 )  # fmt: skip
             else:
                 g1 = 1.4426950408889634 / tl.maximum(b_var * zeta + 1.0, 1e-6)
@@ -583,7 +639,7 @@ def _gm_rollout_kernel(
                 b_p = tl.exp2(b_l2 - b_m[None, :])
                 b_x0 = _gm_x0_from_acc(
                     tl.sum(b_p, axis=0), tl.sum(b_p[:, None, :] * b_mu, axis=0), b_var, b_var,
-                    b_nu, b_c, b_var, zeta, FAST_RCP, PER_K_STD,
+                    b_nu, b_c, b_var, zeta, 1.0, FAST_RCP, PER_K_STD,
                 )  # fmt: skip
             # x += u (s_next - s) with u = (x - x0) / s
             b_x = b_x + (b_x - b_x0) * ((s_next - s) * inv_s)
@@ -616,7 +672,7 @@ def _gm_rollout_kernel(
             a = 1.0 - s_c
             zeta = a * a * inv_s * inv_s - c_src
             b_nu = (a * inv_s * inv_s) * b_x - b_nusrc
-            b_x0 = _gm_posterior_x0(
+            b_x0, _, _, _, _, _ = _gm_posterior_x0(
                 p_means_b, p_lw_b, p_ls_b, K, o_c, o_l, m_cl, m_l, s_src_raw, -b_cxs, b_c, b_csq, b_nu, zeta,
                 var0, stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
                 BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD, FAST_RCP,
@@ -676,21 +732,30 @@ def _vec(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
-def _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src) -> torch.Tensor:
+def _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src, save_stats):
+    """u (B, C, L) in x.dtype, and with ``save_stats`` the backward's ybar (B, C, L) and stats (B, S, L)
+    in float32 (else empty (0,) tensors); S = 3 with per-component stds, else 1."""
     b, k, c, length = means.shape
     cfg = _gm_config(k, c, length, _TILE_BUDGET_FWD)
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     u = _alloc((b, c, length), x.dtype, x.device)
+    ybar = _alloc((b, c, length) if save_stats else (0,), torch.float32, x.device)
+    stats = _alloc((b, _n_stats(logstds), length) if save_stats else (0,), torch.float32, x.device)
     _gm_velocity_fwd_kernel[(b * n_tiles,)](
-        x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src), u,
+        x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src), u, ybar, stats,
         k, c, length, n_tiles,
         *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
-        PER_K_STD=logstds.shape[1] > 1, FAST_RCP=_fast_rcp(x), **cfg,
+        PER_K_STD=logstds.shape[1] > 1, FAST_RCP=_fast_rcp(x), SAVE_STATS=save_stats, **cfg,
     )  # fmt: skip
-    return u
+    return u, ybar, stats
 
 
-def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, need_x, need_x_src):
+def _n_stats(logstds: torch.Tensor) -> int:
+    """Rows of the forward's saved per-pixel statistics: lse2, and vbar, hbar with per-component stds."""
+    return 3 if logstds.shape[1] > 1 else 1
+
+
+def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, ybar, stats, need_x, need_x_src):
     b, k, c, length = means.shape
     cfg = _gm_config(k, c, length, _TILE_BUDGET_BWD)
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
@@ -701,7 +766,7 @@ def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_
     dlw = _alloc((b, k, length), logweights.dtype, dev)
     dls_part = _alloc((b, n_tiles, k), torch.float32, dev)
     _gm_velocity_bwd_kernel[(b * n_tiles,)](
-        grad_u, x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src),
+        grad_u, x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src), ybar, stats,
         dx, dmeans, dlw, dls_part, dxs,
         k, c, length, n_tiles,
         *grad_u.stride(), *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
@@ -742,14 +807,21 @@ def gm_velocity_op(
     logstds: torch.Tensor,
     x_src: torch.Tensor,
     sigma_src: torch.Tensor,
-) -> torch.Tensor:
-    """GM velocity (B, C, L) in x.dtype; flat layout as :func:`gm_velocity_triton`."""
-    return _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src)
+    save_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u, ybar, stats): the GM velocity (B, C, L) in x.dtype (flat layout as :func:`gm_velocity_triton`)
+    and, with ``save_stats``, what the backward reuses, float32 and not differentiable (empty (0,)
+    tensors otherwise): ybar (B, C, L) = sum_k w_k (mu_k - x_src) [/ d_k], stats (B, S, L) = the
+    log2-sum-exp2 of the centred log2 logits [, sum_k w_k var_k / d_k, sum_k w_k / d_k with
+    per-component stds (S = 3)]."""
+    return _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src, save_stats)
 
 
 @gm_velocity_op.register_fake
-def _gm_velocity_fake(x, sigma, means, logweights, logstds, x_src, sigma_src):
-    return x.new_empty((x.shape[0], x.shape[1], x.shape[2]))
+def _gm_velocity_fake(x, sigma, means, logweights, logstds, x_src, sigma_src, save_stats):
+    b, c, length = x.shape
+    shapes = ((b, c, length), (b, _n_stats(logstds), length)) if save_stats else ((0,), (0,))
+    return x.new_empty((b, c, length)), *(x.new_empty(sh, dtype=torch.float32) for sh in shapes)
 
 
 @torch.library.custom_op("piflow::gm_velocity_bwd", mutates_args=())
@@ -762,15 +834,18 @@ def gm_velocity_bwd_op(
     logstds: torch.Tensor,
     x_src: torch.Tensor,
     sigma_src: torch.Tensor,
+    ybar: torch.Tensor,
+    stats: torch.Tensor,
     need_x: bool,
     need_x_src: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dmeans, dlogweights, dlogstds, dx_src); dx / dx_src are empty (0,) unless asked for."""
-    return _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, need_x, need_x_src)
+    """(dx, dmeans, dlogweights, dlogstds, dx_src) in one pass over the components, from the forward's
+    ybar and stats (``piflow::gm_velocity`` with save_stats); dx / dx_src are empty (0,) unless asked for."""
+    return _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, ybar, stats, need_x, need_x_src)
 
 
 @gm_velocity_bwd_op.register_fake
-def _gm_velocity_bwd_fake(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, need_x, need_x_src):
+def _gm_velocity_bwd_fake(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, ybar, stats, need_x, need_x_src):
     b, c, length = x.shape
     return (
         x.new_empty((b, c, length) if need_x else (0,)),
@@ -782,14 +857,19 @@ def _gm_velocity_bwd_fake(grad_u, x, sigma, means, logweights, logstds, x_src, s
 
 
 def _gm_velocity_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)  # inputs only: the backward recomputes, no (K, C, L) intermediates
+    # the inputs and C + 1 (C + 3) floats per pixel of statistics: no (K, C, L) intermediates are kept
+    _, ybar, stats = output
+    ctx.mark_non_differentiable(ybar, stats)
+    ctx.save_for_backward(*inputs[:7], ybar, stats)
 
 
-def _gm_velocity_backward(ctx, grad_u):
-    x, sigma, means, logweights, logstds, x_src, sigma_src = ctx.saved_tensors
+def _gm_velocity_backward(ctx, grad_u, _grad_ybar, _grad_stats):
+    x, sigma, means, logweights, logstds, x_src, sigma_src, ybar, stats = ctx.saved_tensors
+    if stats.numel() == 0:  # the op was called with save_stats=False on inputs that need grad: recompute
+        _, ybar, stats = torch.ops.piflow.gm_velocity(x, sigma, means, logweights, logstds, x_src, sigma_src, True)
     need = ctx.needs_input_grad
     dx, dmeans, dlw, dls, dxs = torch.ops.piflow.gm_velocity_bwd(
-        grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, bool(need[0]), bool(need[5])
+        grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, ybar, stats, bool(need[0]), bool(need[5])
     )
     return (
         dx if need[0] else None,
@@ -798,6 +878,7 @@ def _gm_velocity_backward(ctx, grad_u):
         dlw if need[3] else None,
         dls if need[4] else None,
         dxs if need[5] else None,
+        None,
         None,
     )
 
@@ -871,13 +952,17 @@ def gm_velocity_triton(
         means: (B, K, C, L); logweights: (B, K, L) (may hold -inf); logstds: (B, 1) or (B, K).
     Returns:
         u (B, C, L) in x.dtype. Gradients flow to means, logweights, logstds, x and x_src; the
-        backward kernel recomputes from the inputs. Math in float32.
+        backward kernel recomputes from the inputs in one pass over the components, with C + 1 floats
+        per pixel (C + 3 with per-component stds) saved by the forward. Math in float32.
     """
     reason = _fallback_reason(x, means)
     if reason is not None:
         _warn_once(reason)
         return gm_velocity_torch(x, sigma, means, logweights, logstds, x_src, sigma_src)
-    return torch.ops.piflow.gm_velocity(x, sigma, means, logweights, logstds, x_src, sigma_src)
+    # the backward's statistics are written only when a gradient can flow (decided at trace time under
+    # torch.compile: grad mode and requires_grad are static there)
+    save_stats = torch.is_grad_enabled() and any(t.requires_grad for t in (x, means, logweights, logstds, x_src))
+    return torch.ops.piflow.gm_velocity(x, sigma, means, logweights, logstds, x_src, sigma_src, save_stats)[0]
 
 
 def gm_rollout_triton(

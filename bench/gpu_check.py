@@ -12,6 +12,8 @@ Parts, each under its own time budget and try/except (a failing part is recorded
     3. pytest        the CUDA-marked tests of the kernel test files, in a subprocess with a timeout
     4. benchmark     the table (official-style eager, torch.compile of it, Triton) and the issue's
                      targets, MET/MISSED
+    5. sweep         each GM kernel alone at the training shape for several chunk budgets and warp
+                     counts (the launch defaults' evidence), GB/s and % of the copy bandwidth
 Writes ``gpu_check.json`` and ``gpu_check.log`` into ``--out`` and prints a short summary last.
 A watchdog thread writes what it has and exits if the whole run overstays its budget.
 Imports nothing from diffusers; needs only torch and triton (pytest for part 3, skipped without it).
@@ -435,6 +437,94 @@ def part_benchmark(state: dict, device: str, quick: bool, deadline: float, log) 
         log(line)
 
 
+# ------------------------------------------------------------------------------------------ sweep
+
+# (chunk register budget, warps per program) of each GM kernel, timed at the training shape
+SWEEP_POINTS = {
+    "rollout": [(128, 1), (128, 2), (128, 4), (128, 8)],
+    "bwd": [(budget, warps) for budget in (16, 32, 64) for warps in (2, 4, 8)],
+    "fwd": [(budget, warps) for budget in (32, 64, 128) for warps in (2, 4, 8)],
+}
+
+
+def sweep_bytes(kernel: str, b: int, k: int, c: int, length: int, substeps: int) -> float:
+    """Bytes each kernel moves at least once (fp32): policy K*C + K per pixel, plus its per-pixel vectors."""
+    px = b * length
+    if kernel == "rollout":
+        return 4.0 * px * (k * c + k + 3 * c)
+    if kernel == "fwd":  # x, x_src in; u, ybar and lse out
+        return 4.0 * px * (k * c + k + 4 * c + 1)
+    return 4.0 * px * (2 * (k * c + k) + 4 * c + 1)  # bwd: policy in and its gradient out; x, x_src, grad, ybar, lse
+
+
+def part_sweep(state: dict, device: str, quick: bool, deadline: float, log) -> None:
+    """Time each GM kernel alone at the training shape (fp32, one std per sample) for every launch point of
+    SWEEP_POINTS, so the defaults in piflow_kernels.ops.gm_triton._LAUNCH can be set from data."""
+    import torch
+
+    from bench.timing import time_fn
+    from piflow_kernels.ops import gm_triton
+    from piflow_kernels.timesteps import substep_schedule
+
+    b, k, c, length, substeps = (2, 8, 4, 64, 8) if (quick or device == "cpu") else (512, 32, 4, 1024, 128)
+    gen = torch.Generator(device="cpu").manual_seed(3)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device)
+
+    means, x_src = rnd(b, k, c, length), rnd(b, c, length)
+    lw = torch.log_softmax(rnd(b, k, length, scale=2.0), dim=1)
+    ls = rnd(b, 1, scale=0.2) - 1.0
+    sigma_src = torch.ones(b, device=device)
+    sigma = (0.2 + 0.7 * torch.rand(b, generator=gen)).to(device)
+    x = x_src + 0.5 * rnd(b, c, length)
+    grad_u = rnd(b, c, length)
+    n, h, r0 = substep_schedule(sigma_src, torch.zeros(b, device=device), substeps, 1.0)
+    _, ybar, stats = gm_triton._gm_velocity_fwd(x, sigma, means, lw, ls, x_src, sigma_src, True)
+    calls = {
+        "rollout": lambda: gm_triton._gm_rollout(x_src, means, lw, ls, x_src, sigma_src, sigma_src, n, h, r0, 1.0),
+        "fwd": lambda: gm_triton._gm_velocity_fwd(x, sigma, means, lw, ls, x_src, sigma_src, True),
+        "bwd": lambda: gm_triton._gm_velocity_bwd(grad_u, x, sigma, means, lw, ls, x_src, sigma_src, ybar, stats, False, False),
+    }
+    bw = state.get("machine", {}).get("copy_bandwidth_gbps")
+    rows = state["sweep"] = []
+    saved = {name: dict(v) for name, v in gm_triton._LAUNCH.items()}
+    log(f"    shape B{b} K{k} C{c} L{length}, rollout {substeps} substeps; defaults {saved}")
+    try:
+        for kernel, points in SWEEP_POINTS.items():
+            for budget, warps in points if device == "cuda" else points[:2]:
+                if time.monotonic() > deadline:
+                    log("    sweep: out of time")
+                    return
+                gm_triton._LAUNCH[kernel] = {"budget": budget, "num_warps": warps}
+                cfg = gm_triton._gm_config(k, c, length, budget, warps)
+                try:
+                    t = time_fn(calls[kernel], device, target_ms=60.0 if device == "cuda" else 20.0)
+                except Exception as err:  # noqa: BLE001 - e.g. out of registers / shared memory at this point
+                    rows.append(dict(kernel=kernel, budget=budget, num_warps=warps, error=f"{type(err).__name__}: {err}"[:200]))
+                    log(f"    {kernel:<8} budget {budget:>3} warps {warps}: ERROR {rows[-1]['error'][:100]}")
+                    continue
+                finally:
+                    gm_triton._LAUNCH[kernel] = saved[kernel]
+                gbps = sweep_bytes(kernel, b, k, c, length, substeps) / (t.median_ms * 1e6)
+                rows.append(dict(kernel=kernel, budget=budget, num_warps=warps, block_k=cfg["BLOCK_K"], block_l=cfg["BLOCK_L"],
+                                 median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, gbps=gbps,
+                                 pct_copy_bw=100.0 * gbps / bw if bw else None,
+                                 default=saved[kernel] == {"budget": budget, "num_warps": warps}))  # fmt: skip
+                pct = f"{rows[-1]['pct_copy_bw']:5.1f}% of copy" if bw else ""
+                tile = f"BLOCK_K {cfg['BLOCK_K']:>2}, BLOCK_L {cfg['BLOCK_L']:>3}"
+                log(f"    {kernel:<8} budget {budget:>3} warps {warps} ({tile}): {t.median_ms:8.3f} ms  {gbps:7.1f} GB/s {pct}")
+    finally:
+        gm_triton._LAUNCH.update(saved)
+    for kernel in SWEEP_POINTS:
+        ok = [r for r in rows if r["kernel"] == kernel and "error" not in r]
+        if ok:
+            best = min(ok, key=lambda r: r["median_ms"])
+            default = next((r for r in ok if r["default"]), None)
+            vs = f" (default {default['median_ms']:.3f} ms)" if default else ""
+            log(f"    best {kernel}: budget {best['budget']}, {best['num_warps']} warps, {best['median_ms']:.3f} ms{vs}")
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -475,6 +565,15 @@ def _summary(state: dict) -> str:
             mem = f"{r['peak_mem_mb']:.0f} MiB" if r.get("peak_mem_mb") is not None else ""
             lead = f"    {r['case']:<16} {r['kind']:<20} {r['backend']:<8}"
             lines.append(f"{lead} {r['median_ms']:10.3f} ms {sp:>8} {roof:>6} {mem}")
+    sweep = [r for r in state.get("sweep", []) if "error" not in r]
+    for kernel in SWEEP_POINTS:
+        ok = [r for r in sweep if r["kernel"] == kernel]
+        if ok:
+            best = min(ok, key=lambda r: r["median_ms"])
+            default = next((r for r in ok if r["default"]), None)
+            dflt = f"{default['median_ms']:.3f} ms" if default else "-"
+            lines.append(f"  sweep {kernel:<8} best budget {best['budget']:>3}, {best['num_warps']} warps: "
+                         f"{best['median_ms']:.3f} ms (default {dflt})")  # fmt: skip
     for t in state.get("targets", []):
         v = "n/a" if t["value"] is None else f"{t['value']:.3g}"
         lines.append(f"  [{'MET' if t['met'] else 'MISSED':>6}] {t['name']}: {v}")
@@ -495,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes")
     parser.add_argument("--budget-s", type=float, default=285.0, help="total wall-time budget (default 285)")
     parser.add_argument("--commit", default=None, help="git commit to record (the copy may have no .git)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip (correctness,pytest,benchmark)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip (correctness,pytest,benchmark,sweep)")
     args = parser.parse_args(argv)
 
     t_start = time.monotonic()
@@ -531,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip = set(filter(None, args.skip.split(",")))
     # fractions of the budget: where each part must have finished (benchmark takes what is left)
-    plan = [("environment", 0.06), ("correctness", 0.36), ("pytest", 0.60), ("benchmark", 0.97)]
+    plan = [("environment", 0.04), ("correctness", 0.30), ("pytest", 0.52), ("benchmark", 0.80), ("sweep", 0.97)]
     for name, frac in plan:
         deadline = min(t_start + frac * args.budget_s, budget_end)
         if name in skip:
@@ -566,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
 
                     state["_machine"] = MachineInfo(args.device, args.device, None, None)
                 part_benchmark(state, args.device, args.quick, deadline, log)
+            elif name == "sweep":
+                with time_limit(deadline - time.monotonic() + 30):
+                    part_sweep(state, args.device, args.quick, deadline, log)
         except BaseException as err:  # noqa: BLE001 - record, go on to the next part
             if isinstance(err, KeyboardInterrupt):
                 raise

@@ -139,4 +139,11 @@ def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
     assert len(doc["correctness"]) >= 20 and all(r["passed"] for r in doc["correctness"])
     assert not doc["diffusers_imported"]
     assert "GPU CHECK SUMMARY" in (tmp_path / "gpu_check.log").read_text()
+    # the launch sweep timed two points of each GM kernel and left the defaults as they were
+    assert doc["parts"]["sweep"]["status"] == "ok"
+    assert sorted({r["kernel"] for r in doc["sweep"]}) == ["bwd", "fwd", "rollout"]
+    assert all("error" not in r and r["median_ms"] > 0 and r["gbps"] > 0 for r in doc["sweep"]) and len(doc["sweep"]) == 6
+    from piflow_kernels.ops import gm_triton
+
+    assert gm_triton._LAUNCH["bwd"] == {"budget": gm_triton._TILE_BUDGET_BWD, "num_warps": None}
 

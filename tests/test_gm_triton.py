@@ -207,6 +207,42 @@ def test_rollout(case, poisoned):
     assert rel_err(x_end, ref) <= TOL["rollout"][torch.float32]
 
 
+# (budget, num_warps) per kernel: the GPU check's sweep points at their extremes
+LAUNCH_KNOBS = [
+    {"fwd": (16, 1), "bwd": (16, 8), "rollout": (128, 1)},
+    {"fwd": (128, 8), "bwd": (64, 2), "rollout": (64, 8)},
+]
+
+
+@pytest.mark.parametrize("knobs", LAUNCH_KNOBS, ids=["small-chunks", "large-chunks"])
+@pytest.mark.parametrize("per_component", [False, True], ids=["std-per-sample", "std-per-comp"])
+def test_launch_knobs_keep_results(knobs, per_component, monkeypatch, poisoned):
+    """Every chunk budget and warp count the GPU check sweeps gives the reference's velocity, gradients and
+    rollout (more pixels per program than L, chunked and resident tiles)."""
+    for name, (budget, warps) in knobs.items():
+        monkeypatch.setitem(gm_triton._LAUNCH, name, {"budget": budget, "num_warps": warps})
+    b, k, c, length = 2, 32, 4, 150
+    x, sigma, means, lw, ls, x_src, sigma_src = make_inputs(b, k, c, length, per_component=per_component, neg_inf=True,
+                                                            dtype=torch.float32, seed=21)  # fmt: skip
+    means.requires_grad_()
+    lw.requires_grad_()
+    u = gm_triton.gm_velocity_triton(x, sigma, means, lw, ls, x_src, sigma_src)
+    grad_u = torch.randn(u.shape)
+    grads = torch.autograd.grad(u, [means, lw], grad_u)
+    d_leaves = [means.detach().double().requires_grad_(), lw.detach().double().requires_grad_()]
+    u_ref = ref_velocity(x, sigma, d_leaves[0], d_leaves[1], ls, x_src, sigma_src)
+    ref_grads = torch.autograd.grad(u_ref, d_leaves, grad_u.double())
+    assert rel_err(u.detach(), u_ref.detach()) <= TOL["velocity"][torch.float32]
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) <= TOL["grad"][torch.float32]
+    s0 = sigma_src * 0.9
+    s1 = s0 * torch.tensor([0.5, 0.0])
+    n, h, r0 = substep_schedule(s0, s1, 10, 3.2)
+    x_end = gm_triton.gm_rollout_triton(x, means.detach(), lw.detach(), ls, x_src, sigma_src, s0, n, h, r0, 3.2)
+    ref = ref_rollout(x, means.detach(), lw.detach(), ls, x_src, sigma_src, s0, s1, 10, 3.2)
+    assert rel_err(x_end, ref) <= TOL["rollout"][torch.float32]
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_rollout_low_precision(dtype, poisoned):
     dt = DTYPES[dtype]

@@ -63,6 +63,13 @@ MAX_CHANNELS = 64  # C range of the kernels
 _TILE_BUDGET_ROLLOUT = 128
 _TILE_BUDGET_FWD = 64
 _TILE_BUDGET_BWD = 32
+# The launch knobs of the three kernels: register budget per chunk and warps per program (None: by the
+# pixel count, see _gm_config). Read at every launch, so bench.gpu_check can sweep them on a GPU.
+_LAUNCH: dict[str, dict[str, int | None]] = {
+    "fwd": {"budget": _TILE_BUDGET_FWD, "num_warps": None},
+    "bwd": {"budget": _TILE_BUDGET_BWD, "num_warps": None},
+    "rollout": {"budget": _TILE_BUDGET_ROLLOUT, "num_warps": None},
+}
 # Read once at import: Triton decides interpreter vs compiler when a kernel is decorated.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -689,21 +696,23 @@ def _gm_rollout_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _gm_config(k: int, c: int, length: int, budget: int) -> dict[str, int]:
+def _gm_config(k: int, c: int, length: int, budget: int, num_warps: int | None = None) -> dict[str, int]:
     """Block sizes and warps. All C per program, K in chunks of BLOCK_K.
 
     Triton's default layout fills a warp's threads along L (the fastest axis) first, then along C.
     Up to 16 channels one thread owns whole pixels (BLOCK_L = 32 * num_warps), so reductions over
     K and C need no shuffles; above that t_c = BLOCK_C / 16 threads share a pixel inside one warp
     (BLOCK_L = 32 / t_c, one warp per program), which keeps the per-thread state (x, x_src, nu,
-    accumulators: about 5 * C floats) out of local memory. BLOCK_K * BLOCK_C / t_c <= budget."""
+    accumulators: about 5 * C floats) out of local memory. BLOCK_K * BLOCK_C / t_c <= budget.
+    ``num_warps`` overrides the warps per program where one thread owns whole pixels."""
     block_c = triton.next_power_of_2(c)
     t_c = max(1, block_c // 16)
     block_k = triton.next_power_of_2(k)
     if block_k * block_c > budget * t_c:  # chunked: a smaller chunk leaves room for the online-softmax state
         block_k = max(1, budget * t_c // (2 * block_c))
     if t_c == 1:
-        num_warps = 4 if length >= 128 else (2 if length >= 64 else 1)
+        if num_warps is None:
+            num_warps = 4 if length >= 128 else (2 if length >= 64 else 1)
         block_l = min(32 * num_warps, max(triton.next_power_of_2(length), 2))
     else:
         num_warps = 1
@@ -736,7 +745,7 @@ def _gm_velocity_fwd(x, sigma, means, logweights, logstds, x_src, sigma_src, sav
     """u (B, C, L) in x.dtype, and with ``save_stats`` the backward's ybar (B, C, L) and stats (B, S, L)
     in float32 (else empty (0,) tensors); S = 3 with per-component stds, else 1."""
     b, k, c, length = means.shape
-    cfg = _gm_config(k, c, length, _TILE_BUDGET_FWD)
+    cfg = _gm_config(k, c, length, _LAUNCH["fwd"]["budget"], _LAUNCH["fwd"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     u = _alloc((b, c, length), x.dtype, x.device)
     ybar = _alloc((b, c, length) if save_stats else (0,), torch.float32, x.device)
@@ -757,7 +766,7 @@ def _n_stats(logstds: torch.Tensor) -> int:
 
 def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_src, ybar, stats, need_x, need_x_src):
     b, k, c, length = means.shape
-    cfg = _gm_config(k, c, length, _TILE_BUDGET_BWD)
+    cfg = _gm_config(k, c, length, _LAUNCH["bwd"]["budget"], _LAUNCH["bwd"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     dev = x.device
     dx = _alloc((b, c, length) if need_x else (0,), x.dtype, dev)
@@ -780,7 +789,7 @@ def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_
 
 def _gm_rollout(x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift):
     b, k, c, length = means.shape
-    cfg = _gm_config(k, c, length, _TILE_BUDGET_ROLLOUT)
+    cfg = _gm_config(k, c, length, _LAUNCH["rollout"]["budget"], _LAUNCH["rollout"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     out = _alloc((b, c, length), x_start.dtype, x_start.device)
     _gm_rollout_kernel[(b * n_tiles,)](

@@ -251,6 +251,7 @@ def test_fsdp_shards_dit_blocks_and_matches_plain_training(tmp_path, monkeypatch
         sharded = Trainer(cfg("fsdp", tmp_path / "fsdp"))
         blocks = [m for m in sharded.student.modules() if type(m).__name__.startswith("FSDPBasicTransformerBlock")]
         assert len(blocks) == 2
+        assert plain.optimizer.defaults["fused"] and not sharded.optimizer.defaults["fused"]  # DTensor params: foreach
         sharded.accumulate_gradients()
         for name, p in sharded.student.named_parameters():
             torch.testing.assert_close(p.grad.full_tensor(), expected[name], rtol=1e-5, atol=1e-7, msg=name)

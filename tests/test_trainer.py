@@ -211,6 +211,28 @@ def test_grad_clipping_and_lr_warmup_apply(tmp_path):
     assert not trainer.use_autocast  # bf16 autocast is for CUDA only
 
 
+def test_adamw_is_fused_where_possible_and_steps_like_the_default():
+    """make_adamw: fused on CPU float parameters, the same update as torch's default AdamW step."""
+    from piflow_kernels.distill.optim import make_adamw
+
+    gen = torch.Generator().manual_seed(0)
+    ref = [torch.randn(5, 3, generator=gen).requires_grad_(), torch.randn(7, generator=gen).requires_grad_()]
+    ours = [p.detach().clone().requires_grad_() for p in ref]
+    start = [p.detach().clone() for p in ref]
+    opt_ref = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    opt = make_adamw(ours, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+    assert opt.defaults["fused"]
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in ref]
+        for p, q, g in zip(ref, ours, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_ref.step()
+        opt.step()
+    for p, q in zip(ref, ours):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert all((p - p0).abs().min() > 0 for p, p0 in zip(ref, start))  # every parameter moved
+
+
 def test_tensor_data_source_trains(tmp_path):
     from safetensors.torch import save_file
 

@@ -43,6 +43,7 @@ from piflow_kernels.distill.ddp import (
     wrap_model,
 )
 from piflow_kernels.distill.ema import EMA
+from piflow_kernels.distill.optim import make_adamw
 
 __all__ = [
     "Trainer",
@@ -408,7 +409,7 @@ class Trainer:
         if not self.params:
             raise ValueError("the student has no trainable parameters")
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = make_adamw(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: warmup_factor(it, o.warmup_iters, o.warmup_ratio)
         )

@@ -69,6 +69,28 @@ def _dx_weights(s, r_src, r_dst, seg, shift, o_n, N, POLYNOMIAL: tl.constexpr):
 
 
 @triton.jit
+def _dx_program(L, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's sample (int64), pixel offsets (BLOCK_L,) int64 with their mask, grid-point offsets (BLOCK_N,)."""
+    i_b = tl.program_id(0).to(tl.int64)
+    o_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    m_l = o_l < L
+    return i_b, o_l.to(tl.int64), m_l, tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _dx_step_weights(p_sigma, p_ssrc, p_rsrc, p_rdst, p_seg, i_b, stride_sig, stride_ss, stride_rs, stride_rd, stride_seg,
+                     shift, o_n, N, POLYNOMIAL: tl.constexpr):  # fmt: skip
+    """The velocity's per-sample scalars: sigma_src, clamped sigma, the grid weights (BLOCK_N,) and their sum."""
+    s = tl.load(p_sigma + i_b * stride_sig).to(tl.float32)
+    s_src = tl.load(p_ssrc + i_b * stride_ss).to(tl.float32)
+    r_src = tl.load(p_rsrc + i_b * stride_rs).to(tl.float32)
+    r_dst = tl.load(p_rdst + i_b * stride_rd).to(tl.float32)
+    seg = tl.load(p_seg + i_b * stride_seg).to(tl.float32)
+    b_w = _dx_weights(s, r_src, r_dst, seg, tl.cast(shift, tl.float32), o_n, N, POLYNOMIAL)
+    return s_src, tl.maximum(s, 1e-4), b_w, tl.sum(b_w, axis=0)
+
+
+@triton.jit
 def _dx_velocity_fwd_kernel(
     p_x,  # (B, C, L) latent at which the velocity is evaluated
     p_grid,  # (B, N, C, L) velocities at the N grid points
@@ -89,22 +111,9 @@ def _dx_velocity_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
-    i_l = tl.program_id(1)
-    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    m_l = o_l < L
-    o_l = o_l.to(tl.int64)
-    o_n = tl.arange(0, BLOCK_N)
-    shift = tl.cast(shift, tl.float32)
-
-    s = tl.load(p_sigma + i_b * stride_sig).to(tl.float32)
-    s_src = tl.load(p_ssrc + i_b * stride_ss).to(tl.float32)
-    r_src = tl.load(p_rsrc + i_b * stride_rs).to(tl.float32)
-    r_dst = tl.load(p_rdst + i_b * stride_rd).to(tl.float32)
-    seg = tl.load(p_seg + i_b * stride_seg).to(tl.float32)
-    b_w = _dx_weights(s, r_src, r_dst, seg, shift, o_n, N, POLYNOMIAL)
-    w_sum = tl.sum(b_w, axis=0)
-    s_c = tl.maximum(s, 1e-4)
+    i_b, o_l, m_l, o_n = _dx_program(L, BLOCK_N, BLOCK_L)
+    s_src, s_c, b_w, w_sum = _dx_step_weights(p_sigma, p_ssrc, p_rsrc, p_rdst, p_seg, i_b, stride_sig, stride_ss, stride_rs,
+                                              stride_rd, stride_seg, shift, o_n, N, POLYNOMIAL)  # fmt: skip
     # grid points with zero weight are never read: in grid mode only two rows of the tile move
     m_g = ((o_n < N) & (b_w != 0.0))[:, None] & m_l[None, :]
     o_g = o_n.to(tl.int64)[:, None] * stride_gn + o_l[None, :] * stride_gl
@@ -137,22 +146,9 @@ def _dx_velocity_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
-    i_l = tl.program_id(1)
-    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    m_l = o_l < L
-    o_l = o_l.to(tl.int64)
-    o_n = tl.arange(0, BLOCK_N)
-    shift = tl.cast(shift, tl.float32)
-
-    s = tl.load(p_sigma + i_b * stride_sig).to(tl.float32)
-    s_src = tl.load(p_ssrc + i_b * stride_ss).to(tl.float32)
-    r_src = tl.load(p_rsrc + i_b * stride_rs).to(tl.float32)
-    r_dst = tl.load(p_rdst + i_b * stride_rd).to(tl.float32)
-    seg = tl.load(p_seg + i_b * stride_seg).to(tl.float32)
-    b_w = _dx_weights(s, r_src, r_dst, seg, shift, o_n, N, POLYNOMIAL)
-    s_c = tl.maximum(s, 1e-4)
-    w_sum = tl.sum(b_w, axis=0)
+    i_b, o_l, m_l, o_n = _dx_program(L, BLOCK_N, BLOCK_L)
+    s_src, s_c, b_w, w_sum = _dx_step_weights(p_sigma, p_ssrc, p_rsrc, p_rdst, p_seg, i_b, stride_sig, stride_ss, stride_rs,
+                                              stride_rd, stride_seg, shift, o_n, N, POLYNOMIAL)  # fmt: skip
     b_cg = s_src * b_w / s_c  # (BLOCK_N,) d u / d grid_n
     m_g = (o_n < N)[:, None] & m_l[None, :]
 
@@ -191,12 +187,7 @@ def _dx_rollout_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
-    i_l = tl.program_id(1)
-    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    m_l = o_l < L
-    o_l = o_l.to(tl.int64)
-    o_n = tl.arange(0, BLOCK_N)
+    i_b, o_l, m_l, o_n = _dx_program(L, BLOCK_N, BLOCK_L)
     policy_shift = tl.cast(policy_shift, tl.float32)
     shift = tl.cast(shift, tl.float32)
 

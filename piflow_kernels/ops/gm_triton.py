@@ -289,6 +289,33 @@ def _gm_var0(p_ls, s_src):
     return tl.exp(2.0 * tl.load(p_ls).to(tl.float32)) * (s_src * s_src)
 
 
+@triton.jit
+def _gm_program(n_tiles, C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's sample and tile: i_b, i_t, i_b as int64, pixel offsets (BL,) and channel offsets (BC,)
+    as int64, the pixel mask (BL,) and the channel-and-pixel mask (BC, BL)."""
+    i_p = tl.program_id(0)
+    i_b = i_p // n_tiles
+    i_t = i_p % n_tiles
+    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
+    m_l = o_l < L
+    return i_b, i_t, i_b.to(tl.int64), o_l, o_c, m_l, (o_c < C)[:, None] & m_l[None, :]
+
+
+@triton.jit
+def _gm_sigmas(p_sigma, p_ssrc, i_b):
+    """Per-sample scalars of the velocity at sigma: raw sigma_src, clamped sigma, a, a_src, 1/s, 1/s_src, zeta."""
+    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
+    s = tl.maximum(tl.load(p_sigma + i_b).to(tl.float32), 1e-6)
+    s_src = tl.maximum(s_src_raw, 1e-6)
+    a = 1.0 - s
+    a_src = 1.0 - s_src
+    inv_s = 1.0 / s
+    inv_ssrc = 1.0 / s_src
+    zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
+    return s_src_raw, s, a, a_src, inv_s, inv_ssrc, zeta
+
+
 # Pointers are not specialized on 16-byte alignment. Aligned, Triton vectorizes the loads 4-wide along L
 # and the compute layout follows (4 pixels per thread, the rest of the warp and the other warps spread
 # over C and K), so every reduction over K or C becomes shuffles or shared memory plus barriers. Measured
@@ -329,24 +356,8 @@ def _gm_velocity_fwd_kernel(
     FAST_RCP: tl.constexpr,  # NVIDIA GPU: approximate reciprocal by inline PTX (not in the interpreter)
     SAVE_STATS: tl.constexpr,  # write ybar and stats for the backward
 ):
-    i_p = tl.program_id(0)
-    i_b = i_p // n_tiles
-    i_t = i_p % n_tiles
-    i_b64 = i_b.to(tl.int64)
-    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    m_l = o_l < L
-    m_cl = (o_c < C)[:, None] & m_l[None, :]
-
-    s_raw = tl.load(p_sigma + i_b).to(tl.float32)
-    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
-    s = tl.maximum(s_raw, 1e-6)
-    s_src = tl.maximum(s_src_raw, 1e-6)
-    a = 1.0 - s
-    a_src = 1.0 - s_src
-    inv_s = 1.0 / s
-    inv_ssrc = 1.0 / s_src
-    zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
+    i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
+    s_src_raw, s, a, a_src, inv_s, inv_ssrc, zeta = _gm_sigmas(p_sigma, p_ssrc, i_b)
 
     o_x = i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl
     b_x = tl.load(p_x + o_x, mask=m_cl, other=0.0).to(tl.float32)
@@ -425,24 +436,8 @@ def _gm_velocity_bwd_kernel(
     #   forward's ybar = sum_j w_j mu'_j / d_j, vbar, hbar; with one d the last two terms are 0 and
     #   gl_k = w_k gx0 . (mu'_k - ybar) / d, ybar = sum_j w_j mu'_j. No large terms cancel, and a pixel
     #   whose weight sits on one component gets gl = 0 exactly, as it should.
-    i_p = tl.program_id(0)
-    i_b = i_p // n_tiles
-    i_t = i_p % n_tiles
-    i_b64 = i_b.to(tl.int64)
-    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    m_l = o_l < L
-    m_cl = (o_c < C)[:, None] & m_l[None, :]
-
-    s_raw = tl.load(p_sigma + i_b).to(tl.float32)
-    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
-    s = tl.maximum(s_raw, 1e-6)
-    s_src = tl.maximum(s_src_raw, 1e-6)
-    a = 1.0 - s
-    a_src = 1.0 - s_src
-    inv_s = 1.0 / s
-    inv_ssrc = 1.0 / s_src
-    zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
+    i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
+    s_src_raw, s, a, a_src, inv_s, inv_ssrc, zeta = _gm_sigmas(p_sigma, p_ssrc, i_b)
 
     o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
     b_x = tl.load(p_x + i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl, mask=m_cl, other=0.0)
@@ -571,14 +566,7 @@ def _gm_rollout_kernel(
     PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
     FAST_RCP: tl.constexpr,  # NVIDIA GPU: approximate reciprocal by inline PTX (not in the interpreter)
 ):
-    i_p = tl.program_id(0)
-    i_b = i_p // n_tiles
-    i_t = i_p % n_tiles
-    i_b64 = i_b.to(tl.int64)
-    o_l = i_t.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_C).to(tl.int64)
-    m_l = o_l < L
-    m_cl = (o_c < C)[:, None] & m_l[None, :]
+    i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
     shift = tl.cast(shift, tl.float32)  # inductor passes Python floats as fp64
 
     # constant over the rollout: sigma_src terms, x_src part of nu

@@ -5,6 +5,7 @@
 - ``cuda`` marker: tests that need a GPU are skipped when none is present (decided lazily, without
   CUDA calls at import time).
 - ``poison`` makes NaN-filled output buffers so an element a kernel never writes fails the test.
+- ``capture_cuda_graph`` records a callable into a CUDA graph after a warm-up call off the graph.
 """
 
 import os
@@ -49,3 +50,17 @@ def poison():
         return t.fill_(float("nan"))
 
     return _poison
+
+
+def capture_cuda_graph(fn):
+    """(graph, out): ``fn()`` run once on a side stream (kernel compilation, allocator warm-up), then
+    recorded into a CUDA graph; ``graph.replay()`` rewrites ``out`` from the current input buffers."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

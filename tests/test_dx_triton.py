@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TOL, rel_err
+from conftest import TOL, capture_cuda_graph, rel_err
 
 import piflow_kernels as pk
 import reference
@@ -312,14 +312,7 @@ def test_cuda_graph_capture_rollout():
     x_in = torch.randn(pol.x_src.shape, generator=gen).cuda()
     s0 = (0.5 + 0.5 * torch.rand(8, generator=gen)).cuda()
     s1 = s0 * 0.3
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0)  # warm-up (kernel compilation) off the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        x_out = pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0)
+    graph, x_out = capture_cuda_graph(lambda: pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0))
     x_in.copy_(torch.randn(x_in.shape, generator=gen).cuda())
     graph.replay()
     expected = pol.rollout(x_in, s0, s1, total_substeps=64, shift=3.0)

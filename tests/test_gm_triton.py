@@ -101,6 +101,18 @@ def test_velocity_case_coverage():
     assert gm_triton._gm_config(32, 4, 1024, gm_triton._TILE_BUDGET_ROLLOUT)["NUM_K_CHUNKS"] == 1  # resident
 
 
+def test_per_pixel_pointers_are_not_alignment_specialized():
+    """Every pointer to a per-pixel tensor is in _UNALIGNED: one 16-byte-aligned per-pixel pointer lets
+    Triton vectorize along L, and the compute layout then spreads pixels over threads (shuffles and
+    barriers in the substep loop). Only per-sample (B,) vectors and the logstds partials may be aligned."""
+    import inspect
+
+    per_sample = {"p_sigma", "p_ssrc", "p_ls", "p_s0", "p_n", "p_h", "p_r0", "p_dls"}
+    for kernel in (gm_triton._gm_velocity_fwd_kernel, gm_triton._gm_velocity_bwd_kernel, gm_triton._gm_rollout_kernel):
+        pointers = {p for p in inspect.signature(kernel.fn).parameters if p.startswith("p_")}
+        assert pointers - per_sample <= set(gm_triton._UNALIGNED), kernel.fn.__name__
+
+
 def test_velocity_fp16_and_at_source(poisoned):
     x, sigma, means, lw, ls, x_src, sigma_src = make_inputs(2, 8, 5, 63, per_component=True, neg_inf=False, dtype=torch.float16)
     u = gm_triton.gm_velocity_triton(x, sigma, means, lw, ls, x_src, sigma_src)

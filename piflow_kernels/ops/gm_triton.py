@@ -321,9 +321,13 @@ def _gm_sigmas(p_sigma, p_ssrc, i_b):
 # over C and K), so every reduction over K or C becomes shuffles or shared memory plus barriers. Measured
 # on an H100 (Triton 3.6) with aligned pointers, the 128-substep B=512, K=32, C=4, 32x32 rollout took
 # 8.3 / 3.1 / 1.8 ms at 4 / 2 / 1 warps. Unaligned, a warp still reads 32 consecutive floats per
-# load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 the substep loop
-# is 514 instructions per pixel (303 FFMA, 36 MUFU), with no shuffles, barriers or spills.
-_UNALIGNED = ["p_x", "p_out", "p_u", "p_g", "p_means", "p_lw", "p_xs", "p_dx", "p_dmeans", "p_dlw", "p_dxs"]
+# load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 by Triton 3.6 with
+# the launch's own specialization, the substep loop is 525 instructions per pixel (311 FFMA, 32 MUFU.EX2),
+# with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
+# pointer is enough to bring the vectorized layout back (a store of the backward's statistics did: 9
+# barriers in the forward), so every pointer to a per-pixel tensor is listed; only the (B,)-sized
+# per-sample vectors and the per-program logstds partials keep the specialization.
+_UNALIGNED = ["p_x", "p_out", "p_u", "p_g", "p_means", "p_lw", "p_xs", "p_dx", "p_dmeans", "p_dlw", "p_dxs", "p_ybar", "p_stats"]
 
 
 @triton.jit(do_not_specialize_on_alignment=_UNALIGNED)

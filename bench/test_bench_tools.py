@@ -4,6 +4,7 @@ the cost model, the target checks and the table."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -147,3 +148,29 @@ def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
 
     assert gm_triton._LAUNCH["bwd"] == {"budget": gm_triton._TILE_BUDGET_BWD, "num_warps": None}
 
+
+
+def test_sass_report_kernels_keep_pixels_in_one_thread():
+    """Offline sm_90 compile through Triton's launch specialization: the forward and rollout kernels have
+    no shuffles or barriers (each thread owns whole pixels), and the report names every column."""
+    import subprocess
+    import sys
+
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "nvdisasm")):
+        pytest.skip("this Triton wheel ships no NVIDIA tools")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "bench.sass", "--kernels", "fwd,rollout", "--shape", "2,32,4,256"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = lines[1].split()
+    rows = {" ".join(line.split()[:2]): dict(zip(header[1:], line.split()[2:])) for line in lines[2:]}
+    assert sorted(rows) == ["fwd (std/k)", "fwd (std/sample)", "rollout (std/k)", "rollout (std/sample)"]
+    for name, row in rows.items():
+        assert int(row["regs"]) > 0 and int(row["loop"]) > 100, name
+        assert row["SHFL"] == "0" and row["BAR"] == "0", (name, row)

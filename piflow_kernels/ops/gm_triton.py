@@ -92,6 +92,21 @@ def _rcp(x, FAST_RCP: tl.constexpr):
 
 
 @triton.jit
+def _in_thread_slice(b_t, o_i, i: tl.constexpr, AXIS: tl.constexpr):
+    """Slice ``i`` of axis AXIS of a register tile whose axis lies within each thread: the sum over that axis
+    of the tile with -0.0 everywhere else. ``o_i`` is the axis index broadcastable to the tile. x + (-0.0)
+    is x exactly, so once the indices are constants the compiler folds every add and select: the slice
+    is a renaming of registers, no instruction."""
+    return tl.sum(tl.where(o_i == i, b_t, _neg_zero(b_t.shape)), axis=AXIS)
+
+
+@triton.jit
+def _neg_zero(shape: tl.constexpr):
+    """-0.0 of a given shape, as the bit pattern 0x80000000 (a -0.0 literal reaches the IR as +0.0)."""
+    return tl.full(shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gm_load_chunk(
     p_means,  # means of this sample, pointer at (b, 0, 0, 0)
     p_lw,  # logweights of this sample, pointer at (b, 0, 0)
@@ -226,7 +241,7 @@ def _gm_x0_from_acc(
         b_inv = _rcp(b_lrun * acc_scale, FAST_RCP)
         return (b_accx + b_c * b_accg[None, :] + b_nu * b_accv[None, :]) * b_inv[None, :]
     else:
-        invd = 1.0 / tl.maximum(var * zeta + 1.0, 1e-6)
+        invd = _rcp(tl.maximum(var * zeta + 1.0, 1e-6), FAST_RCP)
         b_inv = _rcp(b_lrun, FAST_RCP)
         return (b_accx * b_inv[None, :] + b_c + b_nu * var) * invd
 
@@ -322,8 +337,8 @@ def _gm_sigmas(p_sigma, p_ssrc, i_b):
 # on an H100 (Triton 3.6) with aligned pointers, the 128-substep B=512, K=32, C=4, 32x32 rollout took
 # 8.3 / 3.1 / 1.8 ms at 4 / 2 / 1 warps. Unaligned, a warp still reads 32 consecutive floats per
 # load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 by Triton 3.6 with
-# the launch's own specialization, the substep loop is 525 instructions per pixel (311 FFMA, 32 MUFU.EX2),
-# with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
+# the launch's own specialization (python -m bench.sass), the substep loop is 472 instructions per pixel
+# (312 FFMA, 32 MUFU.EX2), with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
 # pointer is enough to bring the vectorized layout back (a store of the backward's statistics did: 9
 # barriers in the forward), so every pointer to a per-pixel tensor is listed; only the (B,)-sized
 # per-sample vectors and the per-program logstds partials keep the specialization.
@@ -609,16 +624,21 @@ def _gm_rollout_kernel(
         b_musq = tl.sum(b_mu * b_mu, axis=1)
         b_c = b_xs + b_cxs
         b_csq = tl.sum(b_c * b_c, axis=0)
+        # axis indices in the layouts of the slices taken below
+        o_k3 = tl.arange(0, BLOCK_K)[:, None, None]
+        o_c3 = tl.arange(0, BLOCK_C)[None, :, None]
+        o_k2 = tl.arange(0, BLOCK_K)[:, None]
+        o_c2 = tl.arange(0, BLOCK_C)[:, None]
         for _ in range(n_sub):
             r = tl.maximum(r - h, 0.0)
-            s_next = shift * r / (1.0 + (shift - 1.0) * r)
+            s_next = shift * r * _rcp(1.0 + (shift - 1.0) * r, FAST_RCP)
             s_c = tl.maximum(s, 1e-6)
-            inv_s = 1.0 / s_c
+            inv_s = _rcp(s_c, FAST_RCP)
             a = 1.0 - s_c
             zeta = a * a * inv_s * inv_s - c_src
             b_nu = (a * inv_s * inv_s) * b_x - b_nusrc
-            b_dot = tl.sum(b_mu * (b_nu - zeta * b_c)[None, :, :], axis=1)
             if PER_K_STD:
+                b_dot = tl.sum(b_mu * (b_nu - zeta * b_c)[None, :, :], axis=1)
                 # only g_k = log2(e) / d_k is kept per component (registers: the tile already holds ~200)
                 b_g = 1.4426950408889634 * _rcp(tl.maximum(b_var * zeta + 1.0, 1e-6), FAST_RCP)
                 g0 = 1.4426950408889634 / tl.maximum(var0 * zeta + 1.0, 1e-6)
@@ -632,13 +652,23 @@ def _gm_rollout_kernel(
                     tl.sum(b_pg, axis=0), b_nu, b_c, var0, zeta, 1.4426950408889634, FAST_RCP, PER_K_STD,
                 )  # fmt: skip
             else:
-                g1 = 1.4426950408889634 / tl.maximum(b_var * zeta + 1.0, 1e-6)
-                b_l2 = b_lw2 + b_dot * g1 - b_musq * (g1 * (0.5 * zeta))
+                # The contractions are written as explicit chains of FMAs, one term per (unrolled) channel or
+                # component, instead of tl.sum over a product: Triton may reduce in-thread axes as a tree
+                # (3.9 does: mul, then adds), and a chain that starts from the logit's other terms folds
+                # them in. Slices of in-thread axes cost no instructions (_in_thread_slice).
+                g1 = 1.4426950408889634 * _rcp(tl.maximum(b_var * zeta + 1.0, 1e-6), FAST_RCP)
+                b_gnup = (b_nu - zeta * b_c) * g1
+                b_l2 = b_lw2 - b_musq * (g1 * (0.5 * zeta))
+                for i_c in tl.static_range(BLOCK_C):
+                    b_mu_c = _in_thread_slice(b_mu, o_c3, i_c, 1)  # (BK, BL)
+                    b_l2 = b_l2 + b_mu_c * _in_thread_slice(b_gnup, o_c2, i_c, 0)[None, :]
                 b_m = tl.max(b_l2, axis=0)
                 b_p = tl.exp2(b_l2 - b_m[None, :])
+                b_acc = _neg_zero((BLOCK_C, BLOCK_L))
+                for i_k in tl.static_range(BLOCK_K):
+                    b_acc = b_acc + _in_thread_slice(b_p, o_k2, i_k, 0)[None, :] * _in_thread_slice(b_mu, o_k3, i_k, 0)
                 b_x0 = _gm_x0_from_acc(
-                    tl.sum(b_p, axis=0), tl.sum(b_p[:, None, :] * b_mu, axis=0), b_var, b_var,
-                    b_nu, b_c, b_var, zeta, 1.0, FAST_RCP, PER_K_STD,
+                    tl.sum(b_p, axis=0), b_acc, b_var, b_var, b_nu, b_c, b_var, zeta, 1.0, FAST_RCP, PER_K_STD,
                 )  # fmt: skip
             # x += u (s_next - s) with u = (x - x0) / s
             b_x = b_x + (b_x - b_x0) * ((s_next - s) * inv_s)
@@ -665,9 +695,9 @@ def _gm_rollout_kernel(
         b_csq = tl.sum(b_c * b_c, axis=0)
         for _ in range(n_sub):
             r = tl.maximum(r - h, 0.0)
-            s_next = shift * r / (1.0 + (shift - 1.0) * r)
+            s_next = shift * r * _rcp(1.0 + (shift - 1.0) * r, FAST_RCP)
             s_c = tl.maximum(s, 1e-6)
-            inv_s = 1.0 / s_c
+            inv_s = _rcp(s_c, FAST_RCP)
             a = 1.0 - s_c
             zeta = a * a * inv_s * inv_s - c_src
             b_nu = (a * inv_s * inv_s) * b_x - b_nusrc

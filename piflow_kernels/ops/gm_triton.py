@@ -420,7 +420,7 @@ def _gm_velocity_bwd_kernel(
     p_dx,  # out: dL/dx (B, C, L) contiguous, dtype of x (written when NEED_DX)
     p_dmeans,  # out: dL/dmeans (B, K, C, L) contiguous, dtype of means
     p_dlw,  # out: dL/dlogweights (B, K, L) contiguous, dtype of logweights
-    p_dls,  # out: per-program partial dL/dlogstds (B, n_tiles, K) float32, summed by the launcher
+    p_dls,  # out: per-program partial dL/dlogstds (B, n_tiles, K1) float32, summed by the launcher
     p_dxs,  # out: dL/dx_src (B, C, L) contiguous, dtype of x_src (written when NEED_DXS)
     K,  # number of components
     C,  # number of channels
@@ -491,7 +491,8 @@ def _gm_velocity_bwd_kernel(
     b_gldsum = tl.zeros((BLOCK_L,), tl.float32)
     o_dmeans = i_b64 * K * C * L + o_c[None, :, None] * L + o_l[None, None, :]
     o_dlw = i_b64 * K * L + o_l[None, :]
-    o_dls = (i_b64 * n_tiles + i_t) * K
+    o_dls = (i_b64 * n_tiles + i_t) * (K if PER_K_STD else 1)
+    b_dls_px = tl.zeros((BLOCK_L,), tl.float32)  # one std per sample: per-pixel sum over k, reduced once at the end
     for i_k in range(NUM_K_CHUNKS):
         k0 = i_k * BLOCK_K
         b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
@@ -542,11 +543,16 @@ def _gm_velocity_bwd_kernel(
             b_dd = -(b_w * b_e + b_gl * (b_a * b_invd - b_lse[None, :] * 0.6931471805599453)) * b_invd
         b_dd = tl.where(b_dpre >= 1e-6, b_dd, 0.0)
         # dL/dlogstd_k = 2 var_k dL/dvar_k, summed over this tile's pixels (masked pixels contribute 0)
-        b_dls = tl.sum(2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd), axis=1)
-        tl.store(p_dls + o_dls + o_k64, b_dls, mask=m_k)
+        b_dls = 2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd)
+        if PER_K_STD:  # one gradient per component: reduced over this tile's pixels chunk by chunk
+            tl.store(p_dls + o_dls + o_k64, tl.sum(b_dls, axis=1), mask=m_k)
+        else:  # summed over k within each thread; one reduction over the pixels after the last chunk
+            b_dls_px += tl.sum(b_dls, axis=0)
 
     if PER_K_STD:
         b_dnu += b_xs * b_gldsum[None, :]
+    else:
+        tl.store(p_dls + o_dls, tl.sum(b_dls_px, axis=0))
     if NEED_DX:
         b_dx = b_g * inv_s + (a * inv_s * inv_s) * b_dnu
         tl.store(p_dx + o_out, b_dx.to(p_dx.dtype.element_ty), mask=m_cl)
@@ -795,7 +801,7 @@ def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_
     dxs = _alloc((b, c, length) if need_x_src else (0,), x_src.dtype, dev)
     dmeans = _alloc((b, k, c, length), means.dtype, dev)
     dlw = _alloc((b, k, length), logweights.dtype, dev)
-    dls_part = _alloc((b, n_tiles, k), torch.float32, dev)
+    dls_part = _alloc((b, n_tiles, logstds.shape[1]), torch.float32, dev)
     _gm_velocity_bwd_kernel[(b * n_tiles,)](
         grad_u, x, _vec(sigma), means, logweights, logstds, x_src, _vec(sigma_src), ybar, stats,
         dx, dmeans, dlw, dls_part, dxs,
@@ -803,10 +809,7 @@ def _gm_velocity_bwd(grad_u, x, sigma, means, logweights, logstds, x_src, sigma_
         *grad_u.stride(), *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
         PER_K_STD=logstds.shape[1] > 1, NEED_DX=need_x, NEED_DXS=need_x_src, **cfg,
     )  # fmt: skip
-    dls = dls_part.sum(1)  # (B, K)
-    if logstds.shape[1] == 1:
-        dls = dls.sum(1, keepdim=True)
-    return dx, dmeans, dlw, dls.to(logstds.dtype), dxs
+    return dx, dmeans, dlw, dls_part.sum(1).to(logstds.dtype), dxs  # (B, K1)
 
 
 def _gm_rollout(x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift):

@@ -1,4 +1,7 @@
-"""GMFlow policy ops, CPU twin ("torch" backend): restructured algebra, torch.compile'd rollout.
+"""GMFlow policy ops, CPU twin ("torch" backend): restructured algebra, torch.compile'd rollout substep.
+
+On the CPU the rollout runs as one fused native loop instead (:mod:`piflow_kernels.ops.gm_native`) when
+the system compiler can build it; the compiled substep here is its fallback and the path on other devices.
 
 Flat layout used by every GM op (the policy reshapes to it):
     x, x_src    (B, C, L)     latents, L = prod(spatial)
@@ -158,8 +161,20 @@ def gm_rollout_torch(
 ) -> torch.Tensor:
     """Whole rollout (DESIGN.md section 4). n_substeps (B,) int32, substep_size and r_start (B,) float32.
 
+    On the CPU the rollout runs as one fused native loop (:mod:`piflow_kernels.ops.gm_native`) when it can be
+    built; otherwise, and on other devices, as one compiled substep per call over the whole batch.
     Returns x_end (B, C, L) in x_start.dtype.
     """
+    sigmas = sigma_table(sigma_start, n_substeps, substep_size, r_start, shift)
+    if x_start.device.type == "cpu" and not torch.compiler.is_compiling():
+        from piflow_kernels.ops.gm_native import gm_rollout_native
+
+        var = (torch.exp(2.0 * logstds.float()) * sigma_src.float()[:, None] ** 2).expand(means.shape[0], means.shape[1])
+        out = gm_rollout_native(
+            x_start, means, logweights, x_src, var, sigma_src, torch.stack(sigmas, 1), logstds.shape[1] > 1
+        )
+        if out is not None:
+            return out.to(x_start.dtype)
     mu, var, lw = _prepare(means, logweights, logstds, x_src, sigma_src)
     mu_sq = (mu * mu).sum(2)
     s_src = sigma_src.float().clamp(min=EPS)
@@ -167,7 +182,6 @@ def gm_rollout_torch(
     nu_src = (a_src / s_src**2)[:, None, None] * x_src.float()
     c_src = (a_src / s_src) ** 2
     x = x_start.float().clone()
-    sigmas = sigma_table(sigma_start, n_substeps, substep_size, r_start, shift)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         x = _call_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src)
     return x.to(x_start.dtype)

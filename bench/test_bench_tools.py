@@ -131,12 +131,18 @@ def test_gpu_check_records_torch_comparison_when_over_tolerance(monkeypatch):
 
 
 def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
-    from bench import gpu_check
+    """The dry run in a fresh process (as on the GPU machine), so that 'diffusers imported' means the check's own imports."""
+    import subprocess
+    import sys
 
-    rc = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--skip", "pytest,benchmark",
-                         "--budget-s", "120"])  # fmt: skip
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--out", str(tmp_path),
+                           "--skip", "pytest,benchmark", "--budget-s", "120"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    rc = proc.returncode
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert rc == 0 and doc["parts"]["correctness"]["status"] == "ok"
+    assert rc == 0 and doc["parts"]["correctness"]["status"] == "ok", proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(doc["correctness"]) >= 20 and all(r["passed"] for r in doc["correctness"])
     assert not doc["diffusers_imported"]
     assert "GPU CHECK SUMMARY" in (tmp_path / "gpu_check.log").read_text()
@@ -144,9 +150,16 @@ def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
     assert doc["parts"]["sweep"]["status"] == "ok"
     assert sorted({r["kernel"] for r in doc["sweep"]}) == ["bwd", "fwd", "rollout"]
     assert all("error" not in r and r["median_ms"] > 0 and r["gbps"] > 0 for r in doc["sweep"]) and len(doc["sweep"]) == 6
+
+
+def test_sweep_restores_the_launch_defaults(tmp_path):
+    from bench import gpu_check
     from piflow_kernels.ops import gm_triton
 
-    assert gm_triton._LAUNCH["bwd"] == {"budget": gm_triton._TILE_BUDGET_BWD, "num_warps": None}
+    before = {name: dict(v) for name, v in gm_triton._LAUNCH.items()}
+    state: dict = {}
+    gpu_check.part_sweep(state, "cpu", True, float("inf"), lambda *a: None)
+    assert gm_triton._LAUNCH == before and len(state["sweep"]) == 6
 
 
 

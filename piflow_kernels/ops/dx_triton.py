@@ -496,10 +496,13 @@ def dx_rollout_triton(
             x_start, grid, x_src, sigma_src, r_src, r_dst, seg, policy_shift, polynomial,
             sigma_start, n_substeps, substep_size, r_start, shift,
         )  # fmt: skip
-    return _dx_rollout_op(
-        x_start, grid, x_src, sigma_src, r_src, r_dst, seg, float(policy_shift), bool(polynomial),
-        sigma_start, n_substeps, substep_size, r_start, float(shift),
-    )  # fmt: skip
+    args = (x_start, grid, x_src, sigma_src, r_src, r_dst, seg, float(policy_shift), bool(polynomial),
+            sigma_start, n_substeps, substep_size, r_start, float(shift))  # fmt: skip
+    if torch.compiler.is_compiling():  # traced as one opaque node
+        return _dx_rollout_op(*args)
+    # eager: the launcher itself (the custom op's dispatch costs about as much host time as a small rollout)
+    with torch.no_grad():
+        return _dx_rollout(*args, torch.empty(x_start.shape, dtype=x_start.dtype, device=x_start.device))
 
 
 __all__ = ["dx_velocity_triton", "dx_rollout_triton", "MAX_POINTS"]

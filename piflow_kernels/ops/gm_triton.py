@@ -1027,7 +1027,10 @@ def gm_rollout_triton(
         return gm_rollout_torch(
             x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, shift
         )
+    args = (x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, float(shift))
     with torch.no_grad():
-        return torch.ops.piflow.gm_rollout(
-            x_start, means, logweights, logstds, x_src, sigma_src, sigma_start, n_substeps, substep_size, r_start, float(shift)
-        )
+        if torch.compiler.is_compiling():  # traced as one opaque node
+            return torch.ops.piflow.gm_rollout(*args)
+        # eager: the launcher itself; the custom op's dispatch (autograd wrapper, redispatch) costs about as
+        # much host time as the rest of a small rollout, and a rollout has no autograd to dispatch
+        return _gm_rollout(*args)

@@ -39,6 +39,7 @@ stream their chunks from cache at every substep (correct, slower).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -725,6 +726,12 @@ def _gm_rollout_kernel(
 
 
 def _gm_config(k: int, c: int, length: int, budget: int, num_warps: int | None = None) -> dict[str, int]:
+    """Block sizes and warps (see _gm_config_cached); a fresh dict per call, computed once per argument set."""
+    return dict(_gm_config_cached(k, c, length, budget, num_warps))
+
+
+@functools.lru_cache(maxsize=256)
+def _gm_config_cached(k: int, c: int, length: int, budget: int, num_warps: int | None) -> dict[str, int]:
     """Block sizes and warps. All C per program, K in chunks of BLOCK_K.
 
     Triton's default layout fills a warp's threads along L (the fastest axis) first, then along C.

@@ -58,9 +58,10 @@ MAX_COMPONENTS = 64  # K range of the kernels (chunked over K beyond the registe
 MAX_CHANNELS = 64  # C range of the kernels
 # Per-thread register budget in fp32 elements of one (BLOCK_K, BLOCK_C) chunk. At 128 a K=32, C=4
 # (ImageNet) or K=8, C=16 (FLUX) policy tile stays resident over a rollout (255 registers, no spill
-# with Triton 3.6 for sm_90; with per-component stds K=32, C=4 spills 240 bytes). The velocity kernels
-# are memory-bound and stream chunks: smaller chunks, fewer registers, more warps in flight (forward
-# 106 registers, backward 165 at K=32, C=4).
+# with Triton 3.6 for sm_90; with per-component stds K=32, C=4 spills 248 bytes). The velocity kernels
+# are memory-bound and stream chunks: smaller chunks, fewer registers, more warps in flight. At K=32,
+# C=4, one std per sample (python -m bench.sass, Triton 3.6): forward 95 registers at budget 64 (64 at
+# 32), backward 168 at budget 32 (47 at 16); the GPU check's sweep times these points.
 _TILE_BUDGET_ROLLOUT = 128
 _TILE_BUDGET_FWD = 64
 _TILE_BUDGET_BWD = 32

@@ -74,7 +74,7 @@ class _PolicyBase:
         shift = _check_shift(shift)
         s0 = as_sigma("sigma_start", sigma_start, self.batch_size, x_start.device)
         s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
-        if s0.device.type == "cpu" and bool((s1 > s0).any()):
+        if s0.device.type == "cpu" and not torch.compiler.is_compiling() and bool((s1 > s0).any()):
             raise ValueError("sigma_end must not exceed sigma_start: a rollout runs from noise towards data")
         n, h, r0 = substep_schedule(s0, s1, total_substeps, shift)
         return x_start, s0, n, h, r0, shift

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOL, rel_err
+from conftest import TOL, compiled_step_error, rel_err
 
 import piflow_kernels as pk
 import reference as R
@@ -307,3 +307,19 @@ def test_gm_gradients_near_data_bounded_by_float32_reference_error(case):
     ref64 = grads(lambda t: R.gm_velocity(t[4], sigma.double(), t[0], t[1], t[2], t[3], s_src.double()), torch.float64)
     for name, g, g32, g64 in zip(["means", "logweights", "logstds", "x_src", "x"], ours, ref32, ref64):
         assert rel_err(g, g64) <= max(2 * rel_err(g32, g64), TOL["grad"][torch.float32]), name
+
+
+@pytest.mark.parametrize("policy", ["gm", "dx"])
+def test_sampling_step_compiles_fullgraph_through_the_policy(policy):
+    """velocity + rollout of a public policy under torch.compile(fullgraph=True) on CPU tensors (Triton ops
+    in the interpreter): the CPU-only input checks step aside while tracing, so no data-dependent guard
+    breaks the graph."""
+    g = torch.Generator().manual_seed(3)
+    x_src = torch.randn(2, 4, 4, 4, generator=g)
+    if policy == "gm":
+        means, lw = torch.randn(2, 3, 4, 4, 4, generator=g), torch.randn(2, 3, 1, 4, 4, generator=g).log_softmax(1)
+        pol = pk.GMFlowPolicy(means, lw, torch.full((2, 1, 1, 1, 1), -1.0), x_src, 0.9, backend="triton")
+    else:
+        pol = pk.DXPolicy(torch.randn(2, 5, 4, 4, 4, generator=g), x_src, 0.9, segment_size=0.5, backend="triton")
+    x = torch.randn(2, 4, 4, 4, generator=g)
+    assert compiled_step_error(pol, x, torch.full((2,), 0.7), torch.full((2,), 0.2)) <= 1e-6

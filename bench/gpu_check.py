@@ -516,13 +516,21 @@ def part_sweep(state: dict, device: str, quick: bool, deadline: float, log) -> N
                 log(f"    {kernel:<8} budget {budget:>3} warps {warps} ({tile}): {t.median_ms:8.3f} ms  {gbps:7.1f} GB/s {pct}")
     finally:
         gm_triton._LAUNCH.update(saved)
+    for line in sweep_summary(rows):
+        log("    " + line)
+
+
+def sweep_summary(rows: list[dict]) -> list[str]:
+    """One line per kernel: its fastest launch point, and the default's time."""
+    lines = []
     for kernel in SWEEP_POINTS:
         ok = [r for r in rows if r["kernel"] == kernel and "error" not in r]
         if ok:
             best = min(ok, key=lambda r: r["median_ms"])
-            default = next((r for r in ok if r["default"]), None)
-            vs = f" (default {default['median_ms']:.3f} ms)" if default else ""
-            log(f"    best {kernel}: budget {best['budget']}, {best['num_warps']} warps, {best['median_ms']:.3f} ms{vs}")
+            default = next((f"{r['median_ms']:.3f} ms" for r in ok if r["default"]), "-")
+            lines.append(f"sweep {kernel:<8} best budget {best['budget']:>3}, {best['num_warps']} warps: "
+                         f"{best['median_ms']:.3f} ms (default {default})")  # fmt: skip
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -565,15 +573,7 @@ def _summary(state: dict) -> str:
             mem = f"{r['peak_mem_mb']:.0f} MiB" if r.get("peak_mem_mb") is not None else ""
             lead = f"    {r['case']:<16} {r['kind']:<20} {r['backend']:<8}"
             lines.append(f"{lead} {r['median_ms']:10.3f} ms {sp:>8} {roof:>6} {mem}")
-    sweep = [r for r in state.get("sweep", []) if "error" not in r]
-    for kernel in SWEEP_POINTS:
-        ok = [r for r in sweep if r["kernel"] == kernel]
-        if ok:
-            best = min(ok, key=lambda r: r["median_ms"])
-            default = next((r for r in ok if r["default"]), None)
-            dflt = f"{default['median_ms']:.3f} ms" if default else "-"
-            lines.append(f"  sweep {kernel:<8} best budget {best['budget']:>3}, {best['num_warps']} warps: "
-                         f"{best['median_ms']:.3f} ms (default {dflt})")  # fmt: skip
+    lines.extend("  " + line for line in sweep_summary(state.get("sweep", [])))
     for t in state.get("targets", []):
         v = "n/a" if t["value"] is None else f"{t['value']:.3g}"
         lines.append(f"  [{'MET' if t['met'] else 'MISSED':>6}] {t['name']}: {v}")

@@ -5,7 +5,8 @@
 - ``cuda`` marker: tests that need a GPU are skipped when none is present (decided lazily, without
   CUDA calls at import time).
 - ``poison`` makes NaN-filled output buffers so an element a kernel never writes fails the test.
-- ``capture_cuda_graph`` records a callable into a CUDA graph after a warm-up call off the graph.
+- ``capture_cuda_graph`` records a callable into a CUDA graph after a warm-up call off the graph;
+  ``compiled_step_error`` compiles a sampling step (velocity, then a rollout) with fullgraph=True.
 """
 
 import os
@@ -64,3 +65,14 @@ def capture_cuda_graph(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def compiled_step_error(pol, x: torch.Tensor, sigma: torch.Tensor, sigma_end: torch.Tensor) -> float:
+    """rel_err between a sampling step of ``pol`` (velocity at sigma, then a rollout to sigma_end) under
+    torch.compile(fullgraph=True) and the same step in eager; any graph break raises."""
+
+    def step(x):
+        u = pol.velocity(x, sigma)
+        return pol.rollout(x - 0.01 * u, sigma, sigma_end, total_substeps=64, shift=3.0)
+
+    return rel_err(torch.compile(step, fullgraph=True)(x), step(x))

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from conftest import TOL, capture_cuda_graph, rel_err
+from conftest import TOL, capture_cuda_graph, compiled_step_error, rel_err
 
 import piflow_kernels as pk
 import reference
@@ -295,13 +295,7 @@ def test_cuda_compile_fullgraph_inductor():
     pol, gen = _cuda_policy(4, 6, 16, (64, 64))
     x = torch.randn(pol.x_src.shape, generator=gen).cuda()
     sigma, s_end = torch.full((4,), 0.7, device="cuda"), torch.full((4,), 0.2, device="cuda")
-
-    def step(x):
-        u = pol.velocity(x, sigma)
-        return pol.rollout(x - 0.01 * u, sigma, s_end, total_substeps=64, shift=3.0)
-
-    compiled = torch.compile(step, fullgraph=True)
-    assert rel_err(compiled(x), step(x)) <= TOL["rollout"][torch.float32]
+    assert compiled_step_error(pol, x, sigma, s_end) <= TOL["rollout"][torch.float32]
 
 
 @pytest.mark.cuda

@@ -40,9 +40,9 @@ def _inputs(b, k, c, length, *, per_component, neg_inf, seed):
 
 
 def _native_args(x, means, lw, ls, x_src, sigma_src, n, h, r0, s0, shift):
-    var = (torch.exp(2.0 * ls) * sigma_src[:, None] ** 2).expand(means.shape[0], means.shape[1])
+    var = gm_torch._variances(ls, sigma_src, means.shape)
     table = torch.stack(sigma_table(s0, n, h, r0, shift), 1)
-    return x, means, lw, x_src, var, sigma_src, table, ls.shape[1] > 1
+    return x, means, lw, x_src, var, sigma_src, *gm_torch._source_terms(sigma_src), table, ls.shape[1] > 1
 
 
 # (B, K, C, L, std per component, -inf logweights, shift, total substeps)

@@ -268,8 +268,10 @@ def _dx_velocity_bwd(grad_u, sigma, sigma_src, r_src, r_dst, seg, shift, polynom
 
 
 def _dx_rollout(x_start, grid, x_src, sigma_src, r_src, r_dst, seg, policy_shift, polynomial,
-                sigma_start, n_substeps, substep_size, r_start, shift, out):  # fmt: skip
-    """Launch the whole-rollout kernel writing x_end into ``out`` (B, C, L), contiguous."""
+                sigma_start, n_substeps, substep_size, r_start, shift, out=None):  # fmt: skip
+    """Launch the whole-rollout kernel writing x_end into ``out`` (B, C, L), contiguous (a new tensor if None)."""
+    if out is None:
+        out = torch.empty(x_start.shape, dtype=x_start.dtype, device=x_start.device)
     b, n, c, length = grid.shape
     block_n, block_l = _blocks(n, length)
     _dx_rollout_kernel[(b, triton.cdiv(length, block_l))](
@@ -400,10 +402,9 @@ def _dx_rollout_op(
     r_start: torch.Tensor,
     shift: float,
 ) -> torch.Tensor:
-    out = torch.empty(x_start.shape, dtype=x_start.dtype, device=x_start.device)
     return _dx_rollout(
         x_start, grid, x_src, sigma_src, r_src, r_dst, seg, policy_shift, polynomial,
-        sigma_start, n_substeps, substep_size, r_start, shift, out,
+        sigma_start, n_substeps, substep_size, r_start, shift,
     )  # fmt: skip
 
 
@@ -502,7 +503,7 @@ def dx_rollout_triton(
         return _dx_rollout_op(*args)
     # eager: the launcher itself (the custom op's dispatch costs about as much host time as a small rollout)
     with torch.no_grad():
-        return _dx_rollout(*args, torch.empty(x_start.shape, dtype=x_start.dtype, device=x_start.device))
+        return _dx_rollout(*args)
 
 
 __all__ = ["dx_velocity_triton", "dx_rollout_triton", "MAX_POINTS"]

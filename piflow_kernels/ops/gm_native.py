@@ -13,7 +13,7 @@ loaded with ctypes, and run on ``torch.get_num_threads()`` threads (ctypes relea
 compiler, a failed build, ``PIFLOW_NATIVE=0`` or inputs off the CPU: :func:`gm_rollout_native` returns
 None and the caller uses the torch twin (the reason is logged once).
 
-    >>> x_end = gm_rollout_native(x, means, logweights, x_src, var, sigma_src, table, per_component)   # or None
+    >>> x_end = gm_rollout_native(x, means, logweights, x_src, var, sigma_src, cn_src, c_src, table, per_k)  # or None
 """
 
 from __future__ import annotations
@@ -330,6 +330,8 @@ def gm_rollout_native(
     x_src: torch.Tensor,
     var: torch.Tensor,
     sigma_src: torch.Tensor,
+    cn_src: torch.Tensor,
+    c_src: torch.Tensor,
     table: torch.Tensor,
     per_component: bool,
 ) -> torch.Tensor | None:
@@ -337,7 +339,9 @@ def gm_rollout_native(
 
     Args (CPU tensors of any float dtype, converted to contiguous float32 here):
         x: (B, C, L) x_start; means: (B, K, C, L); logweights: (B, K, L); x_src: (B, C, L);
-        var: (B, K) component variances exp(2 logstd) sigma_src^2; sigma_src: (B,);
+        var: (B, K) component variances exp(2 logstd) sigma_src^2; sigma_src: (B,) as given;
+        cn_src, c_src: (B,) a_src / sigma_src^2 and (a_src / sigma_src)^2 with sigma_src clamped
+        (``gm_torch._source_terms``);
         table: (B, T) sigma at every substep boundary (a finished sample repeats its last sigma);
         per_component: var differs over k (else var[:, 0] is used).
     Returns:
@@ -346,11 +350,7 @@ def gm_rollout_native(
     if x.device.type != "cpu" or not available():
         return None
     b, k, c, length = means.shape
-    s_raw = sigma_src.detach().float()
-    s_src = s_raw.clamp(min=1e-6)
-    cn = (1.0 - s_src) / s_src**2
-    c_src = ((1.0 - s_src) / s_src) ** 2
-    args = [t.detach().float().contiguous() for t in (means, logweights, x_src, var, s_raw, cn, c_src, table)]
+    args = [t.detach().float().contiguous() for t in (means, logweights, x_src, var, sigma_src, cn_src, c_src, table)]
     out = x.detach().float().contiguous().clone()
     ptrs = [t.data_ptr() for t in args] + [out.data_ptr()]
     fn = _state["lib"]

@@ -26,19 +26,29 @@ import time
 
 import torch
 
+from piflow_kernels.ops import gm_native
 from piflow_kernels.timesteps import sigma_table
 
 EPS = 1e-6
 logger = logging.getLogger(__name__)
 
 
+def _variances(logstds: torch.Tensor, sigma_src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """var_k = exp(2 logstd_k) sigma_src^2 (the raw sigma_src, as the reference), (B, K) float32 (expanded)."""
+    return (torch.exp(2.0 * logstds.float()) * sigma_src.float()[:, None] ** 2).expand(shape[0], shape[1])
+
+
+def _source_terms(sigma_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_src / s_src^2, (a_src / s_src)^2), (B,) float32 with s_src clamped: nu_src = the first times x_src."""
+    s_src = sigma_src.float().clamp(min=EPS)
+    a_src = 1.0 - s_src
+    return a_src / s_src**2, (a_src / s_src) ** 2
+
+
 def _prepare(means, logweights, logstds, x_src, sigma_src):
-    """Constant-over-rollout quantities, float32: mu (B,K,C,L), var (B,K), mu_sq (B,K,L), lw (B,K,L)."""
-    s_src = sigma_src.float()[:, None, None, None]
-    mu = x_src.float()[:, None] - s_src * means.float()
-    var = torch.exp(2.0 * logstds.float()) * sigma_src.float()[:, None] ** 2
-    var = var.expand(means.shape[0], means.shape[1])
-    return mu, var, logweights.float()
+    """Constant-over-rollout quantities, float32: mu (B,K,C,L), var (B,K), lw (B,K,L)."""
+    mu = x_src.float()[:, None] - sigma_src.float()[:, None, None, None] * means.float()
+    return mu, _variances(logstds, sigma_src, means.shape), logweights.float()
 
 
 def _posterior_x0(x, s, mu, mu_sq, var, lw, zeta, nu):
@@ -66,11 +76,11 @@ def gm_velocity_torch(
     """GM policy velocity u(x, sigma), differentiable (plain autograd). Returns (B, C, L) in x.dtype."""
     mu, var, lw = _prepare(means, logweights, logstds, x_src, sigma_src)
     s = sigma.float().clamp(min=EPS)
-    s_src = sigma_src.float().clamp(min=EPS)
-    a, a_src = 1.0 - s, 1.0 - s_src
-    zeta = (a / s) ** 2 - (a_src / s_src) ** 2
+    a = 1.0 - s
+    cn_src, c_src = _source_terms(sigma_src)
+    zeta = (a / s) ** 2 - c_src
     xf = x.float()
-    nu = (a / s**2)[:, None, None] * xf - (a_src / s_src**2)[:, None, None] * x_src.float()
+    nu = (a / s**2)[:, None, None] * xf - cn_src[:, None, None] * x_src.float()
     # one evaluation: the logit contraction in its literal form mu . (nu - zeta mu / 2), which cancels less than
     # mu . nu - zeta ||mu||^2 / 2 far from the source (sigma 0.05: logstds-gradient error 2e-4 -> the fp32
     # reference's own 4e-5); the rollout keeps the split form, whose ||mu||^2 is computed once
@@ -166,21 +176,18 @@ def gm_rollout_torch(
     Returns x_end (B, C, L) in x_start.dtype.
     """
     sigmas = sigma_table(sigma_start, n_substeps, substep_size, r_start, shift)
+    cn_src, c_src = _source_terms(sigma_src)
     if x_start.device.type == "cpu" and not torch.compiler.is_compiling():
-        from piflow_kernels.ops.gm_native import gm_rollout_native
-
-        var = (torch.exp(2.0 * logstds.float()) * sigma_src.float()[:, None] ** 2).expand(means.shape[0], means.shape[1])
-        out = gm_rollout_native(
-            x_start, means, logweights, x_src, var, sigma_src, torch.stack(sigmas, 1), logstds.shape[1] > 1
+        var = _variances(logstds, sigma_src, means.shape)
+        table = torch.stack(sigmas, 1)
+        out = gm_native.gm_rollout_native(
+            x_start, means, logweights, x_src, var, sigma_src, cn_src, c_src, table, logstds.shape[1] > 1
         )
         if out is not None:
             return out.to(x_start.dtype)
     mu, var, lw = _prepare(means, logweights, logstds, x_src, sigma_src)
     mu_sq = (mu * mu).sum(2)
-    s_src = sigma_src.float().clamp(min=EPS)
-    a_src = 1.0 - s_src
-    nu_src = (a_src / s_src**2)[:, None, None] * x_src.float()
-    c_src = (a_src / s_src) ** 2
+    nu_src = cn_src[:, None, None] * x_src.float()
     x = x_start.float().clone()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         x = _call_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src)

@@ -170,7 +170,8 @@ def _gm_logits2(
     g0,  # scalar log2(e) / d_0 (per-component stds only)
     PER_K_STD: tl.constexpr,  # b_var per component (else a scalar)
 ):
-    """Centred log2 logits (BK, BL) and 1 / d ((BK, BL), or a scalar per sample).
+    """Centred log2 logits (BK, BL), 1 / d ((BK, BL), or a scalar per sample) and the dot (mu_k - c) . nu'
+    (BK, BL) they contain (the backward reuses it).
 
     logit_k = lw_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k = lw_k + (A_k + r) / d_k with
     A_k = (mu_k - c) . nu' - zeta/2 ||mu_k - c||^2; r is the same for every k, so it is dropped when d
@@ -182,12 +183,12 @@ def _gm_logits2(
         b_invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
         b_g = 1.4426950408889634 * b_invd
         b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * b_g + b_r[None, :] * (b_g - g0)
-        return b_l2, b_invd
+        return b_l2, b_invd, b_dot
     else:
         invd = 1.0 / tl.maximum(b_var * zeta + 1.0, 1e-6)
         g = 1.4426950408889634 * invd
         b_l2 = b_lw2 + b_dot * g - b_musq * (g * (0.5 * zeta))
-        return b_l2, invd
+        return b_l2, invd, b_dot
 
 
 @triton.jit
@@ -209,7 +210,7 @@ def _gm_chunk_update(
 ):
     """Online-softmax update of the posterior-mean accumulators with one chunk of components (logits
     centred on c, see :func:`_gm_logits2`)."""
-    b_l2, b_invd = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
+    b_l2, b_invd, _ = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
     b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
     b_alpha = tl.exp2(b_mrun - b_mnew)
     b_p = tl.exp2(b_l2 - b_mnew[None, :])
@@ -501,10 +502,10 @@ def _gm_velocity_bwd_kernel(
             p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_zero,
             stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
-        b_l2, b_invd = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
+        b_l2, b_invd, b_dot = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
         b_w = tl.exp2(b_l2 - b_lse[None, :])
         b_dpre = b_var * zeta + 1.0
-        b_a = tl.sum(b_mu * b_nup[None, :, :], axis=1) - (0.5 * zeta) * b_musq  # A_k
+        b_a = b_dot - (0.5 * zeta) * b_musq  # A_k
         b_gxmu = tl.sum(b_gx0[None, :, :] * b_mu, axis=1)
         b_e = (b_var * b_gxnu[None, :] + b_gxmu + b_gxc[None, :]) * b_invd
         if PER_K_STD:

@@ -206,7 +206,7 @@ def run_gm_check(check: Check, device: str, backend: str = "triton") -> list[tup
     import torch
 
     import piflow_kernels as pk
-    import reference
+    from piflow_kernels import reference
 
     dt = getattr(torch, check.dtype)
     results: list[tuple[str, float, str]] = []
@@ -268,7 +268,7 @@ def run_dx_check(check: Check, device: str, backend: str = "triton") -> list[tup
     import torch
 
     import piflow_kernels as pk
-    import reference
+    from piflow_kernels import reference
 
     dt = getattr(torch, check.dtype)
     results: list[tuple[str, float, str]] = []

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 import piflow_kernels as pk
-import reference
 from bench import official_style
 from bench.cases import Case, cost, dx_inputs, gm_inputs
 from bench.timing import (
@@ -33,6 +32,7 @@ from bench.timing import (
     time_fn,
     versions,
 )
+from piflow_kernels import reference
 
 BACKENDS = ("eager", "compile", "torch", "triton")
 

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-import reference
 from bench import official_style
 from bench.cases import Case, case_list, cost, dx_inputs, gm_inputs
 from bench.runner import MachineInfo, add_speedups, check_targets, default_plan, format_table, report, run_case
+from piflow_kernels import reference
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.2], ids=["shift1", "shift3.2"])

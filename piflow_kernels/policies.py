@@ -14,7 +14,8 @@ import math
 import torch
 
 from piflow_kernels import ops
-from piflow_kernels._validation import (
+from piflow_kernels.backend import resolve_backend
+from piflow_kernels.checks import (
     SigmaLike,
     as_sigma,
     check_float_tensor,
@@ -23,7 +24,6 @@ from piflow_kernels._validation import (
     check_shape,
     check_total_substeps,
 )
-from piflow_kernels.backend import resolve_backend
 from piflow_kernels.timesteps import substep_schedule, unwarp
 
 __all__ = ["GMFlowPolicy", "DXPolicy"]
@@ -169,7 +169,7 @@ class GMFlowPolicy(_PolicyBase):
         x = self._check_x("x", x)
         sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
         if self.backend == "reference":
-            import reference
+            from piflow_kernels import reference
 
             f32 = lambda t: t.float()  # noqa: E731
             u = reference.gm_velocity(
@@ -197,7 +197,7 @@ class GMFlowPolicy(_PolicyBase):
         """
         x_start, s0, n, h, r0, shift = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
         if self.backend == "reference":
-            import reference
+            from piflow_kernels import reference
 
             vel = lambda x, s: self.velocity(x, s).float()  # noqa: E731
             s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
@@ -342,7 +342,7 @@ class DXPolicy(_PolicyBase):
         x = self._check_x("x", x)
         sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
         if self.backend == "reference":
-            import reference
+            from piflow_kernels import reference
 
             u = reference.dx_velocity(
                 x.float(), sigma, self.grid.float(), self.x_src.float(), self.sigma_src,
@@ -366,7 +366,7 @@ class DXPolicy(_PolicyBase):
         """Integrate from sigma_start down to sigma_end with Euler substeps uniform in raw time, no grad."""
         x_start, s0, n, h, r0, shift = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
         if self.backend == "reference":
-            import reference
+            from piflow_kernels import reference
 
             vel = lambda x, s: self.velocity(x, s).float()  # noqa: E731
             s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)

@@ -4,11 +4,11 @@ Written literally and readably, dtype-agnostic (tests run it in float64), with n
 imports from ``piflow_kernels``. Every fast path of the library is tested against it.
 """
 
-from reference.dx import dx_velocity
-from reference.flowmap_sde import flowmap_sde_dst, flowmap_sde_sigmas, flowmap_sde_step
-from reference.gmflow import gm_apply_dropout, gm_apply_temperature, gm_velocity
-from reference.rollout import rollout
-from reference.timesteps import dynamic_shift, unwarp, warp
+from .dx import dx_velocity
+from .flowmap_sde import flowmap_sde_dst, flowmap_sde_sigmas, flowmap_sde_step
+from .gm import gm_apply_dropout, gm_apply_temperature, gm_velocity
+from .rollout import rollout
+from .timesteps import dynamic_shift, unwarp, warp
 
 __all__ = [
     "warp",

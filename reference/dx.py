@@ -5,8 +5,8 @@ Shapes: grid (B, N, C, *S); x, x_src (B, C, *S); sigmas floats, 0-d or (B,) tens
 
 import torch
 
-from reference._util import per_sample
-from reference.timesteps import unwarp
+from ._util import per_sample
+from .timesteps import unwarp
 
 EPS = 1e-4
 

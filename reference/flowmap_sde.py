@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from reference.timesteps import warp
+from .timesteps import warp
 
 
 def flowmap_sde_sigmas(num_steps, shift=1.0, final_step_size_scale=1.0):

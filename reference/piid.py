@@ -13,10 +13,10 @@ and is differentiable w.r.t. the output tensors.
 
 import torch
 
-from reference.dx import dx_velocity
-from reference.gmflow import gm_apply_dropout, gm_velocity
-from reference.rollout import rollout
-from reference.timesteps import warp
+from .dx import dx_velocity
+from .gm import gm_apply_dropout, gm_velocity
+from .rollout import rollout
+from .timesteps import warp
 
 
 def _policy_velocity(policy_type, output, x_src, sigma_src, keep_mask, dx_segment_size, dx_shift, dx_mode, rows=None):

@@ -2,7 +2,7 @@
 
 import torch
 
-from reference.timesteps import unwarp, warp
+from .timesteps import unwarp, warp
 
 
 def rollout(velocity_fn, x_start, sigma_start, sigma_end, total_substeps=128, shift=1.0):

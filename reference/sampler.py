@@ -8,10 +8,10 @@ then re-noise as FlowMapSDE. Dtype-agnostic (tests run it in float64); no import
 
 from collections.abc import Mapping
 
-from reference.dx import dx_velocity
-from reference.flowmap_sde import flowmap_sde_dst, flowmap_sde_sigmas, flowmap_sde_step
-from reference.gmflow import gm_apply_temperature, gm_velocity
-from reference.rollout import rollout
+from .dx import dx_velocity
+from .flowmap_sde import flowmap_sde_dst, flowmap_sde_sigmas, flowmap_sde_step
+from .gm import gm_apply_temperature, gm_velocity
+from .rollout import rollout
 
 
 def _field(output, name):

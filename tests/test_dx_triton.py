@@ -14,7 +14,7 @@ import torch
 from conftest import TOL, capture_cuda_graph, compiled_step_error, rel_err
 
 import piflow_kernels as pk
-import reference
+from piflow_kernels import reference
 from piflow_kernels.ops import dx_triton
 from piflow_kernels.ops.dx_torch import dx_velocity_torch
 from piflow_kernels.timesteps import substep_schedule, unwarp

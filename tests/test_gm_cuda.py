@@ -13,7 +13,7 @@ import torch
 from conftest import TOL, capture_cuda_graph, compiled_step_error, rel_err
 
 import piflow_kernels as pk
-import reference
+from piflow_kernels import reference
 from piflow_kernels.ops import gm_triton
 
 pytestmark = pytest.mark.cuda

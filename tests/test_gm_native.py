@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TOL, rel_err
 
-import reference
+from piflow_kernels import reference
 from piflow_kernels.ops import gm_native, gm_torch
 from piflow_kernels.timesteps import sigma_table, substep_schedule
 

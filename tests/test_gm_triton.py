@@ -14,7 +14,7 @@ import torch
 from conftest import TOL, rel_err
 
 import piflow_kernels as pk
-import reference
+from piflow_kernels import reference
 from piflow_kernels.ops import gm_triton
 from piflow_kernels.timesteps import substep_schedule
 

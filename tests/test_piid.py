@@ -2,11 +2,11 @@
 
 import math
 
+import piflow_kernels.reference.piid as ref_piid
 import pytest
 import torch
 from conftest import rel_err
 
-import reference.piid as ref_piid
 from piflow_kernels import GMFlowPolicy, warp
 from piflow_kernels.distill import (
     ExactGMTeacher,

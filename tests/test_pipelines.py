@@ -12,8 +12,7 @@ import io
 import pytest
 import torch
 
-import reference
-from piflow_kernels import GMFlowOutput, dynamic_shift, make_policy
+from piflow_kernels import GMFlowOutput, dynamic_shift, make_policy, reference
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the stock pipelines import their text encoders' classes

@@ -5,7 +5,7 @@ import torch
 from conftest import TOL, compiled_step_error, rel_err
 
 import piflow_kernels as pk
-import reference as R
+from piflow_kernels import reference as R
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import reference as R
+from piflow_kernels import reference as R
 
 
 def gaussian_posterior(x_t, s, mu0, sig0):

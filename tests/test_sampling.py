@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import TOL, rel_err
+from piflow_kernels.reference.sampler import flowmap_sde_sample
 
-import reference as R
 from piflow_kernels import DXOutput, GMFlowOutput
-from reference.sampler import flowmap_sde_sample
+from piflow_kernels import reference as R
 
 diffusers = pytest.importorskip("diffusers")  # the scheduler is a diffusers scheduler
 from piflow_kernels.sampling import sample  # noqa: E402

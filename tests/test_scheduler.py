@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from conftest import TOL, rel_err
+from piflow_kernels.reference.sampler import flowmap_sde_policy_step
 
-import reference as R
 from piflow_kernels import DXOutput, GMFlowOutput
-from reference.sampler import flowmap_sde_policy_step
+from piflow_kernels import reference as R
 
 diffusers = pytest.importorskip("diffusers")  # the scheduler is a diffusers scheduler
 from diffusers.models.modeling_outputs import Transformer2DModelOutput  # noqa: E402

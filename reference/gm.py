@@ -6,7 +6,7 @@ logstds (B, 1, 1, *1) or (B, K, 1, *1); sigmas floats, 0-d or (B,) tensors.
 
 import torch
 
-from reference._util import per_sample
+from ._util import per_sample
 
 EPS = 1e-6
 

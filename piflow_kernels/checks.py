@@ -1,13 +1,67 @@
-"""Input checks shared by the policies: clear errors naming the argument and the expected shape."""
+"""Input checks, in one place: clear errors naming the argument (or config key) and what it must be.
+
+The policies, the scheduler, the students, the trainer and the benchmarks all validate through these, so a
+rule (what counts as an int, a positive number, a per-sample value) is written once. numpy scalars count
+as Python numbers wherever a number is accepted.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 
 SigmaLike = float | int | torch.Tensor
+
+
+def is_int(value: object) -> bool:
+    """A Python or numpy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A finite Python or numpy real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1, else a ``ValueError`` naming ``name``."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def positive_float(name: str, value: object) -> float:
+    """``value`` as a positive finite float, else a ``ValueError`` naming ``name``. 0-d tensors are read
+    with ``float()`` (a host sync on CUDA: for settings, not for the hot path)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = float(value)
+    if not is_real(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def per_sample(
+    name: str,
+    value: float | torch.Tensor,
+    batch: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """A number, a 0-d, (B,) or (B, 1, ..., 1) tensor as a (B,) tensor of ``dtype`` (on ``device`` if given).
+
+    A 0-d value is expanded (a view); raises a ``ValueError`` naming ``name`` for any other shape.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got bool")
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.numel() == batch and t.shape[0] == batch:
+        return t.reshape(batch)
+    raise ValueError(f"{name} must be a float, a 0-d tensor or a ({batch},) tensor, got shape {tuple(t.shape)}")
 
 
 def check_float_tensor(name: str, t: object) -> torch.Tensor:
@@ -53,7 +107,7 @@ def as_sigma(name: str, sigma: SigmaLike, batch: int, device: torch.device) -> t
     """
     if isinstance(sigma, bool):
         raise TypeError(f"{name} must be a float or a tensor, got bool")
-    if isinstance(sigma, (int, float)):
+    if isinstance(sigma, numbers.Real):
         value = float(sigma)
         if not (0.0 <= value <= 1.0) or math.isnan(value):
             raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -81,8 +135,8 @@ def as_sigma(name: str, sigma: SigmaLike, batch: int, device: torch.device) -> t
 
 
 def check_total_substeps(total_substeps: object) -> int:
-    if isinstance(total_substeps, bool) or not isinstance(total_substeps, int):
+    if not is_int(total_substeps):
         raise TypeError(f"total_substeps must be an int, got {type(total_substeps).__name__}")
     if total_substeps < 1:
         raise ValueError(f"total_substeps must be >= 1, got {total_substeps}")
-    return total_substeps
+    return int(total_substeps)

@@ -26,7 +26,7 @@ _LAZY = {
     "sample": "piflow_kernels.sampling",
     "build_student": "piflow_kernels.students",
     "PiFlowStudent": "piflow_kernels.students",
-    "load_official_adapter": "piflow_kernels.checkpoints",
+    "load_official_adapter": "piflow_kernels.official_weights",
     "to_piflow": "piflow_kernels.pipelines",
     "PiIDConfig": "piflow_kernels.distill",
     "ExactGMTeacher": "piflow_kernels.distill",

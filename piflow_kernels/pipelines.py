@@ -44,9 +44,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from piflow_kernels.layouts import packed_to_tokens, tokens_to_packed
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
 from piflow_kernels.scheduler import PiFlowScheduler, PiFlowSchedulerOutput
-from piflow_kernels.students import PiFlowStudent, _packed_to_tokens, _tokens_to_packed
+from piflow_kernels.students import PiFlowStudent
 
 __all__ = ["to_piflow", "PiFlowTransformer", "PiFlowPipelineScheduler"]
 
@@ -154,11 +155,11 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
             if not isinstance(noise, torch.Tensor) or noise.shape != sample.shape:
                 got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
                 raise ValueError(f"noise must have the shape of sample {tuple(sample.shape)}, got {got}")
-            noise = _packed_to_tokens(noise, p2)
+            noise = packed_to_tokens(noise, p2)
         out = super().step(
-            model_output, timestep, _packed_to_tokens(sample, p2), generator=generator, return_dict=True, noise=noise
+            model_output, timestep, packed_to_tokens(sample, p2), generator=generator, return_dict=True, noise=noise
         )
-        prev = _tokens_to_packed(out.prev_sample)
+        prev = tokens_to_packed(out.prev_sample)
         if not return_dict:
             return (prev,)
         return PiFlowSchedulerOutput(prev_sample=prev)

@@ -40,124 +40,32 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import diffusers
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import Timesteps
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+try:
+    import diffusers
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.models.embeddings import Timesteps
+    from diffusers.models.modeling_utils import ModelMixin
+except ImportError as err:
+    raise ImportError("piflow_kernels students need diffusers: pip install 'piflow_kernels[diffusers]'") from err
+
+from piflow_kernels.checks import is_real, positive_float, positive_int
+from piflow_kernels.layouts import (
+    SUPPORTED_TEACHERS,
+    arch_for,
+    geometry,
+    image_to_packed,
+    map_output,
+    teacher_class_name,
+    tokens_to_image,
+)
 from piflow_kernels.outputs import POLICY_TYPES, DXOutput, GMFlowOutput
 
 __all__ = ["PiFlowStudent", "build_student", "SUPPORTED_TEACHERS"]
-
-
-@dataclass(frozen=True)
-class _Arch:
-    """How one diffusers teacher class is turned into a student."""
-
-    out_attr: str  # the teacher's output layer, replaced by the policy head
-    temb_path: str  # module whose output is the time embedding fed to the log-std MLP
-    layout: str  # "tokens": packed 2x2 sequence (B, L, R); "image": the trunk returns (B, R, H, W)
-    row_order: str  # teacher output rows per token: "cp" (channel, pixel), "pc" (pixel, channel), "conv"
-    sample_arg: str  # name of the latent argument of the teacher's forward
-    timestep_divisor: float  # trunk timestep = scheduler timestep (sigma * 1000) / timestep_divisor
-    sets_out_channels: bool  # the trunk unpatchifies with self.out_channels: set it to the head's width
-
-
-_ARCHS: dict[str, _Arch] = {
-    "UNet2DModel": _Arch("conv_out", "time_embedding", "image", "conv", "sample", 1.0, False),
-    "DiTTransformer2DModel": _Arch("proj_out_2", "transformer_blocks.0.norm1.emb", "image", "pc", "hidden_states", 1.0, True),
-    "SD3Transformer2DModel": _Arch("proj_out", "time_text_embed", "image", "pc", "hidden_states", 1.0, True),
-    "FluxTransformer2DModel": _Arch("proj_out", "time_text_embed", "tokens", "cp", "hidden_states", 1000.0, False),
-    "QwenImageTransformer2DModel": _Arch("proj_out", "time_text_embed", "tokens", "cp", "hidden_states", 1000.0, False),
-}
-
-SUPPORTED_TEACHERS: tuple[str, ...] = tuple(_ARCHS)
-
-
-def _arch_for(teacher_class: str) -> _Arch:
-    if teacher_class not in _ARCHS:
-        raise TypeError(
-            f"unsupported teacher class {teacher_class!r}: a student can be built from a diffusers "
-            f"{', '.join(SUPPORTED_TEACHERS)}"
-        )
-    return _ARCHS[teacher_class]
-
-
-def _teacher_class_name(teacher: object) -> str:
-    name = type(teacher).__name__
-    if name not in _ARCHS or getattr(diffusers, name, None) is not type(teacher):
-        raise TypeError(
-            f"unsupported teacher {type(teacher).__module__}.{type(teacher).__qualname__}: expected an instance of "
-            f"diffusers' {', '.join(SUPPORTED_TEACHERS)} (subclasses are not supported: from_pretrained rebuilds "
-            "the trunk from the diffusers class and its config)"
-        )
-    return name
-
-
-def _geometry(teacher_class: str, config: Any) -> tuple[int, int, int]:
-    """(C, C_teacher, p): latent channels per pixel, teacher output channels per pixel, pixels per token side."""
-    get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
-    in_ch = get("in_channels")
-    out_ch = get("out_channels")
-    if teacher_class == "FluxTransformer2DModel":
-        packed = out_ch or in_ch
-        if packed % 4:
-            raise ValueError(f"FluxTransformer2DModel output width {packed} is not 4 * C (2x2 packed latents)")
-        return packed // 4, packed // 4, 2
-    if teacher_class == "QwenImageTransformer2DModel":
-        c = out_ch or in_ch
-        return c, c, get("patch_size")
-    if teacher_class == "SD3Transformer2DModel":
-        c = out_ch if out_ch is not None else in_ch
-        return c, c, get("patch_size")
-    if teacher_class == "DiTTransformer2DModel":
-        return in_ch, (in_ch if out_ch is None else out_ch), get("patch_size")
-    # UNet2DModel
-    return in_ch, out_ch, 1
-
-
-# ---------------------------------------------------------------------------- layouts
-
-
-def _image_to_packed(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), channel index c*p*p + py*p + px (FLUX / Qwen-Image packing)."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def _packed_to_tokens(x: torch.Tensor, p2: int) -> torch.Tensor:
-    """Packed latents (B, L, C*p2) -> token layout (B, C, L, p2): one policy "pixel" per (token, sub-pixel)."""
-    b, length, d = x.shape
-    return x.reshape(b, length, d // p2, p2).permute(0, 2, 1, 3)
-
-
-def _tokens_to_packed(x: torch.Tensor) -> torch.Tensor:
-    """Token layout (B, C, L, p2) -> packed latents (B, L, C*p2); inverse of :func:`_packed_to_tokens`."""
-    b, c, length, p2 = x.shape
-    return x.permute(0, 2, 1, 3).reshape(b, length, c * p2)
-
-
-def _tokens_to_image(x: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
-    """(..., h*w, p*p) token layout -> (..., h*p, w*p) image layout."""
-    lead = x.shape[:-2]
-    n = len(lead)
-    x = x.reshape(*lead, h, w, p, p)
-    x = x.permute(*range(n), n, n + 2, n + 1, n + 3)
-    return x.reshape(*lead, h * p, w * p)
-
-
-def _map_output(out: GMFlowOutput | DXOutput, fn: Callable[[torch.Tensor], torch.Tensor]) -> GMFlowOutput | DXOutput:
-    """Apply a layout change to the spatial fields (means, logweights or grid); logstds have no layout."""
-    if isinstance(out, GMFlowOutput):
-        return GMFlowOutput(means=fn(out.means), logweights=fn(out.logweights), logstds=out.logstds)
-    return DXOutput(grid=fn(out.grid))
 
 
 # ---------------------------------------------------------------------------- head
@@ -249,12 +157,6 @@ def _capture_temb(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     module.__dict__["_piflow_temb"] = output
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def _plain_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
@@ -301,16 +203,16 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        arch = _arch_for(teacher_class)
+        arch = arch_for(teacher_class)
         if policy_type not in POLICY_TYPES:
             raise ValueError(f"policy_type must be one of {POLICY_TYPES}, got {policy_type!r}")
-        k = _positive_int(
+        k = positive_int(
             "num_components" if policy_type == "GMFlow" else "num_points",
             num_components if policy_type == "GMFlow" else num_points,
         )
-        _positive_int("logstd_inner_dim", logstd_inner_dim)
-        _positive_int("num_logstd_layers", num_logstd_layers)
-        if timestep_divisor is not None and not (isinstance(timestep_divisor, (int, float)) and timestep_divisor > 0):
+        positive_int("logstd_inner_dim", logstd_inner_dim)
+        positive_int("num_logstd_layers", num_logstd_layers)
+        if timestep_divisor is not None and not (is_real(timestep_divisor) and timestep_divisor > 0):
             raise ValueError(f"timestep_divisor must be a positive number or None, got {timestep_divisor!r}")
         if trunk is None:
             trunk = getattr(diffusers, teacher_class).from_config(teacher_config)
@@ -318,7 +220,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             raise TypeError(f"trunk is a {type(trunk).__name__} but teacher_class is {teacher_class!r}")
         self._check_trunk(teacher_class, trunk)
 
-        c, c_teacher, p = _geometry(teacher_class, trunk.config)
+        c, c_teacher, p = geometry(teacher_class, trunk.config)
         layer = getattr(trunk, arch.out_attr)
         rows = layer.out_features if isinstance(layer, nn.Linear) else getattr(layer, "out_channels", None)
         if rows != p * p * c_teacher or c_teacher not in (c, 2 * c):
@@ -405,10 +307,9 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         one draw per (component, channel); logweights zero; log-std MLP xavier-uniform with its last layer
         at weight 0 and bias log(``init_logstd``). DX: the teacher's rows replicated N times.
         """
-        if not (isinstance(init_noise, (int, float)) and init_noise >= 0 and math.isfinite(init_noise)):
+        if not (is_real(init_noise) and init_noise >= 0):
             raise ValueError(f"init_noise must be a finite float >= 0, got {init_noise!r}")
-        if not (isinstance(init_logstd, (int, float)) and init_logstd > 0 and math.isfinite(init_logstd)):
-            raise ValueError(f"init_logstd must be a positive float, got {init_logstd!r}")
+        positive_float("init_logstd", init_logstd)
         head: _PolicyHead = getattr(self.trunk, self._arch.out_attr)
         k, c, ct, p2 = head.k, self._channels, self._teacher_channels, head.p2
         w = weight.detach().float()
@@ -513,8 +414,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
                 kwargs.setdefault("txt_ids", torch.zeros(emb.shape[1], 3, device=x_t.device, dtype=emb.dtype))
             else:
                 kwargs.setdefault("img_shapes", [[(1, h, w)]] * batch)
-            out = self.forward_native(**{arch.sample_arg: _image_to_packed(x_t, p)}, timestep=t, **kwargs)
-            out = _map_output(out, lambda z: _tokens_to_image(z, h, w, p))
+            out = self.forward_native(**{arch.sample_arg: image_to_packed(x_t, p)}, timestep=t, **kwargs)
+            out = map_output(out, lambda z: tokens_to_image(z, h, w, p))
         return out if return_dict else (out,)
 
     def forward_native(self, *args: Any, **kwargs: Any) -> GMFlowOutput | DXOutput:
@@ -523,7 +424,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         Image teachers (UNet2DModel, DiT, SD3): fields (B, K, C, H, W) as from :meth:`forward`. FLUX /
         Qwen-Image (``hidden_states`` packed (B, L, 4C), ``timestep`` = sigma): token layout, means
         (B, K, C, L, 4), logweights (B, K, 1, L, 4), logstds (B, 1, 1, 1, 1), grid (B, N, C, L, 4); the
-        matching latents are (B, C, L, 4) (``_packed_to_tokens``).
+        matching latents are (B, C, L, 4) (:func:`~piflow_kernels.layouts.packed_to_tokens`).
         """
         kwargs.pop("return_dict", None)
         temb_module = self.trunk.get_submodule(self._arch.temb_path)
@@ -599,8 +500,8 @@ def build_student(
         >>> student = build_student(flux_transformer, "GMFlow", num_components=8)
         >>> out = student(x_t, t, encoder_hidden_states=emb, pooled_projections=pooled, guidance=g)
     """
-    name = _teacher_class_name(teacher)
-    arch = _arch_for(name)
+    name = teacher_class_name(teacher)
+    arch = arch_for(name)
     trunk = copy.deepcopy(teacher) if copy_teacher else teacher
     layer = getattr(trunk, arch.out_attr)
     if isinstance(layer, _PolicyHead):

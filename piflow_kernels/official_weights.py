@@ -1,4 +1,4 @@
-"""Load released pi-Flow checkpoints (official layout) into :class:`~piflow_kernels.PiFlowStudent`.
+"""Load the released pi-Flow weights (official adapter layout) into :class:`~piflow_kernels.PiFlowStudent`.
 
 The official releases are diffusers-style folders: ``config.json`` (``_class_name`` such as
 ``GMFluxTransformer2DModel``) and ``diffusion_pytorch_model.safetensors`` whose metadata carries
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -38,7 +37,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from piflow_kernels.students import _ARCHS, PiFlowStudent, _geometry, _teacher_class_name, build_student
+from piflow_kernels.checks import is_real
+from piflow_kernels.layouts import arch_for, geometry, teacher_class_name
+from piflow_kernels.students import PiFlowStudent, build_student
 
 __all__ = ["load_official_adapter", "read_policy_config"]
 
@@ -123,8 +124,8 @@ def _infer(
     state: dict[str, torch.Tensor], teacher_class: str, teacher: nn.Module, policy_type: str | None
 ) -> tuple[str, int, int, int]:
     """(policy_type, K or N, logstd_inner_dim, num_logstd_layers) from the tensors."""
-    arch = _ARCHS[teacher_class]
-    c, _, p = _geometry(teacher_class, teacher.config)
+    arch = arch_for(teacher_class)
+    c, _, p = geometry(teacher_class, teacher.config)
     p2 = p * p
     has_gm = "proj_out_means.weight" in state or "proj_out_logweights.weight" in state
     if policy_type is None:
@@ -160,7 +161,7 @@ def _infer(
 
 def _target_keys(key: str, student: PiFlowStudent) -> list[str]:
     """Student state-dict keys an official key maps to."""
-    out_attr = student._arch.out_attr
+    out_attr = arch_for(student.teacher_class).out_attr
     head = f"trunk.{out_attr}"
     if key.startswith("proj_out_means."):
         return [f"{head}.means.{key.split('.', 1)[1]}"]
@@ -236,7 +237,7 @@ def load_official_adapter(
     Returns:
         the :class:`~piflow_kernels.PiFlowStudent` in eval mode (and the policy config dict if asked).
     """
-    if not (isinstance(lora_scale, (int, float)) and math.isfinite(lora_scale)):
+    if not is_real(lora_scale):
         raise ValueError(f"lora_scale must be a finite float, got {lora_scale!r}")
     files, config = _resolve(path, subfolder)
     meta_policy = read_policy_config(path, subfolder)
@@ -254,7 +255,7 @@ def load_official_adapter(
             )
         teacher = _dit_teacher_from_config(config)
         copy_teacher = False
-    teacher_class = _teacher_class_name(teacher)
+    teacher_class = teacher_class_name(teacher)
     if expected_teacher is not None and teacher_class != expected_teacher:
         raise ValueError(f"{class_name} checkpoints are for a {expected_teacher} teacher, got a {teacher_class}")
 

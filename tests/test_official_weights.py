@@ -20,7 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 from test_students import teacher_inputs, tiny_teacher  # noqa: E402
 
 from piflow_kernels import PiFlowStudent, load_official_adapter  # noqa: E402
-from piflow_kernels.checkpoints import read_policy_config  # noqa: E402
+from piflow_kernels.official_weights import read_policy_config  # noqa: E402
 
 RANK = 2
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 from piflow_kernels import _mount_reference  # noqa: F401  (first: makes piflow_kernels.reference importable)
-from piflow_kernels.backend import BACKENDS, resolve_backend
+from piflow_kernels.ops.dispatch import BACKENDS, resolve_backend
 from piflow_kernels.outputs import DXOutput, GMFlowOutput, make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
 from piflow_kernels.timesteps import dynamic_shift, unwarp, warp

@@ -14,7 +14,6 @@ import math
 import torch
 
 from piflow_kernels import ops
-from piflow_kernels.backend import resolve_backend
 from piflow_kernels.checks import (
     SigmaLike,
     as_sigma,
@@ -23,8 +22,12 @@ from piflow_kernels.checks import (
     check_same_device,
     check_shape,
     check_total_substeps,
+    positive_float,
 )
-from piflow_kernels.timesteps import substep_schedule, unwarp
+from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS, DX_EPS
+from piflow_kernels.ops.dispatch import load_triton_ops, resolve_backend
+from piflow_kernels.ops.records import DXSegment, DXTensors, GMTensors, RolloutPlan
+from piflow_kernels.timesteps import unwarp
 
 __all__ = ["GMFlowPolicy", "DXPolicy"]
 
@@ -32,14 +35,6 @@ __all__ = ["GMFlowPolicy", "DXPolicy"]
 def _no_autocast(device: torch.device):
     """Policy math is float32 by contract: switch off any autocast region of the caller (bf16 training)."""
     return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _check_shift(shift: float) -> float:
-    if isinstance(shift, torch.Tensor):
-        shift = float(shift)
-    if not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        raise ValueError(f"shift must be a positive finite float, got {shift!r}")
-    return float(shift)
 
 
 class _PolicyBase:
@@ -68,16 +63,21 @@ class _PolicyBase:
         """(B, C, *S) -> (B, C, L)."""
         return t.reshape(t.shape[0], t.shape[1], -1)
 
-    def _plan(self, x_start, sigma_start, sigma_end, total_substeps, shift):
+    def _plan(self, x_start, sigma_start, sigma_end, total_substeps, shift) -> tuple[torch.Tensor, RolloutPlan]:
         x_start = self._check_x("x_start", x_start)
         total_substeps = check_total_substeps(total_substeps)
-        shift = _check_shift(shift)
+        shift = positive_float("shift", shift)
         s0 = as_sigma("sigma_start", sigma_start, self.batch_size, x_start.device)
         s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
         if s0.device.type == "cpu" and not torch.compiler.is_compiling() and bool((s1 > s0).any()):
             raise ValueError("sigma_end must not exceed sigma_start: a rollout runs from noise towards data")
-        n, h, r0 = substep_schedule(s0, s1, total_substeps, shift)
-        return x_start, s0, n, h, r0, shift
+        return x_start, RolloutPlan.build(s0, s1, total_substeps, shift)
+
+    def _resolve(self, backend: str | None, device: torch.device) -> None:
+        self._backend_arg = backend
+        self.backend = resolve_backend(backend, device)
+        if self.backend == "triton" and not torch.compiler.is_compiling():
+            load_triton_ops()
 
 
 class GMFlowPolicy(_PolicyBase):
@@ -89,7 +89,7 @@ class GMFlowPolicy(_PolicyBase):
         logstds: (B, 1, 1, *1) one std per sample, or (B, K, 1, *1) per component.
         x_src: (B, C, *S) the noisy input the student saw.
         sigma_src: its noise level: a float, a 0-d or a (B,) tensor.
-        backend: None (auto), "torch", "triton" or "reference" (see :mod:`piflow_kernels.backend`).
+        backend: None (auto), "torch", "triton" or "reference" (see :mod:`piflow_kernels.ops.dispatch`).
 
     Example:
         >>> pol = GMFlowPolicy(means, logweights, logstds, x_src, 0.9)
@@ -139,10 +139,7 @@ class GMFlowPolicy(_PolicyBase):
         self.logstds = logstds
         self.x_src = x_src
         self.sigma_src = as_sigma("sigma_src", sigma_src, b, device)
-        self._backend_arg = backend
-        self.backend = resolve_backend(backend, device)
-        if self.backend == "triton" and not torch.compiler.is_compiling():
-            ops.load_triton_ops()
+        self._resolve(backend, device)
 
     @property
     def num_components(self) -> int:
@@ -154,31 +151,25 @@ class GMFlowPolicy(_PolicyBase):
         new.__dict__.update(changes)
         return new
 
-    def _flat_policy(self):
+    def _tensors(self) -> GMTensors:
+        """The policy in the flat layout of the ops (:mod:`piflow_kernels.ops.records`)."""
         b, k = self.means.shape[:2]
         c = self.x_src.shape[1]
-        return (
+        return GMTensors(
             self.means.reshape(b, k, c, -1),
             self.logweights.reshape(b, k, -1),
             self.logstds.reshape(b, self.logstds.shape[1]),
             self._flat(self.x_src),
+            self.sigma_src,
         )
 
     def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Velocity u(x, sigma), shape and dtype of ``x``; differentiable w.r.t. the policy tensors and x."""
+        """Velocity u(x, sigma) ([eq:gm-velocity]), shape and dtype of ``x``; differentiable w.r.t. the policy
+        tensors and x."""
         x = self._check_x("x", x)
         sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
-        if self.backend == "reference":
-            from piflow_kernels import reference
-
-            f32 = lambda t: t.float()  # noqa: E731
-            u = reference.gm_velocity(
-                f32(x), sigma, f32(self.means), f32(self.logweights), f32(self.logstds), f32(self.x_src), self.sigma_src
-            )
-            return u.to(x.dtype)
-        means, lw, ls, xs = self._flat_policy()
         with _no_autocast(x.device):
-            u = ops.gm_velocity(self.backend, self._flat(x), sigma, means, lw, ls, xs, self.sigma_src)
+            u = ops.gm_velocity(self.backend, self._flat(x), sigma, self._tensors())
         return u.reshape(x.shape)
 
     @torch.no_grad()
@@ -187,24 +178,17 @@ class GMFlowPolicy(_PolicyBase):
         x_start: torch.Tensor,
         sigma_start: SigmaLike,
         sigma_end: SigmaLike,
-        total_substeps: int = 128,
+        total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
         shift: float = 1.0,
     ) -> torch.Tensor:
-        """Integrate the policy from sigma_start down to sigma_end (DESIGN.md section 4), no grad.
+        """Integrate the policy from sigma_start down to sigma_end ([eq:rollout]), no grad.
 
         Substeps are uniform in raw time under ``shift``; sample b takes
-        max(1, round((r_start - r_end) * total_substeps)) of them. Returns x_end like ``x_start``.
+        max(1, round((r_start - r_end) * total_substeps)) of them ([eq:substeps]). Returns x_end like ``x_start``.
         """
-        x_start, s0, n, h, r0, shift = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
-        if self.backend == "reference":
-            from piflow_kernels import reference
-
-            vel = lambda x, s: self.velocity(x, s).float()  # noqa: E731
-            s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
-            return reference.rollout(vel, x_start.float(), s0, s1, total_substeps, shift).to(x_start.dtype)
-        means, lw, ls, xs = self._flat_policy()
+        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
         with _no_autocast(x_start.device):
-            x_end = ops.gm_rollout(self.backend, self._flat(x_start), means, lw, ls, xs, self.sigma_src, s0, n, h, r0, shift)
+            x_end = ops.gm_rollout(self.backend, self._flat(x_start), self._tensors(), plan)
         return x_end.reshape(x_start.shape)
 
     def detach(self) -> GMFlowPolicy:
@@ -299,15 +283,12 @@ class DXPolicy(_PolicyBase):
         self.x_src = x_src
         self.sigma_src = as_sigma("sigma_src", sigma_src, b, device)
         self.segment_size = segment_size
-        self.shift = _check_shift(shift)
+        self.shift = positive_float("shift", shift)
         self.mode = mode
-        self._backend_arg = backend
-        self.backend = resolve_backend(backend, device)
-        if self.backend == "triton" and not torch.compiler.is_compiling():
-            ops.load_triton_ops()
+        self._resolve(backend, device)
         self.r_src = unwarp(self.sigma_src, self.shift)
         self.r_dst = (self.r_src - segment_size).clamp(min=0.0)
-        self.seg = (self.r_src - self.r_dst).clamp(min=1e-4)
+        self.seg = (self.r_src - self.r_dst).clamp(min=DX_EPS)
 
     @property
     def num_points(self) -> int:
@@ -324,34 +305,18 @@ class DXPolicy(_PolicyBase):
         new.__dict__.update(changes)
         return new
 
-    def _args(self):
+    def _tensors(self) -> DXTensors:
+        """The policy in the flat layout of the ops (:mod:`piflow_kernels.ops.records`)."""
         b, n, c = self.grid.shape[:3]
-        return (
-            self.grid.reshape(b, n, c, -1),
-            self._flat(self.x_src),
-            self.sigma_src,
-            self.r_src,
-            self.r_dst,
-            self.seg,
-            self.shift,
-            self.mode == "polynomial",
-        )
+        segment = DXSegment(self.r_src, self.r_dst, self.seg, self.shift, self.mode == "polynomial", self.segment_size)
+        return DXTensors(self.grid.reshape(b, n, c, -1), self._flat(self.x_src), self.sigma_src, segment)
 
     def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Velocity u(x, sigma), shape and dtype of ``x``; differentiable w.r.t. grid, x and x_src."""
+        """Velocity u(x, sigma) ([eq:dx-velocity]), shape and dtype of ``x``; differentiable w.r.t. grid, x and x_src."""
         x = self._check_x("x", x)
         sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
-        if self.backend == "reference":
-            from piflow_kernels import reference
-
-            u = reference.dx_velocity(
-                x.float(), sigma, self.grid.float(), self.x_src.float(), self.sigma_src,
-                self.segment_size, self.shift, self.mode,
-            )
-            return u.to(x.dtype)
-        grid, xs, ss, r_src, r_dst, seg, pshift, poly = self._args()
         with _no_autocast(x.device):
-            u = ops.dx_velocity(self.backend, self._flat(x), sigma, grid, xs, ss, r_src, r_dst, seg, pshift, poly)
+            u = ops.dx_velocity(self.backend, self._flat(x), sigma, self._tensors())
         return u.reshape(x.shape)
 
     @torch.no_grad()
@@ -360,19 +325,13 @@ class DXPolicy(_PolicyBase):
         x_start: torch.Tensor,
         sigma_start: SigmaLike,
         sigma_end: SigmaLike,
-        total_substeps: int = 128,
+        total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
         shift: float = 1.0,
     ) -> torch.Tensor:
-        """Integrate from sigma_start down to sigma_end with Euler substeps uniform in raw time, no grad."""
-        x_start, s0, n, h, r0, shift = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
-        if self.backend == "reference":
-            from piflow_kernels import reference
-
-            vel = lambda x, s: self.velocity(x, s).float()  # noqa: E731
-            s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
-            return reference.rollout(vel, x_start.float(), s0, s1, total_substeps, shift).to(x_start.dtype)
+        """Integrate from sigma_start down to sigma_end with Euler substeps uniform in raw time ([eq:rollout]), no grad."""
+        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
         with _no_autocast(x_start.device):
-            x_end = ops.dx_rollout(self.backend, self._flat(x_start), *self._args(), s0, n, h, r0, shift)
+            x_end = ops.dx_rollout(self.backend, self._flat(x_start), self._tensors(), plan)
         return x_end.reshape(x_start.shape)
 
     def detach(self) -> DXPolicy:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from piflow_kernels.backend import BACKENDS
+from piflow_kernels.ops.dispatch import BACKENDS
 from piflow_kernels.outputs import POLICY_TYPES, make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
 from piflow_kernels.timesteps import dynamic_shift, warp

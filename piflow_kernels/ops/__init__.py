@@ -1,72 +1,56 @@
-"""Policy ops with backend dispatch. Each op has a CPU twin (``*_torch``), a Triton kernel
-(``*_triton``, loaded lazily) and the literal reference (``reference`` package).
+"""Policy ops, organised by op: ``ops/gm`` (GMFlow) and ``ops/dx`` (DX), each with its twins side by side.
 
-All ops take the flat layout documented in :mod:`piflow_kernels.ops.gm_torch` and
-:mod:`piflow_kernels.ops.dx_torch`.
+| op | reference (``piflow_kernels.reference``) | torch twin | native (CPU) | Triton |
+| --- | --- | --- | --- | --- |
+| GM velocity | ``gm.gm_velocity`` | ``gm/torch_twin.py`` | | ``gm/triton_velocity.py`` |
+| GM rollout | ``rollout.rollout`` | ``gm/torch_twin.py`` | ``gm/native.py`` + ``native.c`` | ``gm/triton_rollout.py`` |
+| DX velocity | ``dx.dx_velocity`` | ``dx/torch_twin.py`` | | ``dx/triton_velocity.py`` |
+| DX rollout | ``rollout.rollout`` | ``dx/torch_twin.py`` (closed form) | | ``dx/triton_rollout.py`` |
+
+Each op takes the flat policy as one record (:mod:`piflow_kernels.ops.records`); the dispatcher
+(:mod:`piflow_kernels.ops.dispatch`) picks the implementation. The tests that join each op to its reference
+carry the op's name: ``tests/ops/test_gm_velocity.py``, ``test_gm_rollout.py``, ``test_dx_velocity.py``,
+``test_dx_rollout.py``.
+
+    >>> u = ops.gm_velocity("torch", x, sigma, GMTensors(means, logweights, logstds, x_src, sigma_src))
 """
 
 from __future__ import annotations
 
 import torch
 
-from piflow_kernels.ops.dx_torch import dx_rollout_torch, dx_velocity_torch
-from piflow_kernels.ops.gm_torch import gm_rollout_torch, gm_velocity_torch
+from piflow_kernels.ops import dispatch
+from piflow_kernels.ops.records import DXSegment, DXTensors, GMTensors, RolloutPlan
 
 
-def _triton_module(name: str):
-    """The Triton op module, imported on first use. Looked up in sys.modules first: torch.compile traces
-    a dict lookup, whereas importlib.import_module is a graph break under fullgraph=True."""
-    import sys
-
-    full = f"piflow_kernels.ops.{name}"
-    module = sys.modules.get(full)
-    if module is None:
-        import importlib
-
-        module = importlib.import_module(full)
-    return module
+def gm_velocity(backend: str, x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors) -> torch.Tensor:
+    """GM velocity u(x, sigma) (B, C, L) in x.dtype, differentiable; ``backend`` as resolved by the policy."""
+    return dispatch.select("gm_velocity", backend, x, policy).fn(x, sigma, policy)
 
 
-def load_triton_ops() -> None:
-    """Import both Triton op modules now (the policies call this when they pick the Triton backend), so a
-    policy whose first use is inside ``torch.compile(fullgraph=True)`` finds them already loaded."""
-    _triton_module("gm_triton")
-    _triton_module("dx_triton")
+def gm_rollout(backend: str, x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan) -> torch.Tensor:
+    """Whole GM rollout: x_end (B, C, L) in x_start.dtype, no grad."""
+    return dispatch.select("gm_rollout", backend, x_start, policy).fn(x_start, policy, plan)
 
 
-def gm_velocity(backend: str, *args) -> torch.Tensor:
-    """Dispatch of the GM velocity (args as :func:`gm_velocity_torch`)."""
-    if backend == "triton":
-        return _triton_module("gm_triton").gm_velocity_triton(*args)
-    return gm_velocity_torch(*args)
+def dx_velocity(backend: str, x: torch.Tensor, sigma: torch.Tensor, policy: DXTensors) -> torch.Tensor:
+    """DX velocity u(x, sigma) (B, C, L) in x.dtype, differentiable w.r.t. grid, x and x_src."""
+    return dispatch.select("dx_velocity", backend, x, policy).fn(x, sigma, policy)
 
 
-def gm_rollout(backend: str, *args) -> torch.Tensor:
-    """Dispatch of the GM rollout (args as :func:`gm_rollout_torch`)."""
-    if backend == "triton":
-        return _triton_module("gm_triton").gm_rollout_triton(*args)
-    return gm_rollout_torch(*args)
-
-
-def dx_velocity(backend: str, *args) -> torch.Tensor:
-    if backend == "triton":
-        return _triton_module("dx_triton").dx_velocity_triton(*args)
-    return dx_velocity_torch(*args)
-
-
-def dx_rollout(backend: str, *args) -> torch.Tensor:
-    if backend == "triton":
-        return _triton_module("dx_triton").dx_rollout_triton(*args)
-    return dx_rollout_torch(*args)
+def dx_rollout(backend: str, x_start: torch.Tensor, policy: DXTensors, plan: RolloutPlan) -> torch.Tensor:
+    """Whole DX rollout: x_end (B, C, L) in x_start.dtype, no grad."""
+    return dispatch.select("dx_rollout", backend, x_start, policy).fn(x_start, policy, plan)
 
 
 __all__ = [
-    "gm_velocity",
-    "gm_rollout",
-    "dx_velocity",
+    "DXSegment",
+    "DXTensors",
+    "GMTensors",
+    "RolloutPlan",
+    "dispatch",
     "dx_rollout",
-    "gm_velocity_torch",
-    "gm_rollout_torch",
-    "dx_velocity_torch",
-    "dx_rollout_torch",
+    "dx_velocity",
+    "gm_rollout",
+    "gm_velocity",
 ]

@@ -1,0 +1,3 @@
+"""GMFlow policy ops: ``torch_twin`` (any device), ``native`` + ``native.c`` (CPU rollout), ``oracle`` (the
+reference as a backend), ``triton_common`` / ``triton_velocity`` / ``triton_rollout`` (the fused kernels,
+imported only when the Triton backend is used)."""

@@ -1,0 +1,174 @@
+"""GM rollout on the CPU as one fused native loop: the policy tile stays in L1 over every substep.
+
+The torch twin (:mod:`piflow_kernels.ops.gm.torch_twin`) runs a rollout as one compiled substep per call,
+and each call streams the whole (B, K, C, L) policy through memory: at B=16, K=32, C=4, 32x32 that is 12 MB
+per substep. This module does what the Triton rollout kernel does on a GPU, on CPU cores: 16 pixels at a
+time (one AVX-512 register per quantity), their (K, C) policy slice (8 KB at K=32, C=4) loaded once and
+kept in L1, every substep of the rollout run on it, x written once. Same algebra as the Triton kernel
+(logits centred on the prior mixture mean, log2 units, an online max) in float32.
+
+The C source is ``native.c`` beside this file (its ``@GM_EPS@`` and ``@LOG2E@`` come from
+:mod:`piflow_kernels.constants`), compiled at first use with the system C compiler into a cache folder
+(``$PIFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/piflow_kernels``, else ``~/.cache/piflow_kernels``),
+loaded with ctypes, and run on ``torch.get_num_threads()`` threads (ctypes releases the GIL). No
+compiler, a failed build or ``PIFLOW_NATIVE=0``: :func:`available` is False (the reason is logged once)
+and the dispatcher uses the torch twin.
+
+    >>> x_end = gm_rollout_native(x_start, GMTensors(means, logweights, logstds, x_src, sigma_src), plan)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from piflow_kernels.constants import GM_EPS, LOG2E
+from piflow_kernels.ops.gm.torch_twin import source_terms, variances
+from piflow_kernels.ops.records import GMTensors, RolloutPlan
+from piflow_kernels.timesteps import sigma_table
+
+logger = logging.getLogger(__name__)
+
+VL = 16  # pixels per block: one 512-bit register of float32
+_PIXELS_PER_ITEM = 256  # pixels of one sample per work item handed to a thread
+
+
+def _read_source() -> str:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "native.c")) as fh:
+        return fh.read().replace("@GM_EPS@", repr(GM_EPS)).replace("@LOG2E@", repr(LOG2E))
+
+
+_SOURCE = _read_source()
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded function or None, "reason": why not, "pool": the thread pool
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("PIFLOW_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "piflow_kernels")
+    return root
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine type and its instruction-set flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _flag_sets() -> list[list[str]]:
+    common = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        return [common + ["-march=native", "-mprefer-vector-width=512"], common]
+    return [common + ["-mcpu=native"], common]
+
+
+def _build() -> tuple[object | None, str | None]:
+    """(the ctypes function, None) or (None, why not)."""
+    if os.environ.get("PIFLOW_NATIVE", "1") == "0":
+        return None, "PIFLOW_NATIVE=0"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None, "no C compiler (cc, gcc or clang) on PATH"
+    errors = []
+    for flags in _flag_sets():
+        key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:20]
+        path = os.path.join(_cache_dir(), f"gm_native_{key}.so")
+        try:
+            if not os.path.exists(path):
+                os.makedirs(_cache_dir(), exist_ok=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    src = os.path.join(tmp, "gm_native.c")
+                    with open(src, "w") as fh:
+                        fh.write(_SOURCE)
+                    out = os.path.join(tmp, "gm_native.so")
+                    proc = subprocess.run([cc, *flags, src, "-o", out], capture_output=True, text=True, timeout=120)
+                    if proc.returncode != 0:
+                        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-300:]}")
+                        continue
+                    staged = f"{path}.{os.getpid()}.tmp"
+                    shutil.copyfile(out, staged)
+                    os.replace(staged, path)  # atomic: a concurrent process sees the whole file or none
+            fn = ctypes.CDLL(path).piflow_gm_rollout
+        except (OSError, subprocess.SubprocessError) as err:
+            errors.append(f"{' '.join(flags)}: {err}")
+            continue
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr] * 9 + [i64] * 4 + [ctypes.c_int] + [i64] * 3
+        fn.restype = ctypes.c_int
+        return fn, None
+    return None, "the C build failed: " + " | ".join(errors)
+
+
+def available() -> bool:
+    """Whether the native rollout can run here (builds it on the first call)."""
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["reason"] = _build()
+            if _state["lib"] is None:
+                logger.warning("piflow_kernels: native CPU rollout unavailable (%s); using the torch twin", _state["reason"])
+    return _state["lib"] is not None
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads (made again after a fork: a child inherits the pool but not its threads)."""
+    with _lock:
+        pool = _state.get("pool")
+        if pool is None or _state.get("workers") != workers or _state.get("pid") != os.getpid():
+            if pool is not None and _state.get("pid") == os.getpid():
+                pool.shutdown(wait=False)
+            pool = _state["pool"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="piflow-native")
+            _state["workers"] = workers
+            _state["pid"] = os.getpid()
+    return pool
+
+
+def gm_rollout_native(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan) -> torch.Tensor:
+    """Run a whole GM rollout natively on CPU tensors (the caller checked :func:`available`).
+
+    Args:
+        x_start: (B, C, L) CPU, any float dtype; policy: the flat GM policy (CPU); plan: the substep plan.
+    Returns:
+        x_end (B, C, L) in x_start.dtype, a new tensor.
+    """
+    means = policy.means
+    b, k, c, length = means.shape
+    cn_src, c_src = source_terms(policy.sigma_src)
+    table = torch.stack(sigma_table(*plan.kernel_args), 1)  # (B, T): a finished sample repeats its last sigma
+    var = variances(policy)  # per-sample std: the kernel reads var[:, 0]
+    inputs = (means, policy.logweights, policy.x_src, var, policy.sigma_src, cn_src, c_src, table)
+    args = [t.detach().float().contiguous() for t in inputs]
+    out = x_start.detach().float().contiguous().clone()
+    ptrs = [t.data_ptr() for t in args] + [out.data_ptr()]
+    fn = _state["lib"]
+    items = [(i, l0, min(l0 + _PIXELS_PER_ITEM, length)) for i in range(b) for l0 in range(0, length, _PIXELS_PER_ITEM)]
+    shape = (k, c, length, table.shape[1], int(policy.per_component_std))
+
+    def run(item):
+        return fn(*ptrs, *shape, *item)
+
+    workers = max(1, min(torch.get_num_threads(), len(items)))
+    codes = list(map(run, items)) if workers == 1 else list(_pool(workers).map(run, items))
+    if any(codes):
+        raise MemoryError("piflow_kernels: the native rollout could not allocate its tile buffer")
+    return out.to(x_start.dtype)
+
+
+__all__ = ["available", "gm_rollout_native"]

@@ -1,7 +1,9 @@
-"""Pure-PyTorch reference of the pi-Flow equations (DESIGN.md sections 2-6).
+"""Pure-PyTorch reference of the pi-Flow equations of docs/design.md: #conventions, #gmflow-policy,
+#dx-policy, #rollout, #flowmapsde-sampler and #pi-id-loss.
 
 Written literally and readably, dtype-agnostic (tests run it in float64), with no
-imports from ``piflow_kernels``. Every fast path of the library is tested against it.
+imports from ``piflow_kernels``. Every fast path of the library is tested against it. Each function's
+docstring names the equation tags (``[eq:...]``) of docs/design.md it implements.
 """
 
 from .dx import dx_velocity

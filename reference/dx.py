@@ -1,4 +1,4 @@
-"""DX policy velocity (piecewise-linear or polynomial x0 over the segment), DESIGN.md section 3.
+"""DX policy velocity (piecewise-linear or polynomial x0 over the segment), docs/design.md#dx-policy.
 
 Shapes: grid (B, N, C, *S); x, x_src (B, C, *S); sigmas floats, 0-d or (B,) tensors.
 """
@@ -12,7 +12,10 @@ EPS = 1e-4
 
 
 def dx_velocity(x, sigma, grid, x_src, sigma_src, segment_size=1.0, shift=1.0, mode="grid", eps=EPS):
-    """u(x, sigma) of the DX policy built at (x_src, sigma_src)."""
+    """u(x, sigma) of the DX policy built at (x_src, sigma_src).
+
+    Implements [eq:dx-segment], [eq:dx-grid], [eq:dx-polynomial] and [eq:dx-velocity] (docs/design.md#dx-policy).
+    """
     n_points = grid.shape[1]
     s = per_sample(sigma, x)
     s_src = per_sample(sigma_src, x)

@@ -1,4 +1,4 @@
-"""FlowMapSDE sampler schedule and re-noising step (DESIGN.md section 5)."""
+"""FlowMapSDE sampler schedule and re-noising step (docs/design.md#flowmapsde-sampler)."""
 
 import numpy as np
 import torch
@@ -7,7 +7,10 @@ from .timesteps import warp
 
 
 def flowmap_sde_sigmas(num_steps, shift=1.0, final_step_size_scale=1.0):
-    """sigmas (num_steps + 1,) float64: warp(linspace(1, (f-1)/(n+f-1), n, endpoint=False)) then 0."""
+    """sigmas (num_steps + 1,) float64: warp(linspace(1, (f-1)/(n+f-1), n, endpoint=False)) then 0.
+
+    Implements [eq:flowmap-sigmas] (docs/design.md#flowmapsde-sampler).
+    """
     f = final_step_size_scale
     raw = np.linspace(1.0, (f - 1) / (num_steps + f - 1), num_steps, endpoint=False).clip(min=0)
     sigmas = warp(torch.from_numpy(raw), shift)
@@ -19,6 +22,7 @@ def flowmap_sde_dst(sigma_src, sigma_to, h, eps=1e-6):
 
     h = 0: m = 1 (deterministic, sigma_dst = sigma_to); h = 'inf': m = 0;
     else m = (sigma_to * a_src / (sigma_src * a_to)) ** (h^2).
+    Implements the m and sigma_dst lines of [eq:flowmap-sde] (docs/design.md#flowmapsde-sampler).
     """
     a_src, a_to = 1 - sigma_src, 1 - sigma_to
     if h == "inf":
@@ -32,6 +36,9 @@ def flowmap_sde_dst(sigma_src, sigma_to, h, eps=1e-6):
 
 
 def flowmap_sde_step(x_dst, sigma_to, m, noise):
-    """x_next = (a_to + s_to * m) * x_dst + s_to * sqrt(1 - m^2) * noise."""
+    """x_next = (a_to + s_to * m) * x_dst + s_to * sqrt(1 - m^2) * noise.
+
+    Implements the x_next line of [eq:flowmap-sde] (docs/design.md#flowmapsde-sampler).
+    """
     a_to = 1 - sigma_to
     return (a_to + sigma_to * m) * x_dst + sigma_to * max(1 - m * m, 0.0) ** 0.5 * noise

@@ -1,4 +1,4 @@
-"""GMFlow policy velocity, written literally from DESIGN.md section 3.
+"""GMFlow policy velocity, written literally from docs/design.md#gmflow-policy.
 
 Shapes: x, x_src (B, C, *S); means (B, K, C, *S); logweights (B, K, 1, *S);
 logstds (B, 1, 1, *1) or (B, K, 1, *1); sigmas floats, 0-d or (B,) tensors.
@@ -15,6 +15,7 @@ def gm_velocity(x, sigma, means, logweights, logstds, x_src, sigma_src, eps=EPS)
     """The GM posterior-mean velocity u(x, sigma) of the policy built at (x_src, sigma_src).
 
     Returns u with the shape of x, in the dtype of the inputs (no upcasting here: pass float64).
+    Implements [eq:gm-policy], [eq:gm-velocity] and [eq:gm-logits] (docs/design.md#gmflow-policy).
     """
     s = per_sample(sigma, x).clamp(min=eps)  # (B, 1, *1)
     s_src = per_sample(sigma_src, x).clamp(min=eps)
@@ -41,6 +42,7 @@ def gm_apply_temperature(logweights, logstds, temperature, eps=EPS):
     """Temperature T < 1: logweights <- log_softmax(logweights / T), var <- var * T (logstd + log(T)/2).
 
     T >= 1 leaves the policy unchanged, as in the official code.
+    Implements [eq:temperature] (docs/design.md#temperature-and-dropout).
     """
     if temperature >= 1.0:
         return logweights, logstds
@@ -51,6 +53,9 @@ def gm_apply_temperature(logweights, logstds, temperature, eps=EPS):
 
 
 def gm_apply_dropout(logweights, keep_mask):
-    """Drop components: ``keep_mask`` (B, K) bool, False where a component is dropped (logweight -inf)."""
+    """Drop components: ``keep_mask`` (B, K) bool, False where a component is dropped (logweight -inf).
+
+    Implements [eq:dropout] (docs/design.md#temperature-and-dropout) for a given mask.
+    """
     mask = keep_mask.reshape(*keep_mask.shape, *([1] * (logweights.dim() - 2)))
     return logweights.masked_fill(~mask, float("-inf"))

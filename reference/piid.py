@@ -1,4 +1,4 @@
-"""pi-ID segment loss written literally (DESIGN.md section 6, the official ``piid_segment``).
+"""pi-ID segment loss written literally (docs/design.md#pi-id-loss, the official ``piid_segment``).
 
 The random draws are passed in explicitly so a test can replay those of the fast path:
 
@@ -20,7 +20,11 @@ from .timesteps import warp
 
 
 def _policy_velocity(policy_type, output, x_src, sigma_src, keep_mask, dx_segment_size, dx_shift, dx_mode, rows=None):
-    """velocity(x, sigma) of the policy, optionally restricted to the samples ``rows`` (a slice)."""
+    """velocity(x, sigma) of the policy, optionally restricted to the samples ``rows`` (a slice).
+
+    Implements [eq:dropout] with [eq:gm-velocity], or [eq:dx-velocity] (docs/design.md#gmflow-policy,
+    docs/design.md#dx-policy).
+    """
     rows = slice(None) if rows is None else rows
     if policy_type == "GMFlow":
         logweights = output["logweights"]
@@ -48,6 +52,7 @@ def _mean_velocity(velocity_of_sample, x_a, raw_a, sigma_a, raw_end, total_subst
 
     Fewer than 2 substeps: the local velocity at the start. Otherwise an Euler rollout in raw time,
     n = round(length * total_substeps) substeps, and (x_a - x_end) / max(sigma_a - sigma_end, eps).
+    Implements [eq:mean-velocity] (docs/design.md#pi-id-loss).
     """
     rows = []
     for b in range(x_a.shape[0]):
@@ -99,6 +104,9 @@ def piid_segment_loss(
         raw_src, segment_size: (B,) raw times.
         teacher_fn: ``teacher_fn(x_t, timestep) -> velocity`` with timestep = sigma * num_train_timesteps.
         shift: the raw-time -> sigma shift of the rollouts (the dynamic one, if any, already applied).
+
+    Implements [eq:piid-window], [eq:piid-states] and [eq:piid-loss] (docs/design.md#pi-id-loss); the draws of
+    [eq:piid-draws] are given.
     """
     batch = x_src.shape[0]
     dtype = x_src.dtype

@@ -1,4 +1,4 @@
-"""Policy rollout: uniform substeps in raw time, per-sample substep counts (DESIGN.md section 4)."""
+"""Policy rollout: uniform substeps in raw time, per-sample substep counts (docs/design.md#rollout)."""
 
 import torch
 
@@ -11,6 +11,8 @@ def rollout(velocity_fn, x_start, sigma_start, sigma_end, total_substeps=128, sh
     ``velocity_fn(x, sigma)`` takes sigma as a (B,) tensor. Sample b takes
     n_b = max(1, round((r_start - r_end) * total_substeps)) substeps of raw size (r_start - r_end) / n_b;
     samples with fewer substeps stop early. Literal loop, one sample at a time.
+    Implements [eq:substeps] and [eq:rollout] (docs/design.md#rollout); LakonLab v0.2.0 counts substeps with
+    ceil instead of round (see there).
     """
     batch = x_start.shape[0]
     dtype, device = x_start.dtype, x_start.device

@@ -1,4 +1,4 @@
-"""The few-step pi-Flow sampling loop, written literally (DESIGN.md section 5).
+"""The few-step pi-Flow sampling loop, written literally (docs/design.md#flowmapsde-sampler).
 
 One step: build the policy from the student's output at (x, sigma_src), sharpen a GM policy by the
 temperature on every step but the last, roll it out to sigma_dst with uniform raw-time substeps,
@@ -28,6 +28,8 @@ def policy_velocity_fn(
     GMFlow: ``output`` has means (B, K, C, *S), logweights (B, K, 1, *S), logstds (B, 1|K, 1, *1),
     sharpened by ``temperature`` (< 1). DX: ``output`` is the grid (B, N, C, *S) or has a ``grid`` field.
     All tensors are cast to the dtype of ``x_src``.
+    Implements [eq:temperature] with [eq:gm-velocity], or [eq:dx-velocity] (docs/design.md#gmflow-policy,
+    docs/design.md#dx-policy).
     """
     dtype = x_src.dtype
     if policy_type == "GMFlow":
@@ -61,6 +63,7 @@ def flowmap_sde_policy_step(
     """One sampler step from (x, sigma_src) to sigma_to: rollout to sigma_dst, then FlowMapSDE re-noising.
 
     ``sigma_src``, ``sigma_to`` are Python floats; ``noise`` has the shape of x (needed when h != 0).
+    Implements [eq:rollout] then [eq:flowmap-sde] (docs/design.md#flowmapsde-sampler).
     """
     velocity_fn = policy_velocity_fn(output, x, sigma_src, policy_type, temperature, segment_size, dx_shift, dx_mode)
     sigma_dst, m = flowmap_sde_dst(sigma_src, sigma_to, h)
@@ -91,6 +94,7 @@ def flowmap_sde_sample(
     ``student(x, timestep)`` gets ``timestep = sigma_src * num_train_timesteps`` as a Python float.
     ``step_noises[i]`` is the re-noising noise of step i (shape of ``noise``; needed when h != 0).
     Returns the final sample.
+    Implements [eq:flowmap-sigmas], [eq:step-temperature] and [eq:flowmap-sde] (docs/design.md#flowmapsde-sampler).
     """
     sigmas = [float(s) for s in flowmap_sde_sigmas(num_steps, shift, final_step_size_scale)]
     x = noise

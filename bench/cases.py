@@ -138,3 +138,37 @@ def dx_inputs(case: Case, device: str | torch.device, dtype: torch.dtype = torch
         x_src=torch.randn(b, c, *sp, generator=gen).to(device=device, dtype=dtype),
         sigma_src=torch.ones(b, device=device),
     )
+
+
+def gm_kernel_launches(
+    b: int, k: int, c: int, length: int, substeps: int, device: str | torch.device, per_component: bool = False, seed: int = 3
+) -> dict[str, tuple[str, object]]:
+    """Each GM Triton kernel launched alone through its launcher, at a (B, K, C, L) float32 shape:
+    {"fwd" | "bwd" | "rollout": (kernel function name, zero-argument call)}. The machine-code report
+    (``bench.sass``) compiles these calls; the GPU check's sweep times them."""
+    from piflow_kernels.ops.gm import triton_rollout, triton_velocity
+    from piflow_kernels.ops.records import GMTensors, RolloutPlan
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device)
+
+    means, x_src = rnd(b, k, c, length), rnd(b, c, length)
+    lw = torch.log_softmax(rnd(b, k, length, scale=2.0), dim=1)
+    ls = rnd(b, k if per_component else 1, scale=0.2) - 1.0
+    sigma_src = torch.ones(b, device=device)
+    sigma = (0.2 + 0.7 * torch.rand(b, generator=gen)).to(device)
+    x = x_src + 0.5 * rnd(b, c, length)
+    grad_u = rnd(b, c, length)
+    policy = GMTensors(means, lw, ls, x_src, sigma_src)
+    plan = RolloutPlan.build(sigma_src, torch.zeros(b, device=device), substeps, 1.0)
+    _, ybar, stats = triton_velocity._gm_velocity_fwd(x, sigma, policy, True)
+    return {
+        "fwd": ("_gm_velocity_fwd_kernel", lambda: triton_velocity._gm_velocity_fwd(x, sigma, policy, True)),
+        "bwd": (
+            "_gm_velocity_bwd_kernel",
+            lambda: triton_velocity._gm_velocity_bwd(grad_u, x, sigma, policy, ybar, stats, False, False),
+        ),
+        "rollout": ("_gm_rollout_kernel", lambda: triton_rollout._gm_rollout(x_src, policy, plan)),
+    }

@@ -459,36 +459,17 @@ def sweep_bytes(kernel: str, b: int, k: int, c: int, length: int, substeps: int)
 
 def part_sweep(state: dict, device: str, quick: bool, deadline: float, log) -> None:
     """Time each GM kernel alone at the training shape (fp32, one std per sample) for every launch point of
-    SWEEP_POINTS, so the defaults in piflow_kernels.ops.gm_triton._LAUNCH can be set from data."""
-    import torch
+    SWEEP_POINTS, so the defaults in piflow_kernels.ops.triton_common.LAUNCH can be set from data."""
 
+    from bench.cases import gm_kernel_launches
     from bench.timing import time_fn
-    from piflow_kernels.ops import gm_triton
-    from piflow_kernels.timesteps import substep_schedule
+    from piflow_kernels.ops.gm import triton_common
 
     b, k, c, length, substeps = (2, 8, 4, 64, 8) if (quick or device == "cpu") else (512, 32, 4, 1024, 128)
-    gen = torch.Generator(device="cpu").manual_seed(3)
-
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen)).to(device)
-
-    means, x_src = rnd(b, k, c, length), rnd(b, c, length)
-    lw = torch.log_softmax(rnd(b, k, length, scale=2.0), dim=1)
-    ls = rnd(b, 1, scale=0.2) - 1.0
-    sigma_src = torch.ones(b, device=device)
-    sigma = (0.2 + 0.7 * torch.rand(b, generator=gen)).to(device)
-    x = x_src + 0.5 * rnd(b, c, length)
-    grad_u = rnd(b, c, length)
-    n, h, r0 = substep_schedule(sigma_src, torch.zeros(b, device=device), substeps, 1.0)
-    _, ybar, stats = gm_triton._gm_velocity_fwd(x, sigma, means, lw, ls, x_src, sigma_src, True)
-    calls = {
-        "rollout": lambda: gm_triton._gm_rollout(x_src, means, lw, ls, x_src, sigma_src, sigma_src, n, h, r0, 1.0),
-        "fwd": lambda: gm_triton._gm_velocity_fwd(x, sigma, means, lw, ls, x_src, sigma_src, True),
-        "bwd": lambda: gm_triton._gm_velocity_bwd(grad_u, x, sigma, means, lw, ls, x_src, sigma_src, ybar, stats, False, False),
-    }
+    calls = {name: call for name, (_, call) in gm_kernel_launches(b, k, c, length, substeps, device).items()}
     bw = state.get("machine", {}).get("copy_bandwidth_gbps")
     rows = state["sweep"] = []
-    saved = {name: dict(v) for name, v in gm_triton._LAUNCH.items()}
+    saved = {name: dict(v) for name, v in triton_common.LAUNCH.items()}
     log(f"    shape B{b} K{k} C{c} L{length}, rollout {substeps} substeps; defaults {saved}")
     try:
         for kernel, points in SWEEP_POINTS.items():
@@ -496,8 +477,8 @@ def part_sweep(state: dict, device: str, quick: bool, deadline: float, log) -> N
                 if time.monotonic() > deadline:
                     log("    sweep: out of time")
                     return
-                gm_triton._LAUNCH[kernel] = {"budget": budget, "num_warps": warps}
-                cfg = gm_triton._gm_config(k, c, length, budget, warps)
+                triton_common.LAUNCH[kernel] = {"budget": budget, "num_warps": warps}
+                cfg = triton_common.launch_config(k, c, length, budget, warps)
                 try:
                     t = time_fn(calls[kernel], device, target_ms=60.0 if device == "cuda" else 20.0)
                 except Exception as err:  # noqa: BLE001 - e.g. out of registers / shared memory at this point
@@ -505,7 +486,7 @@ def part_sweep(state: dict, device: str, quick: bool, deadline: float, log) -> N
                     log(f"    {kernel:<8} budget {budget:>3} warps {warps}: ERROR {rows[-1]['error'][:100]}")
                     continue
                 finally:
-                    gm_triton._LAUNCH[kernel] = saved[kernel]
+                    triton_common.LAUNCH[kernel] = saved[kernel]
                 gbps = sweep_bytes(kernel, b, k, c, length, substeps) / (t.median_ms * 1e6)
                 rows.append(dict(kernel=kernel, budget=budget, num_warps=warps, block_k=cfg["BLOCK_K"], block_l=cfg["BLOCK_L"],
                                  median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, gbps=gbps,
@@ -515,7 +496,7 @@ def part_sweep(state: dict, device: str, quick: bool, deadline: float, log) -> N
                 tile = f"BLOCK_K {cfg['BLOCK_K']:>2}, BLOCK_L {cfg['BLOCK_L']:>3}"
                 log(f"    {kernel:<8} budget {budget:>3} warps {warps} ({tile}): {t.median_ms:8.3f} ms  {gbps:7.1f} GB/s {pct}")
     finally:
-        gm_triton._LAUNCH.update(saved)
+        triton_common.LAUNCH.update(saved)
     for line in sweep_summary(rows):
         log("    " + line)
 

@@ -117,9 +117,9 @@ def build_callable(case: Case, backend: str, device: str) -> tuple[Callable[[], 
         pol = pk.GMFlowPolicy(*args, backend=backend)
         fn = lambda: pol.rollout(p["x_src"], s_start, s_end, case.substeps, case.shift)  # noqa: E731
         if backend == "torch":
-            from piflow_kernels.ops import gm_torch
+            from piflow_kernels.ops.gm import torch_twin
 
-            return fn, gm_torch.last_compile_seconds
+            return fn, torch_twin.last_compile_seconds
         return fn, no_compile
 
     if case.kind == "dx_rollout":

@@ -107,38 +107,22 @@ def machine_code_stats(kernel) -> dict:
 def compile_gm_kernels(arch: int = 90, shape: tuple[int, int, int, int] = (4, 32, 4, 1024), per_component: bool = False,
                        kernels: tuple[str, ...] = ("fwd", "bwd", "rollout")) -> dict[str, dict]:  # fmt: skip
     """Compile the GM kernels at a (B, K, C, L) float32 shape for sm_<arch>; {kernel: machine_code_stats}."""
-    import torch
-
-    from piflow_kernels.ops import gm_triton
+    from bench.cases import gm_kernel_launches
+    from piflow_kernels.ops.gm import triton_common
 
     b, k, c, length = shape
-    gen = torch.Generator().manual_seed(0)
-    means = torch.randn(b, k, c, length, generator=gen)
-    lw = torch.randn(b, k, length, generator=gen).log_softmax(1)
-    ls = torch.randn(b, k if per_component else 1, generator=gen) * 0.2 - 1.0
-    x_src = torch.randn(b, c, length, generator=gen)
-    x, sigma, sigma_src = x_src + 0.1, torch.full((b,), 0.5), torch.ones(b)
-    ybar = torch.zeros(b, c, length)
-    stats = torch.zeros(b, gm_triton._n_stats(ls), length)
-    n, h, r0 = torch.full((b,), 128, dtype=torch.int32), torch.full((b,), 1 / 128), torch.ones(b)
-    calls = {
-        "fwd": ("_gm_velocity_fwd_kernel", lambda: gm_triton._gm_velocity_fwd(x, sigma, means, lw, ls, x_src, sigma_src, True)),
-        "bwd": ("_gm_velocity_bwd_kernel", lambda: gm_triton._gm_velocity_bwd(
-            x, x, sigma, means, lw, ls, x_src, sigma_src, ybar, stats, False, False)),
-        "rollout": ("_gm_rollout_kernel", lambda: gm_triton._gm_rollout(x_src, means, lw, ls, x_src, sigma_src, sigma_src,
-                                                                         n, h, r0, 1.0)),
-    }  # fmt: skip
-    fast_rcp = gm_triton._fast_rcp
-    gm_triton._fast_rcp = lambda t: True  # as on an NVIDIA GPU
+    fast_rcp = triton_common.fast_rcp
+    triton_common.fast_rcp = lambda t: True  # as on an NVIDIA GPU
     out = {}
     try:
         with offline_target(arch) as compiled:
+            calls = gm_kernel_launches(b, k, c, length, 128, "cpu", per_component)
             for name in kernels:
                 fn_name, call = calls[name]
                 call()
                 out[name] = machine_code_stats(compiled[fn_name])
     finally:
-        gm_triton._fast_rcp = fast_rcp
+        triton_common.fast_rcp = fast_rcp
     return out
 
 

@@ -154,12 +154,12 @@ def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
 
 def test_sweep_restores_the_launch_defaults(tmp_path):
     from bench import gpu_check
-    from piflow_kernels.ops import gm_triton
+    from piflow_kernels.ops.gm import triton_common
 
-    before = {name: dict(v) for name, v in gm_triton._LAUNCH.items()}
+    before = {name: dict(v) for name, v in triton_common.LAUNCH.items()}
     state: dict = {}
     gpu_check.part_sweep(state, "cpu", True, float("inf"), lambda *a: None)
-    assert gm_triton._LAUNCH == before and len(state["sweep"]) == 6
+    assert triton_common.LAUNCH == before and len(state["sweep"]) == 6
 
 
 

@@ -37,7 +37,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,7 @@ from torch import nn
 
 from piflow_kernels.layouts import packed_to_tokens, tokens_to_packed
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
-from piflow_kernels.scheduler import PiFlowScheduler, PiFlowSchedulerOutput
+from piflow_kernels.scheduler import PiFlowScheduler
 from piflow_kernels.students import PiFlowStudent
 
 __all__ = ["to_piflow", "PiFlowTransformer", "PiFlowPipelineScheduler"]
@@ -87,7 +87,8 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
       pipelines always pass) uses this scheduler's own grid instead, so ``final_step_size_scale`` holds.
     - the config also carries our dynamic-shift constants under the FlowMatch names the pipelines read
       to compute ``mu`` (``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift``).
-    - ``generator``: attribute used for the re-noising noise when ``step`` gets none.
+
+    Set ``generator`` for the re-noising noise (``h > 0``): stock pipelines do not pass theirs to ``step``.
     """
 
     @functools.wraps(PiFlowScheduler.__init__)
@@ -95,7 +96,6 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
         super().__init__(*args, **kwargs)
         cfg = self.config
         self.register_to_config(**{theirs: cfg[ours] for theirs, ours in _FLOW_MATCH_ALIASES.items()})
-        self.generator: torch.Generator | list[torch.Generator] | None = None
 
     def set_timesteps(
         self,
@@ -116,27 +116,14 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
                 sigmas, num_inference_steps = None, n
         super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, seq_len=seq_len)
 
-    def step(
-        self,
-        model_output: object,
-        timestep: float | torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        return_dict: bool = True,
-        noise: torch.Tensor | None = None,
-    ) -> PiFlowSchedulerOutput | tuple[torch.Tensor]:
-        """As :meth:`PiFlowScheduler.step`, also for packed latents.
-
-        Args:
-            model_output: the policy output; with packed ``sample`` its fields are in token layout
-                (means (B, K, C, L, p2), logweights (B, K, 1, L, p2) / grid (B, N, C, L, p2)).
-            sample: (B, C, *S) latents, or packed (B, L, C*p2) latents (FLUX).
-            noise: re-noising noise shaped like ``sample``.
-        """
-        if generator is None:
-            generator = self.generator
+    def _to_policy_layout(
+        self, model_output: object, sample: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+        """Packed latents ``sample`` (B, L, C*p2) (FLUX) need a token-layout policy output, fields
+        (B, K, C, L, p2): they become the token layout (B, C, L, p2), the result is packed again. ``noise``
+        is shaped like ``sample``. Other latents pass through to :meth:`PiFlowScheduler.step` as they are."""
         if not (isinstance(sample, torch.Tensor) and sample.dim() == 3):
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict, noise=noise)
+            return sample, noise, lambda x: x
 
         field = _policy_field(model_output)
         if field is None or field.dim() != 5:
@@ -156,13 +143,7 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
                 got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
                 raise ValueError(f"noise must have the shape of sample {tuple(sample.shape)}, got {got}")
             noise = packed_to_tokens(noise, p2)
-        out = super().step(
-            model_output, timestep, packed_to_tokens(sample, p2), generator=generator, return_dict=True, noise=noise
-        )
-        prev = tokens_to_packed(out.prev_sample)
-        if not return_dict:
-            return (prev,)
-        return PiFlowSchedulerOutput(prev_sample=prev)
+        return packed_to_tokens(sample, p2), noise, tokens_to_packed
 
 
 class PiFlowTransformer(nn.Module):

@@ -1,23 +1,233 @@
-"""``sample``: the few-step pi-Flow sampling loop for any student callable.
+"""The few-step pi-Flow sampler (FlowMapSDE, DESIGN.md section 5): the schedule, one step, the loop.
 
     >>> import piflow_kernels as pk
     >>> noise = torch.randn(2, 4, 32, 32, device="cuda")
     >>> x0 = pk.sample(student, noise, num_inference_steps=4, encoder_hidden_states=emb)
 
 ``student(x_t, timestep, **model_kwargs)`` returns a policy output (GMFlowOutput, DXOutput, a mapping
-or a ModelOutput with the policy's fields); the scheduler turns each one into the next sample.
+or a ModelOutput with the policy's fields). Each step builds the policy at the current noise level, rolls
+it out with many substeps down to the step's destination and re-noises (``h > 0``).
+
+This module needs no diffusers: ``sample(student, noise, n)`` runs the default settings (those of
+``PiFlowScheduler()``) on its own. :class:`~piflow_kernels.PiFlowScheduler`, the diffusers scheduler that
+sets the shift, ``h``, the temperature, ..., runs the same math: :func:`flowmap_schedule` once per
+``set_timesteps``, :func:`policy_from_output` and :func:`flowmap_step` once per ``step``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from piflow_kernels.scheduler import PiFlowScheduler
+from piflow_kernels.checks import is_int
+from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
+from piflow_kernels.outputs import make_policy
+from piflow_kernels.policies import DXPolicy, GMFlowPolicy
+from piflow_kernels.timesteps import warp
 
-__all__ = ["sample"]
+if TYPE_CHECKING:
+    from piflow_kernels.scheduler import PiFlowScheduler
+
+__all__ = [
+    "FlowMapSchedule",
+    "check_h",
+    "check_num_steps",
+    "flowmap_schedule",
+    "flowmap_step",
+    "policy_from_output",
+    "raw_sigma_grid",
+    "sample",
+]
+
+# Floor of the FlowMapSDE re-noising denominators sigma_src * a_to and a_to + sigma_to * m (as
+# reference/flowmap_sde.py). Not GM_EPS: only the value is the same.
+_RENOISE_EPS = 1e-6
+
+
+def check_h(h: float | str) -> float | str:
+    """The re-noising strength as a float >= 0 or ``"inf"`` (a float inf becomes ``"inf"``)."""
+    if isinstance(h, str):
+        if h.strip().lower() != "inf":
+            raise ValueError(f"h must be a float >= 0 or 'inf', got {h!r}")
+        return "inf"
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or math.isnan(h) or h < 0:
+        raise ValueError(f"h must be a float >= 0 or 'inf', got {h!r}")
+    return "inf" if math.isinf(h) else float(h)
+
+
+def check_num_steps(num_inference_steps: object) -> int:
+    """``num_inference_steps`` as an int >= 1 (a ``TypeError`` for a non-integer, else a ``ValueError``)."""
+    if not is_int(num_inference_steps):
+        raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    return int(num_inference_steps)
+
+
+def raw_sigma_grid(num_inference_steps: int, final_step_size_scale: float = 1.0) -> list[float]:
+    """The default raw-time grid (before the shift): n floats from 1, the last step ``f`` times the others.
+
+    ``linspace(1, (f - 1) / (n + f - 1), n, endpoint=False)`` with f = ``final_step_size_scale``.
+    """
+    n = check_num_steps(num_inference_steps)
+    f = float(final_step_size_scale)
+    raw = np.linspace(1.0, (f - 1.0) / (n + f - 1.0), n, endpoint=False).clip(min=0.0)
+    return [float(r) for r in raw]
+
+
+@dataclass(frozen=True)
+class FlowMapSchedule:
+    """The per-step numbers of an n-step FlowMapSDE run, as Python floats (the loop never reads a device).
+
+    Step i starts at ``sigmas[i]``, rolls the policy out to ``sigmas_dst[i]`` and re-noises to
+    ``sigmas[i + 1]``: ``x_next = scales[i] * x_dst + noise_scales[i] * noise``.
+
+    Attributes:
+        sigmas: n + 1 noise levels, ending in 0.
+        sigmas_dst: n rollout destinations (``sigmas[1:]`` when h = 0).
+        scales, noise_scales: n re-noising coefficients (1 and 0 when h = 0).
+        shift: the time shift of the schedule and of the rollout substeps.
+    """
+
+    sigmas: list[float]
+    sigmas_dst: list[float]
+    scales: list[float]
+    noise_scales: list[float]
+    shift: float
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas_dst)
+
+
+def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str = 0.0) -> FlowMapSchedule:
+    """The schedule of raw (unshifted) noise levels ``raw_sigmas`` (n floats in (0, 1], decreasing).
+
+    Args:
+        raw_sigmas: e.g. :func:`raw_sigma_grid`; shifted by ``warp(r, shift)``, then a final 0 is appended.
+        shift: the time shift (> 0).
+        h: re-noising strength: 0 deterministic, > 0 stochastic, ``"inf"`` full re-noising.
+    """
+    h = check_h(h)
+    s = [warp(r, shift) for r in raw_sigmas] + [0.0]
+    sigmas_dst, scales, noise_scales = [], [], []
+    for s_src, s_to in zip(s[:-1], s[1:]):
+        a_src, a_to = 1.0 - s_src, 1.0 - s_to
+        if h == 0.0:  # deterministic: exactly the next sigma, no re-noising
+            sigmas_dst.append(s_to)
+            scales.append(1.0)
+            noise_scales.append(0.0)
+            continue
+        m = 0.0 if h == "inf" else (s_to * a_src / max(s_src * a_to, _RENOISE_EPS)) ** (h * h)
+        sigmas_dst.append(s_to * m / max(a_to + s_to * m, _RENOISE_EPS))
+        scales.append(a_to + s_to * m)
+        noise_scales.append(s_to * math.sqrt(max(1.0 - m * m, 0.0)))
+    return FlowMapSchedule(s, sigmas_dst, scales, noise_scales, float(shift))
+
+
+def policy_from_output(
+    model_output: object,
+    x: torch.Tensor,
+    sigma: float,
+    policy_type: str,
+    *,
+    dx_segment_size: float = 1.0,
+    dx_shift: float = 1.0,
+    dx_mode: str = "grid",
+    backend: str | None = None,
+    where: str = "sample",
+) -> GMFlowPolicy | DXPolicy:
+    """The policy of a student output at (x, sigma), with errors that say what a step expects.
+
+    Refuses a velocity (a tensor for GMFlow, a stock ``{"sample": ...}`` output) and tuples; ``where``
+    names the caller in the messages (e.g. ``"PiFlowScheduler.step"``). See :func:`~piflow_kernels.make_policy`.
+    """
+    expected = (
+        "a GMFlowOutput or a mapping/ModelOutput with 'means' (B, K, C, *S), 'logweights' (B, K, 1, *S) and "
+        "'logstds' (B, 1|K, 1, *1)"
+        if policy_type == "GMFlow"
+        else "a DXOutput, a mapping/ModelOutput with 'grid' (B, N, C, *S) or the grid tensor"
+    )
+    stock = isinstance(model_output, Mapping) and "sample" in model_output and "means" not in model_output
+    if (isinstance(model_output, torch.Tensor) and policy_type == "GMFlow") or stock:
+        what = f"a {type(model_output).__name__} with a 'sample' field" if stock else "a tensor"
+        raise TypeError(
+            f"{where} got {what} as model_output, but policy_type={policy_type!r} expects the "
+            f"student's policy output: {expected}. A velocity from a stock model is not a policy."
+        )
+    if isinstance(model_output, (tuple, list)):
+        raise TypeError(
+            f"{where} got a {type(model_output).__name__} as model_output; expected {expected} "
+            "(call the student with return_dict=True)"
+        )
+    try:
+        return make_policy(
+            model_output,
+            x,
+            sigma,
+            policy_type=policy_type,
+            segment_size=dx_segment_size,
+            shift=dx_shift,
+            mode=dx_mode,
+            backend=backend,
+        )
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where} (policy_type={policy_type!r}): {err}") from err
+
+
+def flowmap_step(
+    policy: GMFlowPolicy | DXPolicy,
+    x: torch.Tensor,
+    index: int,
+    schedule: FlowMapSchedule,
+    total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
+    temperature: float = 1.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Step ``index`` of ``schedule``: roll ``policy`` out from x at ``sigmas[index]`` to ``sigmas_dst[index]``,
+    then re-noise.
+
+    Args:
+        policy: the student's policy at (x, ``schedule.sigmas[index]``); a GM policy is sharpened by
+            ``temperature`` first.
+        x: (B, C, *S) float32 latents.
+        total_substeps: policy substeps per unit raw time.
+        noise: (B, C, *S) re-noising noise; needed when ``schedule.noise_scales[index] > 0``.
+
+    Returns:
+        (B, C, *S) float32 latents at ``schedule.sigmas[index + 1]``.
+    """
+    if isinstance(policy, GMFlowPolicy):
+        policy = policy.temperature(temperature)
+    x_dst = policy.rollout(x, schedule.sigmas[index], schedule.sigmas_dst[index], total_substeps, shift=schedule.shift)
+    scale, noise_scale = schedule.scales[index], schedule.noise_scales[index]
+    if noise_scale > 0.0:
+        if noise is None:
+            raise ValueError(f"step {index} re-noises (h != 0): pass the noise")
+        return torch.add(x_dst * scale, noise.to(device=x_dst.device, dtype=torch.float32), alpha=noise_scale)
+    if scale != 1.0:
+        return x_dst * scale
+    return x_dst
+
+
+def _default_steps(num_inference_steps: int, device: torch.device) -> tuple[torch.Tensor, Callable]:
+    """The timesteps and the step function of ``PiFlowScheduler()``'s defaults, without diffusers: shift 1,
+    h = 0, uniform steps, GMFlow policies, ``DEFAULT_TOTAL_SUBSTEPS``, timesteps ``sigma * 1000``."""
+    schedule = flowmap_schedule(raw_sigma_grid(num_inference_steps), shift=1.0, h=0.0)
+    timesteps = torch.tensor(schedule.sigmas[:-1], dtype=torch.float32, device=device) * 1000
+
+    def step(output: object, index: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        policy = policy_from_output(output, x32, schedule.sigmas[index], "GMFlow", where="sample")
+        return flowmap_step(policy, x32, index, schedule).to(x.dtype)
+
+    return timesteps, step
 
 
 @torch.no_grad()
@@ -39,8 +249,9 @@ def sample(
             returns the policy output the scheduler's ``policy_type`` expects.
         noise: (B, C, H, W) or (B, C, T, H, W) the initial sample at sigma = 1.
         num_inference_steps: number of student calls (any number >= 1).
-        scheduler: a :class:`PiFlowScheduler` (its schedule is reset here); default ``PiFlowScheduler()``.
-            With ``use_dynamic_shifting`` the shift follows ``seq_len`` (below).
+        scheduler: a :class:`~piflow_kernels.PiFlowScheduler` (its schedule is reset here). None runs the
+            defaults of ``PiFlowScheduler()`` (GMFlow, shift 1, h = 0, 128 substeps per unit time) without
+            diffusers. With ``use_dynamic_shifting`` the shift follows ``seq_len`` (below).
         generator: for the re-noising noise when the scheduler's h != 0.
         progress: show a tqdm bar advancing once per student call.
         seq_len: sequence length for the dynamic shift; default ``prod(S)`` (latent pixels). FLUX-style
@@ -57,22 +268,27 @@ def sample(
     if not callable(student):
         raise TypeError(f"student must be callable as student(x_t, timestep, **kwargs), got {type(student).__name__}")
     if scheduler is None:
-        scheduler = PiFlowScheduler()
-    elif not isinstance(scheduler, PiFlowScheduler):
-        raise TypeError(
-            f"scheduler must be a PiFlowScheduler, got {type(scheduler).__name__} (use PiFlowScheduler.from_config("
-            "your_scheduler.config) to convert a flow-matching scheduler)"
-        )
-    batch = noise.shape[0]
-    if seq_len is None:
-        seq_len = noise.shape[2:].numel()
-    scheduler.set_timesteps(num_inference_steps, device=noise.device, seq_len=seq_len)
-    scheduler.set_begin_index(0)
+        timesteps, step = _default_steps(num_inference_steps, noise.device)
+    else:
+        from piflow_kernels.scheduler import PiFlowScheduler  # a scheduler was given: diffusers is installed
 
+        if not isinstance(scheduler, PiFlowScheduler):
+            raise TypeError(
+                f"scheduler must be a PiFlowScheduler, got {type(scheduler).__name__} (use PiFlowScheduler.from_config("
+                "your_scheduler.config) to convert a flow-matching scheduler)"
+            )
+        if seq_len is None:
+            seq_len = noise.shape[2:].numel()
+        scheduler.set_timesteps(num_inference_steps, device=noise.device, seq_len=seq_len)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        step = lambda output, index, t, x: scheduler.step(output, t, x, generator=generator).prev_sample  # noqa: E731
+
+    batch = noise.shape[0]
     x = noise
-    with tqdm(total=scheduler.num_inference_steps, disable=not progress, desc="pi-Flow sampling") as bar:
-        for t in scheduler.timesteps:  # 0-d device tensors: no host synchronisation
+    with tqdm(total=len(timesteps), disable=not progress, desc="pi-Flow sampling") as bar:
+        for index, t in enumerate(timesteps):  # 0-d device tensors: no host synchronisation
             output = student(x, t.expand(batch), **model_kwargs)
-            x = scheduler.step(output, t, x, generator=generator).prev_sample
+            x = step(output, index, t, x)
             bar.update(1)
     return x

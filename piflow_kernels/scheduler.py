@@ -2,7 +2,9 @@
 
 Each ``step`` takes the student's *policy* output (not a velocity), builds the policy at the current
 noise level, integrates it with many cheap substeps (one fused kernel on CUDA) down to the step's
-destination, and re-noises as the FlowMapSDE sampler does (``h = 0``: deterministic).
+destination, and re-noises as the FlowMapSDE sampler does (``h = 0``: deterministic). The math is
+:mod:`piflow_kernels.sampling`'s (no diffusers there); this module adds the diffusers scheduler API:
+the saved config, ``from_config`` of a flow-matching scheduler, timestep look-up and checks.
 
     >>> scheduler = PiFlowScheduler(shift=3.0, h=0.0, total_substeps=128)
     >>> scheduler.set_timesteps(4, device="cuda")
@@ -20,21 +22,31 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
-from piflow_kernels.outputs import POLICY_TYPES, make_policy
-from piflow_kernels.policies import GMFlowPolicy
+try:
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from diffusers.utils import BaseOutput
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as err:
+    raise ImportError(
+        "PiFlowScheduler is a diffusers scheduler: pip install 'piflow_kernels[diffusers]' "
+        "(piflow_kernels.sample without a scheduler needs no diffusers)"
+    ) from err
+
+from piflow_kernels.checks import is_int, positive_float, positive_int
+from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
+from piflow_kernels.outputs import POLICY_TYPES
+from piflow_kernels.sampling import check_h, check_num_steps, flowmap_schedule, flowmap_step, policy_from_output, raw_sigma_grid
 from piflow_kernels.timesteps import dynamic_shift, warp
 
 __all__ = ["PiFlowScheduler", "PiFlowSchedulerOutput"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +59,10 @@ _FLOW_MATCH_KEYS = {
 }
 # FlowMatchEuler features this sampler does not have: warn when a config turns them on
 _FLOW_MATCH_UNSUPPORTED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
-_EPS = 1e-6
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 @dataclass
@@ -61,16 +76,6 @@ class PiFlowSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
-def _check_h(h: float | str) -> float | str:
-    if isinstance(h, str):
-        if h.strip().lower() != "inf":
-            raise ValueError(f"h must be a float >= 0 or 'inf', got {h!r}")
-        return "inf"
-    if isinstance(h, bool) or not isinstance(h, (int, float)) or math.isnan(h) or h < 0:
-        raise ValueError(f"h must be a float >= 0 or 'inf', got {h!r}")
-    return "inf" if math.isinf(h) else float(h)
-
-
 def _check_temperature(temperature: float | str) -> float | str:
     if isinstance(temperature, str):
         if temperature != "auto":
@@ -79,12 +84,6 @@ def _check_temperature(temperature: float | str) -> float | str:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a float > 0 or 'auto', got {temperature!r}")
     return float(temperature)
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 class PiFlowScheduler(SchedulerMixin, ConfigMixin):
@@ -129,7 +128,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         max_logshift: float = 1.15,
         final_step_size_scale: float = 1.0,
         h: float | str = 0.0,
-        total_substeps: int = 128,
+        total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
         policy_type: str = "GMFlow",
         temperature: float | str = 1.0,
         dx_segment_size: float = 1.0,
@@ -137,18 +136,16 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         dx_mode: str = "grid",
         backend: str | None = None,
     ) -> None:
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
-        _positive("shift", shift)
-        _positive("final_step_size_scale", final_step_size_scale)
-        _positive("dx_segment_size", dx_segment_size)
-        _positive("dx_shift", dx_shift)
+        positive_int("num_train_timesteps", num_train_timesteps)
+        positive_float("shift", shift)
+        positive_float("final_step_size_scale", final_step_size_scale)
+        positive_float("dx_segment_size", dx_segment_size)
+        positive_float("dx_shift", dx_shift)
         if use_dynamic_shifting and max_seq_len == base_seq_len:
             raise ValueError("use_dynamic_shifting needs max_seq_len != base_seq_len")
-        self._h = _check_h(h)
+        self._h = check_h(h)
         self._temperature = _check_temperature(temperature)
-        if isinstance(total_substeps, bool) or not isinstance(total_substeps, int) or total_substeps < 1:
-            raise ValueError(f"total_substeps must be an int >= 1, got {total_substeps!r}")
+        positive_int("total_substeps", total_substeps)
         if policy_type not in POLICY_TYPES:
             raise ValueError(f"policy_type must be one of {POLICY_TYPES}, got {policy_type!r}")
         if dx_mode not in ("grid", "polynomial"):
@@ -167,6 +164,8 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         self._shift = float(shift)
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        # the re-noising noise's generator when ``step`` gets none (stock pipelines never pass theirs)
+        self.generator: torch.Generator | list[torch.Generator] | None = None
 
     # ------------------------------------------------------------------ diffusers plumbing
 
@@ -207,7 +206,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start the next ``step`` at this schedule index without looking its timestep up."""
-        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+        if not is_int(begin_index) or begin_index < 0:
             raise ValueError(f"begin_index must be an int >= 0, got {begin_index!r}")
         self._begin_index = begin_index
 
@@ -256,18 +255,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         ``linspace(1, (f - 1) / (n + f - 1), n, endpoint=False)`` with f = final_step_size_scale. Passing it
         as ``sigmas=`` to a stock pipeline keeps the final step scale (their default is ``linspace(1, 1/n, n)``).
         """
-        n = self._check_num_steps(num_inference_steps)
-        f = float(self.config.final_step_size_scale)
-        raw = np.linspace(1.0, (f - 1.0) / (n + f - 1.0), n, endpoint=False).clip(min=0.0)
-        return [float(r) for r in raw]
-
-    @staticmethod
-    def _check_num_steps(num_inference_steps: object) -> int:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        return int(num_inference_steps)
+        return raw_sigma_grid(num_inference_steps, self.config.final_step_size_scale)
 
     @staticmethod
     def _check_raw_sigmas(sigmas: object) -> list[float]:
@@ -309,46 +297,24 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         """
         if sigmas is not None:
             raw = self._check_raw_sigmas(sigmas)
-            if num_inference_steps is not None and self._check_num_steps(num_inference_steps) != len(raw):
+            if num_inference_steps is not None and check_num_steps(num_inference_steps) != len(raw):
                 raise ValueError(f"num_inference_steps={num_inference_steps} but {len(raw)} sigmas were given")
         elif num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps or sigmas")
         else:
             raw = self.raw_sigmas(num_inference_steps)
-        n = len(raw)
-        shift = self.get_shift(seq_len=seq_len, mu=mu)
-
-        s = [warp(r, shift) for r in raw] + [0.0]
-        sigmas_dst, scale, noise_scale = [], [], []
-        for i in range(n):
-            s_src, s_to = s[i], s[i + 1]
-            a_src, a_to = 1.0 - s_src, 1.0 - s_to
-            if self._h == 0.0:  # deterministic: exactly the next sigma, no re-noising
-                sigmas_dst.append(s_to)
-                scale.append(1.0)
-                noise_scale.append(0.0)
-                continue
-            if self._h == "inf":
-                m = 0.0
-            else:
-                m = (s_to * a_src / max(s_src * a_to, _EPS)) ** (self._h * self._h)
-            sigmas_dst.append(s_to * m / max(a_to + s_to * m, _EPS))
-            scale.append(a_to + s_to * m)
-            noise_scale.append(s_to * math.sqrt(max(1.0 - m * m, 0.0)))
+        schedule = flowmap_schedule(raw, self.get_shift(seq_len=seq_len, mu=mu), self._h)
 
         t_scale = self.config.num_train_timesteps
-        self.num_inference_steps = n
-        self._shift = shift
-        self._sigmas_py = s
-        self._sigmas_dst_py = sigmas_dst
-        self._scale_py = scale
-        self._noise_scale_py = noise_scale
-        self.sigmas = torch.tensor(s, dtype=torch.float32, device=device)
+        self.num_inference_steps = schedule.num_steps
+        self._shift = schedule.shift
+        self._schedule = schedule
+        self.sigmas = torch.tensor(schedule.sigmas, dtype=torch.float32, device=device)
         self.timesteps = self.sigmas[:-1] * t_scale
-        self.sigmas_dst = torch.tensor(sigmas_dst, dtype=torch.float32, device=device)
+        self.sigmas_dst = torch.tensor(schedule.sigmas_dst, dtype=torch.float32, device=device)
         self.timesteps_dst = self.sigmas_dst * t_scale
         # the float32 timesteps as Python floats: looked up and checked on the host, never on the device
-        self._timesteps_py = torch.tensor(s[:-1], dtype=torch.float32).mul(t_scale).tolist()
+        self._timesteps_py = torch.tensor(schedule.sigmas[:-1], dtype=torch.float32).mul(t_scale).tolist()
         self._step_index = None
         self._begin_index = None
 
@@ -412,39 +378,13 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
                 f"(expected {expected:.6g} = scheduler.timesteps[{index}]); pass the timesteps of set_timesteps in order"
             )
 
-    def _make_policy(self, model_output: object, x: torch.Tensor, sigma: float):
-        cfg = self.config
-        expected = (
-            "a GMFlowOutput or a mapping/ModelOutput with 'means' (B, K, C, *S), 'logweights' (B, K, 1, *S) and "
-            "'logstds' (B, 1|K, 1, *1)"
-            if cfg.policy_type == "GMFlow"
-            else "a DXOutput, a mapping/ModelOutput with 'grid' (B, N, C, *S) or the grid tensor"
-        )
-        stock = isinstance(model_output, Mapping) and "sample" in model_output and "means" not in model_output
-        if (isinstance(model_output, torch.Tensor) and cfg.policy_type == "GMFlow") or stock:
-            what = f"a {type(model_output).__name__} with a 'sample' field" if stock else "a tensor"
-            raise TypeError(
-                f"PiFlowScheduler.step got {what} as model_output, but policy_type={cfg.policy_type!r} expects the "
-                f"student's policy output: {expected}. A velocity from a stock model is not a policy."
-            )
-        if isinstance(model_output, (tuple, list)):
-            raise TypeError(
-                f"PiFlowScheduler.step got a {type(model_output).__name__} as model_output; expected {expected} "
-                "(call the student with return_dict=True)"
-            )
-        try:
-            return make_policy(
-                model_output,
-                x,
-                sigma,
-                policy_type=cfg.policy_type,
-                segment_size=cfg.dx_segment_size,
-                shift=cfg.dx_shift,
-                mode=cfg.dx_mode,
-                backend=cfg.backend,
-            )
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"PiFlowScheduler.step (policy_type={cfg.policy_type!r}): {err}") from err
+    def _to_policy_layout(
+        self, model_output: object, sample: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]:
+        """(sample, noise, back): the latents in the layout the policy acts on, and the map of the result back
+        to the caller's layout. Here the identity; :class:`~piflow_kernels.pipelines.PiFlowPipelineScheduler`
+        unpacks FLUX's packed latents."""
+        return sample, noise, _identity
 
     def step_temperature(self, index: int) -> float:
         """The GM temperature of step ``index``: the config's on every step but the last, where it is 1."""
@@ -472,13 +412,16 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
                 or DXOutput / mapping with grid / the grid tensor (B, N, C, *S).
             timestep: the current element of ``scheduler.timesteps`` (float, 0-d or (B,) tensor).
             sample: x_t (B, C, *S), S = (H, W) or (T, H, W); any float dtype (math runs in float32).
-            generator: for the re-noising noise when h != 0 (a list: one per sample).
+            generator: for the re-noising noise when h != 0 (a list: one per sample); None: ``self.generator``.
             return_dict: return a :class:`PiFlowSchedulerOutput` (else a 1-tuple).
             noise: (B, C, *S) the re-noising noise to use instead of drawing it (tests, reproducibility).
 
         Returns:
             prev_sample (B, C, *S) in the dtype of ``sample``.
         """
+        sample, noise, to_caller_layout = self._to_policy_layout(model_output, sample, noise)
+        if generator is None:
+            generator = self.generator
         if self.num_inference_steps is None:
             raise RuntimeError("PiFlowScheduler.step called before set_timesteps(num_inference_steps)")
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
@@ -498,23 +441,23 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise must have the shape of sample {tuple(sample.shape)}, got {got}")
 
-        sigma_src = self._sigmas_py[i]
+        cfg, schedule = self.config, self._schedule
         x = sample.float()
-        policy = self._make_policy(model_output, x, sigma_src)
-        if isinstance(policy, GMFlowPolicy):
-            policy = policy.temperature(self.step_temperature(i))
-        x_dst = policy.rollout(x, sigma_src, self._sigmas_dst_py[i], self.config.total_substeps, shift=self._shift)
-
-        scale, noise_scale = self._scale_py[i], self._noise_scale_py[i]
-        if noise_scale > 0.0:
-            if noise is None:
-                noise = randn_tensor(tuple(sample.shape), generator=generator, device=sample.device, dtype=torch.float32)
-            prev = torch.add(x_dst * scale, noise.to(device=x_dst.device, dtype=torch.float32), alpha=noise_scale)
-        elif scale != 1.0:
-            prev = x_dst * scale
-        else:
-            prev = x_dst
-        prev = prev.to(sample.dtype)
+        policy = policy_from_output(
+            model_output,
+            x,
+            schedule.sigmas[i],
+            cfg.policy_type,
+            dx_segment_size=cfg.dx_segment_size,
+            dx_shift=cfg.dx_shift,
+            dx_mode=cfg.dx_mode,
+            backend=cfg.backend,
+            where="PiFlowScheduler.step",
+        )
+        if noise is None and schedule.noise_scales[i] > 0.0:  # the rollout draws no random numbers: same stream
+            noise = randn_tensor(tuple(sample.shape), generator=generator, device=sample.device, dtype=torch.float32)
+        x_prev = flowmap_step(policy, x, i, schedule, cfg.total_substeps, self.step_temperature(i), noise)
+        prev = to_caller_layout(x_prev.to(sample.dtype))
         self._step_index = i + 1
         if not return_dict:
             return (prev,)

@@ -9,19 +9,10 @@ from piflow_kernels import DXOutput, GMFlowOutput
 from piflow_kernels import reference as R
 
 diffusers = pytest.importorskip("diffusers")  # the scheduler is a diffusers scheduler
+from test_scheduler import _eager_cpu_path  # noqa: E402, F401  (autouse: eager CPU path, one thread)
+
 from piflow_kernels.sampling import sample  # noqa: E402
 from piflow_kernels.scheduler import PiFlowScheduler  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _eager_cpu_path(monkeypatch):
-    # the loop's semantics do not depend on torch.compile; skip its 30 s first compilation here
-    monkeypatch.setenv("PIFLOW_COMPILE", "0")
-    # tiny tensors: one intra-op thread (on a loaded machine, 2 threads made a (1, 3, 16) softmax 2000x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyStudent:

@@ -1,4 +1,4 @@
-"""Benchmark cases: shapes, random inputs and the cost model of DESIGN.md section 9.
+"""Benchmark cases: shapes, random inputs and the cost model of docs/design.md#performance-model.
 
 A case is one workload (a GM rollout, a DX rollout or a GM velocity forward+backward) at one shape.
 Its cost model gives the bytes a fused kernel must move at least once and the flops it must do,
@@ -54,7 +54,7 @@ class Case:
 
 
 def cost(case: Case, element_size: int = 4) -> tuple[float, float]:
-    """(bytes, flops) a fused kernel needs for the case, DESIGN.md section 9.
+    """(bytes, flops) a fused kernel needs for the case, docs/design.md#performance-model.
 
     GM rollout: means K*C, logweights K, x_start, x_src and x_end C each per pixel, moved once;
     K*(4C + 10) flops per pixel and substep (two K x C contractions plus the softmax).

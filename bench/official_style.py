@@ -5,7 +5,7 @@ substep, recomputing the full Gaussian-mixture posterior over the (B, K, C, *S) 
 eager ops, each a full pass over memory), inside a Python loop whose length is read back from the
 device (``.item()``). Its policy also checks, each call, whether (x, sigma) is the source point
 (a comparison pass and a host synchronisation). This module reproduces that cost structure from the
-equations of DESIGN.md sections 3-4 so the benchmarks can compare against it without the official
+equations of docs/design.md#gmflow-policy and #rollout so the benchmarks can compare against it without the official
 package (which needs mmcv/mmgen). The posterior function is run through ``torch.jit.script`` when that
 works, as the official code does; ``torch.compile`` of the substep is the second baseline.
 

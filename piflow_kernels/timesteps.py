@@ -1,4 +1,4 @@
-"""Time shift between raw time ``r`` in [0, 1] and noise level ``sigma`` (DESIGN.md section 2).
+"""Time shift between raw time ``r`` in [0, 1] and noise level ``sigma`` (docs/design.md#conventions).
 
     >>> warp(0.5, shift=3.0)
     0.75
@@ -46,7 +46,7 @@ def dynamic_shift(
 def substep_schedule(
     sigma_start: torch.Tensor, sigma_end: torch.Tensor, total_substeps: int, shift: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample substep plan of a rollout (DESIGN.md section 4), without host synchronisation.
+    """Per-sample substep plan of a rollout (docs/design.md#rollout), without host synchronisation.
 
     Args:
         sigma_start, sigma_end: (B,) float32.

@@ -117,13 +117,13 @@ def test_default_plan_skips_compile_off_gm_rollouts():
 
 def test_gpu_check_records_torch_comparison_when_over_tolerance(monkeypatch):
     """A figure over the fixed tolerance passes only within 2x the torch path's own error on the same inputs."""
-    from bench import gpu_check
+    from bench import gpu_correctness
 
-    check = gpu_check.Check("dx", 2, 3, 4, (3, 5), substeps=8, shift=3.2)
-    tight = {kind: {"float32": 1e-12, "bfloat16": 1e-12} for kind in gpu_check.TOL}
-    monkeypatch.setattr(gpu_check, "TOL", tight)
+    check = gpu_correctness.Check("dx", 2, 3, 4, (3, 5), substeps=8, shift=3.2)
+    tight = {kind: {"float32": 1e-12, "bfloat16": 1e-12} for kind in gpu_correctness.TOL}
+    monkeypatch.setattr(gpu_correctness, "TOL", tight)
     records: list = []
-    gpu_check.check_and_record(check, "cpu", lambda *a: None, records)
+    gpu_correctness.check_and_record(check, "cpu", lambda *a: None, records)
     assert {r["quantity"] for r in records} == {"velocity", "grad grid", "grad x", "grad x_src", "rollout(8)"}
     for r in records:
         assert r["torch_rel_err"] is not None
@@ -153,12 +153,12 @@ def test_gpu_check_dry_run_writes_json_and_log(tmp_path):
 
 
 def test_sweep_restores_the_launch_defaults(tmp_path):
-    from bench import gpu_check
+    from bench import gpu_sweep
     from piflow_kernels.ops.gm import triton_common
 
     before = {name: dict(v) for name, v in triton_common.LAUNCH.items()}
     state: dict = {}
-    gpu_check.part_sweep(state, "cpu", True, float("inf"), lambda *a: None)
+    gpu_sweep.part_sweep(state, "cpu", True, float("inf"), lambda *a: None)
     assert triton_common.LAUNCH == before and len(state["sweep"]) == 6
 
 

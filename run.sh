@@ -7,14 +7,22 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
+# installed (not just importable from this folder), with every import of the [test] extra in pyproject.toml;
+# triton only where that extra installs it
+TEST_EXTRA_PROBE='
+import importlib.metadata, platform
+importlib.metadata.distribution("piflow_kernels")
+import diffusers, hypothesis, matplotlib, pytest, pytest_benchmark, ruff, transformers
+if platform.system() == "Linux" and platform.machine() == "x86_64":
+    import triton
+'
 
 setup() {
     if ! "$PY" -c "import torch" >/dev/null 2>&1; then
         echo "[setup] torch missing: installing torch==2.13.0 (CPU wheel where available)"
         "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
     fi
-    if ! "$PY" -c "import piflow_kernels, diffusers, pytest, ruff, transformers" >/dev/null 2>&1 \
-        || [ "${PIFLOW_REINSTALL:-0}" = "1" ]; then
+    if ! "$PY" -c "$TEST_EXTRA_PROBE" >/dev/null 2>&1 || [ "${PIFLOW_REINSTALL:-0}" = "1" ]; then
         echo "[setup] installing piflow_kernels and its test extras"
         "$PY" -m pip install -q -e ".[test]"
     fi

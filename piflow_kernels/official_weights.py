@@ -31,7 +31,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -115,6 +114,8 @@ def _normalise_key(key: str) -> str:
 
 
 def _dit_teacher_from_config(config: dict[str, Any]) -> nn.Module:
+    import diffusers  # imported by students already (with the install hint when missing)
+
     params = inspect.signature(diffusers.DiTTransformer2DModel.__init__).parameters
     kwargs = {k: v for k, v in config.items() if k in params and k != "self"}
     return diffusers.DiTTransformer2DModel(**kwargs)

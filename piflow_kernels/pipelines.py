@@ -37,7 +37,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -97,24 +97,18 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
         cfg = self.config
         self.register_to_config(**{theirs: cfg[ours] for theirs, ours in _FLOW_MATCH_ALIASES.items()})
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int | None = None,
-        device: str | torch.device | None = None,
-        sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
-        mu: float | None = None,
-        seq_len: int | None = None,
-    ) -> None:
-        """As :meth:`PiFlowScheduler.set_timesteps`; the stock default ``sigmas = linspace(1, 1/n, n)`` is
-        replaced by this scheduler's grid of n steps (they agree when ``final_step_size_scale == 1``)."""
-        if sigmas is not None and not isinstance(sigmas, torch.Tensor):
-            values = np.asarray(sigmas, dtype=np.float64)
-            n = values.shape[0] if values.ndim == 1 else 0
-            if n >= 1 and np.allclose(values, np.linspace(1.0, 1.0 / n, n), rtol=0.0, atol=1e-9):
-                if num_inference_steps is not None and num_inference_steps != n:
-                    raise ValueError(f"num_inference_steps={num_inference_steps} but {n} sigmas were given")
-                sigmas, num_inference_steps = None, n
-        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, seq_len=seq_len)
+    def _interpret_sigmas(self, num_inference_steps: int | None, sigmas: object) -> tuple[int | None, object]:
+        """The stock default ``sigmas = linspace(1, 1/n, n)`` means n steps of this scheduler's own grid (they
+        agree when ``final_step_size_scale == 1``); other sigmas are used as given."""
+        if sigmas is None or isinstance(sigmas, torch.Tensor):
+            return num_inference_steps, sigmas
+        values = np.asarray(sigmas, dtype=np.float64)
+        n = values.shape[0] if values.ndim == 1 else 0
+        if n >= 1 and np.allclose(values, np.linspace(1.0, 1.0 / n, n), rtol=0.0, atol=1e-9):
+            if num_inference_steps is not None and num_inference_steps != n:
+                raise ValueError(f"num_inference_steps={num_inference_steps} but {n} sigmas were given")
+            return n, None
+        return num_inference_steps, sigmas
 
     def _to_policy_layout(
         self, model_output: object, sample: torch.Tensor, noise: torch.Tensor | None

@@ -274,6 +274,11 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"sigmas must be strictly decreasing, got {values}")
         return values
 
+    def _interpret_sigmas(self, num_inference_steps: int | None, sigmas: object) -> tuple[int | None, object]:
+        """(num_inference_steps, sigmas) as ``set_timesteps`` uses them: here as the caller gave them;
+        :class:`~piflow_kernels.pipelines.PiFlowPipelineScheduler` reads the stock pipelines' default grid."""
+        return num_inference_steps, sigmas
+
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,
@@ -295,6 +300,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             mu: log-shift for dynamic shifting (``shift = exp(mu)``); used only when ``use_dynamic_shifting``.
             seq_len: number of latent positions for dynamic shifting when ``mu`` is not given.
         """
+        num_inference_steps, sigmas = self._interpret_sigmas(num_inference_steps, sigmas)
         if sigmas is not None:
             raw = self._check_raw_sigmas(sigmas)
             if num_inference_steps is not None and check_num_steps(num_inference_steps) != len(raw):

@@ -1,4 +1,4 @@
-"""The few-step pi-Flow sampler (FlowMapSDE, DESIGN.md section 5): the schedule, one step, the loop.
+"""The few-step pi-Flow sampler (FlowMapSDE, docs/design.md#flowmapsde-sampler): the schedule, one step, the loop.
 
     >>> import piflow_kernels as pk
     >>> noise = torch.randn(2, 4, 32, 32, device="cuda")
@@ -107,7 +107,8 @@ class FlowMapSchedule:
 
 
 def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str = 0.0) -> FlowMapSchedule:
-    """The schedule of raw (unshifted) noise levels ``raw_sigmas`` (n floats in (0, 1], decreasing).
+    """The schedule of raw (unshifted) noise levels ``raw_sigmas`` (n floats in (0, 1], decreasing):
+    [eq:flowmap-sigmas] and the per-step numbers of [eq:flowmap-sde] in docs/design.md.
 
     Args:
         raw_sigmas: e.g. :func:`raw_sigma_grid`; shifted by ``warp(r, shift)``, then a final 0 is appended.

@@ -1,4 +1,4 @@
-"""PiFlowScheduler: the few-step pi-Flow sampler as a diffusers scheduler (DESIGN.md section 5).
+"""PiFlowScheduler: the few-step pi-Flow sampler as a diffusers scheduler (docs/design.md#flowmapsde-sampler).
 
 Each ``step`` takes the student's *policy* output (not a velocity), builds the policy at the current
 noise level, integrates it with many cheap substeps (one fused kernel on CUDA) down to the step's

@@ -16,7 +16,7 @@ At initialisation the policy's velocity at the source point is therefore the tea
     >>> out.means.shape, out.logweights.shape, out.logstds.shape
     ((B, 8, C, H, W), (B, 8, 1, H, W), (B, 1, 1, 1, 1))
 
-Conventions (DESIGN.md section 2):
+Conventions (docs/design.md#conventions):
 
 - ``student(x_t, timestep, **teacher_kwargs)`` takes image-layout latents ``(B, C, H, W)`` and the
   diffusers scheduler timestep ``t = sigma * 1000`` whatever the teacher; it converts to the
@@ -33,7 +33,7 @@ Conventions (DESIGN.md section 2):
   (same argument names, same timestep convention). For FLUX / Qwen-Image it returns the policy in
   *token layout* ``(B, K, C, L, 4)``: L packed tokens of 2x2 pixels each. The GM and DX policies act
   on every pixel independently, so this layout is as valid as the image for the policy math and
-  needs no image height or width (see :mod:`piflow_kernels.pipelines`).
+  needs no image height or width (see :mod:`piflow_kernels.layouts`).
 """
 
 from __future__ import annotations

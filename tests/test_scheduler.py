@@ -207,6 +207,20 @@ def test_step_noise_argument_equals_generator_draw():
     assert (other - results[0]).abs().max() > 1e-2  # the noise really enters
 
 
+def test_generator_attribute_serves_a_step_without_generator():
+    out, x = gm_output(2, 3, 4, (6, 6), seed=1), torch.randn(2, 4, 6, 6)
+    results = []
+    for on_scheduler in (False, True):
+        sched = PiFlowScheduler(h=0.7, total_substeps=16)
+        sched.set_timesteps(3)
+        sched.set_begin_index(0)
+        generator = torch.Generator().manual_seed(5)
+        if on_scheduler:
+            sched.generator = generator
+        results.append(sched.step(out, sched.timesteps[0], x, generator=None if on_scheduler else generator).prev_sample)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_auto_temperature_is_official_rule():
     sched = PiFlowScheduler(temperature="auto")
     sched.set_timesteps(4)

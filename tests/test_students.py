@@ -1,7 +1,7 @@
 """Students built from diffusers teachers: heads, initialisation, layouts, save/load, bad input.
 
 The tiny teachers below (built offline from configs, a few thousand parameters each) are also used by
-test_pipelines.py and test_checkpoints.py.
+test_pipelines.py and test_official_weights.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from piflow_kernels import DXOutput, GMFlowOutput
 
 diffusers = pytest.importorskip("diffusers")  # students wrap diffusers models
+from piflow_kernels import layouts  # noqa: E402
 from piflow_kernels.students import SUPPORTED_TEACHERS, PiFlowStudent, build_student  # noqa: E402
 
 TEACHERS = ("unet", "dit", "sd3", "flux", "qwen")
@@ -196,6 +197,34 @@ def test_token_layout_forward_native_matches_forward():
     as_image = native.means.reshape(b, 3, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 3, 5, 4, 6).reshape(b, 3, c, h, w)
     torch.testing.assert_close(as_image, image.means, atol=0, rtol=0)
     torch.testing.assert_close(native.logstds, image.logstds, atol=0, rtol=0)
+
+
+def test_layout_reshapes_round_trip_and_match_flux_packing():
+    x = torch.randn(2, 3, 6, 10)
+    packed = layouts.image_to_packed(x, 2)
+    assert packed.shape == (2, 15, 12)
+    torch.testing.assert_close(packed, pack(x), atol=0, rtol=0)  # channel index c*4 + py*2 + px, token (i, j) -> 5i + j
+    tokens = layouts.packed_to_tokens(packed, 4)
+    assert tokens.shape == (2, 3, 15, 4)
+    torch.testing.assert_close(layouts.tokens_to_packed(tokens), packed, atol=0, rtol=0)
+    torch.testing.assert_close(layouts.tokens_to_image(tokens, 3, 5, 2), x, atol=0, rtol=0)
+    # the spatial fields of a policy output change layout, logstds stay
+    out = GMFlowOutput(means=tokens.unsqueeze(1), logweights=tokens[:, :1].unsqueeze(1), logstds=torch.zeros(2, 1, 1, 1, 1))
+    image = layouts.map_output(out, lambda z: layouts.tokens_to_image(z, 3, 5, 2))
+    assert image.means.shape == (2, 1, 3, 6, 10) and image.logweights.shape == (2, 1, 1, 6, 10) and image.logstds is out.logstds
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_geometry_and_arch_table(name):
+    teacher = tiny_teacher(name)
+    cls = type(teacher).__name__
+    assert layouts.teacher_class_name(teacher) == cls and layouts.arch_for(cls) is layouts.ARCHS[cls]
+    c, c_teacher, p = layouts.geometry(cls, teacher.config)
+    assert c == CHANNELS[name] and c_teacher in (c, 2 * c)
+    assert p == {"unet": 1, "dit": 2, "sd3": 2, "flux": 2, "qwen": 2}[name]
+    assert layouts.geometry(cls, dict(teacher.config)) == (c, c_teacher, p)  # a mapping or an attribute config
+    with pytest.raises(TypeError, match="unsupported teacher class 'AutoencoderKL'"):
+        layouts.arch_for("AutoencoderKL")
 
 
 def test_bf16_teacher_gives_bf16_student():

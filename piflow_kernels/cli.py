@@ -61,7 +61,7 @@ def _distill(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from piflow_kernels.distill.trainer import Trainer
+    from piflow_kernels.distill import Trainer
 
     try:
         trainer = Trainer(cfg)

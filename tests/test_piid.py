@@ -18,11 +18,13 @@ from piflow_kernels.distill import (
     piid_data_free_segments,
     piid_loss_data_dependent,
     piid_segment_loss,
+    policy_mean_velocity,
     sample_segment_start,
     segment_window,
     student_policy,
     teacher_ratio,
 )
+from piflow_kernels.distill.piid import _mean_velocity_max_steps
 
 SHAPE = (2, 3, 5)  # C, H, W: odd on purpose
 BATCH = 3
@@ -177,6 +179,62 @@ def test_draws_follow_the_teacher_ratio_and_window():
     torch.testing.assert_close(
         segment_window(torch.tensor([0.5, 1 / 3, 0.05]), cfg), torch.tensor([2 / 16, 2 * (1 / 3) / 5, 0.05])
     )
+
+
+MEAN_VELOCITY_BOUND_CASES = [
+    ("nfe4-T128-w0", dict(nfe=4, total_substeps=128)),
+    ("nfe3-f0.5-T16-w2-M3", dict(nfe=3, final_step_size_scale=0.5, total_substeps=16, window_substeps=2,
+                                 num_intermediate_states=3)),
+    ("nfe2-T64-w1", dict(nfe=2, total_substeps=64, window_substeps=1)),
+    ("nfe1-T33-w5", dict(nfe=1, total_substeps=33, window_substeps=5)),
+]
+
+
+@pytest.mark.parametrize("overrides", [c[1] for c in MEAN_VELOCITY_BOUND_CASES], ids=[c[0] for c in MEAN_VELOCITY_BOUND_CASES])
+@pytest.mark.parametrize("q", [0.0, 0.3, 1.0])
+def test_mean_velocity_substep_bound_covers_every_draw(overrides, q):
+    """The host-side bound of the mean velocities' substeps (no read-back) holds for every drawn state, and is tight:
+    at most one substep above the largest count of a large batch (exactly the window's count when q = 0)."""
+    cfg = PiIDConfig(**overrides)
+    g = torch.Generator().manual_seed(3)
+    raw_last, segment_size = sample_segment_start(cfg, 4096, g)
+    draws = draw_segment(cfg, segment_size, q, generator=g)
+    window = segment_window(segment_size, cfg)
+    counts = []
+    for i in range(cfg.num_intermediate_states):  # the intervals of piid_segment_loss_from_draws
+        raw_a = (raw_last - draws.student_intervals[:, i]).clamp(min=0.0)
+        raw_b = (raw_a - draws.teacher_intervals[:, i]).clamp(min=0.0)
+        counts.append(torch.round((raw_a - (raw_b - window)) * cfg.total_substeps))
+        raw_last = raw_b
+    largest = int(torch.stack(counts).max())
+    bound = _mean_velocity_max_steps(cfg, sorted(set(cfg.segment_sizes())), q)
+    assert largest <= bound <= largest + 1, (largest, bound)
+    if q == 0.0:
+        assert bound == largest
+
+
+@pytest.mark.parametrize("policy_type", ["GMFlow", "DX"])
+def test_mean_velocity_with_a_host_bound_is_bit_identical(policy_type, data):
+    """max_steps runs a fixed number of substeps (no read-back): values and gradients equal the counted rollout's."""
+    cfg = PiIDConfig(nfe=2, policy_type=policy_type, total_substeps=16)
+    student = make_student(policy_type)
+    x = data.sample(BATCH, generator=torch.Generator().manual_seed(4))
+    raw_start = torch.tensor([0.9, 0.5, 0.3])
+    raw_end = raw_start - torch.tensor([0.3, 0.05, 0.0])  # 5, 1 and 0 substeps
+    sigma = warp(raw_start, 1.0)
+
+    def mean_velocity(**kwargs):
+        policy = student_policy(student(x, sigma * 1000), x, sigma, cfg)
+        u = policy_mean_velocity(policy, x, raw_start, sigma, raw_end, 1.0, cfg.total_substeps, **kwargs)
+        return u, torch.autograd.grad(u.square().sum(), list(student.parameters()))
+
+    counted, counted_grads = mean_velocity()
+    for bound in (5, 9):
+        u, grads = mean_velocity(max_steps=bound)
+        assert torch.equal(u, counted)
+        assert all(torch.equal(a, b) for a, b in zip(grads, counted_grads))
+    with pytest.raises(RuntimeError, match="max_steps"):
+        mean_velocity(max_steps=4)
 
 
 def test_dropout_draws_as_policy_dropout():

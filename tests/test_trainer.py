@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import piflow_kernels.distill
 from piflow_kernels.distill import checkpoint as ckpt
 from piflow_kernels.distill.config import ConfigError, TrainConfig, load_config_file
+from piflow_kernels.distill.data import TensorDataSource
 from piflow_kernels.distill.ema import EMA, ema_decay
-from piflow_kernels.distill.trainer import Trainer, _TensorSource, energy_distance, sliced_w2, stream_seed, warmup_factor
+from piflow_kernels.distill.lr_scheduler import lr_factor, warmup_factor
+from piflow_kernels.distill.seeding import stream_seed
+from piflow_kernels.distill.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +149,16 @@ def test_diffusers_teacher_shape_mismatch_is_reported(tmp_path):
 # ---------------------------------------------------------------------------------------------- pieces
 
 
+def test_cosine_decay_after_the_warmup():
+    factors = [lr_factor(it, 4, 0.25, 12, "cosine", 0.1) for it in range(13)]
+    assert factors[:5] == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0])
+    assert factors[8] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert factors[12] == pytest.approx(0.1) and all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert lr_factor(9, 4, 0.25, 12) == 1.0  # decay "none": constant after the warm-up
+    with pytest.raises(ConfigError, match="optim.lr_decay"):
+        TrainConfig.from_dict({"optim": {"lr_decay": "linear"}})
+
+
 def test_warmup_and_ema_decay_schedules():
     assert warmup_factor(0, 4, 0.001) == pytest.approx(0.001)
     assert warmup_factor(2, 4, 0.001) == pytest.approx(0.001 + 0.999 * 0.5)
@@ -169,18 +185,9 @@ def test_ema_update_math():
     assert not ema.module.weight.requires_grad
 
 
-def test_metrics_separate_distributions():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 6, generator=g)
-    y = torch.randn(300, 6, generator=g)
-    z = torch.randn(300, 6, generator=g) + 1.5
-    assert energy_distance(x, y) < 0.1 < energy_distance(x, z)
-    assert sliced_w2(x, y) < 0.2 < sliced_w2(x, z)
-
-
 def test_tensor_source_shards_each_epoch_exactly_once():
     x0 = torch.randn(24, 2, 3, 5)
-    source = _TensorSource(x0, torch.arange(24), seed=4)
+    source = TensorDataSource(x0, torch.arange(24), seed=4)
     seen = []
     for it in range(2):  # 2 steps x 3 shards x 4 samples = one epoch of 24
         for shard in range(3):
@@ -297,12 +304,74 @@ def test_resume_is_bit_exact(tmp_path, changes):
         assert torch.equal(value, resumed_state[name]), name
     fresh = make_trainer(tmp_path / "fresh", **changes).student.state_dict()
     assert any(not torch.equal(full_state[f"student.{k}"], v) for k, v in fresh.items())  # training moved the weights
-    assert resumed.scheduler.state_dict() == full.scheduler.state_dict()
+    assert resumed.lr_scheduler.state_dict() == full.lr_scheduler.state_dict()
+
+
+def test_run_name_and_no_final_checkpoint(tmp_path, capsys):
+    optim = {"lr_decay": "cosine", "warmup_iters": 0}
+    trainer = make_trainer(tmp_path, max_iters=2, name="pi-ID toy", final_checkpoint=False, optim=optim)
+    assert trainer.train()["iteration"] == 2
+    assert "pi-ID toy training: iterations 0 -> 2" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints").exists()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0)  # cosine to lr_min_ratio 0 at max_iters
+
+
+def test_evaluation_sampler_is_built_from_the_piid_config():
+    from piflow_kernels.distill.evaluation import scheduler_for
+    from piflow_kernels.distill.piid import PiIDConfig
+
+    cfg = PiIDConfig(nfe=3, policy_type="DX", total_substeps=40, shift=2.5, final_step_size_scale=0.5, dx_mode="polynomial")
+    sched = scheduler_for(cfg, temperature=0.9)
+    c = sched.config
+    assert (c.shift, c.total_substeps, c.final_step_size_scale, c.policy_type, c.temperature) == (2.5, 40, 0.5, "DX", 0.9)
+    assert (c.dx_segment_size, c.dx_shift, c.dx_mode) == (cfg.base_segment_size, 2.5, "polynomial")
+    assert c.num_train_timesteps == 1000 and isinstance(c.num_train_timesteps, int)
+    with pytest.raises(ValueError, match="integer num_train_timesteps"):
+        scheduler_for(PiIDConfig(num_train_timesteps=999.5))
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     trainer = make_trainer(tmp_path)
     assert trainer.resume() is False and trainer.iteration == 0
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist")
+
+
+def record_host_reads(monkeypatch) -> list[tuple[str, str, int]]:
+    """Patch the tensor -> Python conversions to record (function, file, line) of every call made from the
+    distill package (on a GPU each one would wait for the device). Reads made by the policies' own CPU-only
+    checks are not the trainer's and are not recorded."""
+    distill_dir = Path(piflow_kernels.distill.__file__).parent
+    reads = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if Path(caller.co_filename).parent == distill_dir:
+                reads.append((caller.co_name, Path(caller.co_filename).name, sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in HOST_READS:
+        spy(name)
+    return reads
+
+
+@pytest.mark.parametrize("changes", [c[1] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_training_reads_the_device_only_to_log(tmp_path, monkeypatch, changes):
+    """Steps keep losses and norms as tensors: the only reads are the log windows' (one per log line)."""
+    changes = {"piid": {}, **changes}
+    changes["piid"] = {**changes["piid"], "window_substeps": 2, "num_decay_iters": 3}  # mean-velocity rollouts too
+    trainer = make_trainer(tmp_path, max_iters=4, log_every=2, **changes)
+    reads = record_host_reads(monkeypatch)
+    logs = trainer.train_step()
+    assert reads == [] and isinstance(logs["loss"], torch.Tensor) and isinstance(logs["grad_norm"], torch.Tensor)
+    trainer.train()
+    assert [(fn, file) for fn, file, _ in reads] == [("reduce", "run_log.py")] * 2, reads
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -1,16 +1,21 @@
-"""pi-ID distillation: the loss (data-dependent and data-free), teachers and toy students.
+"""pi-ID distillation: the loss (data-dependent and data-free), teachers, toy students and the trainer.
 
     >>> from piflow_kernels.distill import PiIDConfig, ExactGMTeacher, GaussianMixtureData, piid_loss_data_dependent
     >>> teacher = ExactGMTeacher(GaussianMixtureData.random((4, 8, 8), num_components=8))
     >>> loss, logs = piid_loss_data_dependent(student, teacher, x0, PiIDConfig(nfe=2), iteration=0)
+    >>> Trainer(TrainConfig.from_file("examples/distill_exact_teacher.toml")).train()
 
-``TrainConfig`` and ``Trainer`` are imported lazily from the trainer modules, on first access.
+Modules, one concern each: ``piid`` (the loss), ``teachers``, ``toy`` (students), ``config``
+(TrainConfig), ``trainer`` (the loop) and its components ``builders``, ``data``, ``seeding``,
+``optim``, ``lr_scheduler``, ``ema``, ``ddp``, ``run_log``, ``checkpoint``, ``evaluation`` and
+``metrics`` (sample-based distances).
 """
 
 from __future__ import annotations
 
-import importlib
-
+from piflow_kernels.distill.config import TrainConfig
+from piflow_kernels.distill.data import ExactDataSource, TensorDataSource
+from piflow_kernels.distill.metrics import energy_distance, knn_precision_recall, sliced_w2
 from piflow_kernels.distill.piid import (
     PiIDConfig,
     SegmentDraws,
@@ -27,37 +32,7 @@ from piflow_kernels.distill.piid import (
 )
 from piflow_kernels.distill.teachers import CFGTeacher, DiffusersTeacher, ExactGMTeacher, GaussianMixtureData, as_velocity
 from piflow_kernels.distill.toy import ToyDXStudent, ToyGMStudent, sinusoidal_embedding
-
-# public name -> candidate modules (first that defines it wins), imported on first access
-_LAZY = {
-    "TrainConfig": ("piflow_kernels.distill.config", "piflow_kernels.distill.trainer"),
-    "Trainer": ("piflow_kernels.distill.trainer",),
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        errors = []
-        for module_name in _LAZY[name]:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as e:
-                if e.name != module_name:  # the module exists but one of its imports is missing
-                    raise
-                errors.append(module_name)
-                continue
-            if hasattr(module, name):
-                value = getattr(module, name)
-                globals()[name] = value
-                return value
-            errors.append(module_name)
-        raise AttributeError(f"piflow_kernels.distill.{name} is not available (looked in {', '.join(errors)})")
-    raise AttributeError(f"module 'piflow_kernels.distill' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
-
+from piflow_kernels.distill.trainer import Trainer
 
 __all__ = [
     "PiIDConfig",
@@ -80,4 +55,11 @@ __all__ = [
     "ToyGMStudent",
     "ToyDXStudent",
     "sinusoidal_embedding",
-]  # the lazy names stay out of __all__ so that a star import never fails before the trainer lands
+    "TrainConfig",
+    "Trainer",
+    "ExactDataSource",
+    "TensorDataSource",
+    "energy_distance",
+    "sliced_w2",
+    "knn_precision_recall",
+]

@@ -5,7 +5,7 @@ Layout of one checkpoint (a directory, renamed into place only once complete)::
     <root>/iter_00000200/
         student.safetensors      the student's weights
         ema.safetensors          the EMA student's weights
-        state.pt                 iteration, optimizer, LR scheduler, EMA counters, config
+        state.pt                 iteration, optimizer, LR schedule (key "scheduler"), EMA counters, config
         rng_rank0.pt ...         each rank's RNG states (torch CPU/CUDA, python, numpy) as tensors
     <root>/latest                the name of the newest complete checkpoint
 
@@ -13,8 +13,11 @@ Every file is written to a temporary name and moved with ``os.replace``; the dir
 under a temporary name and renamed, and ``latest`` is replaced last, so a crash at any point leaves
 the previous checkpoint intact and ``latest`` pointing at a complete one.
 
-    >>> save_checkpoint(root, 200, student_sd, ema_sd, train_state)
+    >>> begin_checkpoint(root, 200)                    # rank 0, then a barrier
+    >>> write_rank_rng(root, 200, rank)                # every rank, then a barrier
+    >>> finish_checkpoint(root, 200, student_sd, ema_sd, train_state)   # rank 0
     >>> ckpt = load_checkpoint(latest_checkpoint(root))
+    >>> save_training_checkpoint(root, 200, TrainingState(model, ema, optimizer, lr_scheduler, config, 1), ctx)  # all ranks
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ __all__ = [
     "checkpoint_dir",
     "begin_checkpoint",
     "write_rank_rng",
-    "save_checkpoint",
     "finish_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
+    "TrainingState",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
 ]
 
 _LATEST = "latest"
@@ -193,21 +198,6 @@ def finish_checkpoint(
     return final
 
 
-def save_checkpoint(
-    root: str | Path,
-    iteration: int,
-    student: dict[str, torch.Tensor],
-    ema: dict[str, torch.Tensor],
-    state: dict[str, Any],
-    keep: int = 2,
-    rank: int = 0,
-) -> Path:
-    """One-process checkpoint: staging, RNG of this process, weights and state, rename, ``latest``."""
-    begin_checkpoint(root, iteration)
-    write_rank_rng(root, iteration, rank)
-    return finish_checkpoint(root, iteration, student, ema, state, keep)
-
-
 def _prune(root: Path, keep: int, newest: str) -> None:
     done = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name[len(_PREFIX) :].isdigit())
     for old in done[:-keep] if keep > 0 else []:
@@ -246,3 +236,66 @@ def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.d
         state=state,
         rng=rng,
     )
+
+
+# ---------------------------------------------------------------------------------------------- training state
+
+
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds besides the iteration: the (possibly wrapped) student, the EMA,
+    the optimizer, the LR schedule, and the run's description (config, world size, micro-batches per step)."""
+
+    model: torch.nn.Module
+    ema: Any  # piflow_kernels.distill.ema.EMA
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    config: dict[str, Any]
+    num_shards: int
+
+
+def save_training_checkpoint(root: str | Path, iteration: int, train: TrainingState, ctx, keep: int = 2) -> Path | None:
+    """Checkpoint ``train`` at ``iteration`` under ``root``; collective: call on every rank.
+
+    Every rank writes its RNG states; rank 0 writes the full weights and the state and returns the
+    checkpoint directory (the other ranks return None). Works for plain, DDP and FSDP2 models.
+    """
+    from piflow_kernels.distill.ddp import model_state_dict, optimizer_state_dict
+
+    student_sd = model_state_dict(train.model, ctx)
+    ema_sd = model_state_dict(train.ema.module, ctx)
+    optim_sd = optimizer_state_dict(train.model, train.optimizer, ctx)
+    if ctx.is_main:
+        begin_checkpoint(root, iteration)
+    ctx.barrier()
+    write_rank_rng(root, iteration, ctx.rank)
+    ctx.barrier()
+    path = None
+    if ctx.is_main:
+        state = {
+            "optimizer": optim_sd,
+            "scheduler": train.lr_scheduler.state_dict(),  # the LR schedule (the file format keeps the key)
+            "ema": train.ema.meta_state(),
+            "world_size": ctx.world_size,
+            "num_shards": train.num_shards,
+            "config": train.config,
+        }
+        path = finish_checkpoint(root, iteration, student_sd, ema_sd, state, keep)
+    ctx.barrier()
+    return path
+
+
+def load_training_checkpoint(path: str | Path, train: TrainingState, ctx) -> Checkpoint:
+    """Load the checkpoint at ``path`` into ``train`` (weights, optimizer, schedule, EMA counters) and
+    this rank's global RNG states; returns the loaded :class:`Checkpoint` (its iteration, state)."""
+    from piflow_kernels.distill.ddp import load_model_state_dict, load_optimizer_state_dict
+
+    loaded = load_checkpoint(path, rank=ctx.rank)
+    load_model_state_dict(train.model, loaded.student, ctx)
+    load_model_state_dict(train.ema.module, loaded.ema, ctx)
+    load_optimizer_state_dict(train.model, train.optimizer, loaded.state["optimizer"], ctx)
+    train.lr_scheduler.load_state_dict(loaded.state["scheduler"])
+    train.ema.load_meta_state(loaded.state["ema"])
+    if loaded.rng is not None:
+        set_rng_state(loaded.rng)
+    return loaded

@@ -1,0 +1,146 @@
+"""The sections of a training config, one dataclass per ``[section]`` of the file (see :mod:`.config`).
+
+Each docstring says what its keys mean; the defaults are the values of a key left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["TeacherConfig", "StudentConfig", "DataConfig", "OptimConfig", "EMAConfig", "EvalConfig", "DistributedConfig"]
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher.
+
+    kind = "exact": a Gaussian mixture over data of the latent shape in ``[data]``, with ``num_modes``
+    random templates (standard normal times ``mode_scale``, drawn from ``seed``), isotropic std ``std``
+    and equal weights; the teacher is its closed-form flow velocity.
+    kind = "diffusers": a diffusers model of class ``model_class``, randomly initialised from the
+    ``model`` dict (seeded by ``seed``) or loaded from the local directory ``pretrained``. Its output
+    is read as the flow velocity.
+    ``guidance_scale`` != 1 wraps a diffusers teacher in classifier-free guidance (needs ``[data]
+    num_classes``; the unconditional label is ``num_classes``) active for timesteps (``sigma *
+    num_train_timesteps``) within ``guidance_interval`` = [low, high], everywhere when empty.
+    """
+
+    kind: str = "exact"
+    seed: int = 1
+    num_modes: int = 8
+    mode_scale: float = 1.0
+    std: float = 0.1
+    model_class: str = "DiTTransformer2DModel"
+    model: dict = field(default_factory=dict)
+    pretrained: str = ""
+    guidance_scale: float = 1.0
+    guidance_interval: list = field(default_factory=list)
+
+
+@dataclass
+class StudentConfig:
+    """The student: ``kind`` "toy" (ToyGMStudent / ToyDXStudent) or "diffusers" (build_student on the teacher).
+
+    Its policy type is ``[piid] policy_type``: "GMFlow" uses ``num_components``, "DX" ``num_points``. ``hidden`` is the toy
+    students' width. ``kwargs`` goes to ``build_student`` unchanged. ``init_from`` (optional) is a
+    directory saved by ``PiFlowStudent.save_pretrained`` to start from.
+    """
+
+    kind: str = "toy"
+    num_components: int = 8
+    num_points: int = 10
+    hidden: int = 64
+    kwargs: dict = field(default_factory=dict)
+    init_from: str = ""
+
+
+@dataclass
+class DataConfig:
+    """Latent shape, per-rank batch size and where the training states come from.
+
+    ``mode`` "data_dependent": segment starts made by forward diffusion of real data, drawn from
+    ``source`` "exact" (the exact teacher's mixture, or a mixture built like one when the teacher is a
+    diffusers model) or "tensors" (the tensor ``x0`` of shape (N, C, H, W) in ``path``, a .safetensors
+    or .pt file; an optional ``class_labels`` (N,) tensor rides along). ``mode`` "data_free": segments
+    start from noise, no data needed.
+    ``num_classes`` > 0 draws a class label per sample, passed to student and teacher as ``class_labels``.
+    """
+
+    mode: str = "data_dependent"
+    source: str = "exact"
+    path: str = ""
+    batch_size: int = 16
+    channels: int = 4
+    height: int = 8
+    width: int = 8
+    num_classes: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear warm-up from ``warmup_ratio * lr`` to ``lr`` over ``warmup_iters``.
+
+    After the warm-up the learning rate stays at ``lr`` (``lr_decay = "none"``) or follows a cosine
+    from ``lr`` down to ``lr_min_ratio * lr`` at ``max_iters`` (``lr_decay = "cosine"``).
+    ``grad_clip`` > 0 clips the global gradient norm (the norm is logged either way) from iteration
+    ``grad_clip_begin_iter`` on. ``grad_accum`` micro-batches of ``[data] batch_size`` make one step.
+    """
+
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.001
+    lr_decay: str = "none"
+    lr_min_ratio: float = 0.0
+    grad_clip: float = 0.0
+    grad_clip_begin_iter: int = 0
+    grad_accum: int = 1
+
+
+@dataclass
+class EMAConfig:
+    """EMA of the student: ``ema = decay * ema + (1 - decay) * student`` after every step.
+
+    Before ``start_iter`` the EMA copies the student. ``policy`` "karras" replaces the fixed decay by
+    ``min((1 - 1/t)^(gamma + 1), decay)`` with t the number of steps since ``start_iter`` (as the
+    official configs), "fixed" uses ``decay``.
+    """
+
+    decay: float = 0.999
+    start_iter: int = 0
+    policy: str = "fixed"
+    gamma: float = 7.0
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation with the EMA student: sample ``num_samples`` images from fixed noise.
+
+    With an exact teacher the energy distance and sliced W2 to exact data are reported. ``nfe`` 0
+    means the pi-ID ``nfe``.
+    """
+
+    num_samples: int = 256
+    batch_size: int = 64
+    nfe: int = 0
+    seed: int = 1234
+
+
+@dataclass
+class DistributedConfig:
+    """``mode`` "auto" (DDP when launched with WORLD_SIZE > 1), "none", "ddp" or "fsdp" (FSDP2).
+
+    ``backend`` "auto" picks nccl for CUDA and gloo for CPU. ``fsdp_modules`` names the submodule
+    classes sharded one by one (e.g. "FluxTransformerBlock"); the root is always sharded.
+    ``fsdp_reshard_after_forward`` = false keeps those submodules gathered from forward to backward:
+    needed when a model reads a block's weights outside the block's forward (diffusers' DiT reuses
+    ``transformer_blocks[0].norm1.emb`` for its output layer), at the cost of memory.
+    """
+
+    mode: str = "auto"
+    backend: str = "auto"
+    fsdp_modules: list = field(default_factory=list)
+    fsdp_reshard_after_forward: bool = True
+    find_unused_parameters: bool = False

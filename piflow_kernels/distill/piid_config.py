@@ -1,0 +1,169 @@
+"""Settings of the pi-ID loss (:class:`PiIDConfig`) and the teacher-ratio schedule of scheduled trajectory mixing.
+
+    >>> cfg = PiIDConfig(nfe=2, policy_type="DX", total_substeps=32)
+    >>> cfg.segment_sizes()          # [0.5, 0.5]: the NFE grid from raw time 1 down to 0
+    >>> teacher_ratio(cfg, iteration=100)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from piflow_kernels.checks import is_int, is_real
+from piflow_kernels.ops.dispatch import BACKENDS
+from piflow_kernels.outputs import POLICY_TYPES
+from piflow_kernels.timesteps import dynamic_shift
+
+__all__ = ["PiIDConfig", "teacher_ratio"]
+
+
+@dataclass
+class PiIDConfig:
+    """Settings of the pi-ID loss (defaults as the official code; configs there use e.g. ``loss_scale`` 3 or 30).
+
+    Attributes:
+        nfe: number of student evaluations (segments) at sampling time.
+        policy_type: "GMFlow" or "DX".
+        total_substeps: policy substeps per unit raw time for every rollout.
+        num_intermediate_states: M, states per segment where the velocities are matched.
+        window_substeps: > 0 matches the policy's mean velocity over a window of that many substeps.
+        gm_dropout: probability of dropping a component of the detached GM policy (GMFlow only).
+        final_step_size_scale: f, the last segment is f times the others (segments 1 / (nfe - 1 + f)).
+        shift: time shift of raw time -> sigma (ignored with ``use_dynamic_shifting``).
+        use_dynamic_shifting, base_seq_len, max_seq_len, base_logshift, max_logshift: FLUX-style
+            resolution-dependent shift from the latent sequence length (prod of spatial dims).
+        num_decay_iters: the teacher ratio decays 1 -> 0 linearly over this many iterations (0: always 0).
+        loss_scale: constant factor of the loss (the official ``rescale_cfg.scale``).
+        num_train_timesteps: timestep = sigma * num_train_timesteps for the student and the teacher.
+        dx_segment_size: the DX policy's segment (None: the NFE segment size 1 / (nfe - 1 + f)).
+        dx_shift: the DX policy's own shift (None: ``shift``).
+        dx_mode: "grid" or "polynomial".
+        eps: small value: raw-time floor of the segment start, denominator floor of mean velocities.
+        backend: policy backend (None: auto, see :mod:`piflow_kernels.backend`).
+    """
+
+    nfe: int = 4
+    policy_type: str = "GMFlow"
+    total_substeps: int = 128
+    num_intermediate_states: int = 2
+    window_substeps: int = 0
+    gm_dropout: float = 0.0
+    final_step_size_scale: float = 1.0
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_logshift: float = 0.5
+    max_logshift: float = 1.15
+    num_decay_iters: int = 0
+    loss_scale: float = 1.0
+    num_train_timesteps: float = 1000
+    dx_segment_size: float | None = None
+    dx_shift: float | None = None
+    dx_mode: str = "grid"
+    eps: float = 1e-4
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        def need_int(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if not is_int(v):
+                raise ValueError(f"PiIDConfig.{name} must be an int, got {v!r} ({type(v).__name__})")
+            if v < low:
+                raise ValueError(f"PiIDConfig.{name} must be >= {low}, got {v}")
+            setattr(self, name, int(v))  # numpy ints pass is_int: store a plain int (the config goes to JSON)
+
+        def need_real(name: str, positive: bool = False, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not is_real(v):
+                raise ValueError(f"PiIDConfig.{name} must be a finite number, got {v!r}")
+            if positive and not v > 0:
+                raise ValueError(f"PiIDConfig.{name} must be > 0, got {v}")
+            setattr(self, name, float(v))
+
+        need_int("nfe", 1)
+        need_int("total_substeps", 1)
+        need_int("num_intermediate_states", 1)
+        need_int("window_substeps", 0)
+        need_int("num_decay_iters", 0)
+        need_int("base_seq_len", 1)
+        need_int("max_seq_len", 1)
+        if self.policy_type not in POLICY_TYPES:
+            raise ValueError(f"PiIDConfig.policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}")
+        need_real("gm_dropout")
+        if not 0.0 <= self.gm_dropout < 1.0:
+            raise ValueError(f"PiIDConfig.gm_dropout must lie in [0, 1), got {self.gm_dropout}")
+        if self.gm_dropout > 0 and self.policy_type != "GMFlow":
+            raise ValueError(f"PiIDConfig.gm_dropout applies to GMFlow policies only; set it to 0 for {self.policy_type!r}")
+        need_real("final_step_size_scale", positive=True)
+        need_real("shift", positive=True)
+        need_real("base_logshift")
+        need_real("max_logshift")
+        if not isinstance(self.use_dynamic_shifting, bool):
+            raise ValueError(f"PiIDConfig.use_dynamic_shifting must be a bool, got {self.use_dynamic_shifting!r}")
+        if self.use_dynamic_shifting and self.base_seq_len == self.max_seq_len:
+            raise ValueError("PiIDConfig: dynamic shifting needs base_seq_len != max_seq_len")
+        need_real("loss_scale", positive=True)
+        need_real("num_train_timesteps", positive=True)
+        need_real("dx_segment_size", positive=True, allow_none=True)
+        need_real("dx_shift", positive=True, allow_none=True)
+        if self.dx_mode not in ("grid", "polynomial"):
+            raise ValueError(f"PiIDConfig.dx_mode must be 'grid' or 'polynomial', got {self.dx_mode!r}")
+        need_real("eps", positive=True)
+        if not self.eps < 0.1:
+            raise ValueError(f"PiIDConfig.eps must be small (< 0.1), got {self.eps}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"PiIDConfig.backend must be None or one of {BACKENDS}, got {self.backend!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PiIDConfig:
+        """Build from a mapping (e.g. a TOML/JSON table); unknown keys raise a ValueError naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown PiIDConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def base_segment_size(self) -> float:
+        """Raw-time length of every segment but the last: 1 / (nfe - 1 + f)."""
+        return 1.0 / (self.nfe - 1 + self.final_step_size_scale)
+
+    @property
+    def final_segment_size(self) -> float:
+        """Raw-time length of the last segment: f / (nfe - 1 + f)."""
+        return self.final_step_size_scale * self.base_segment_size
+
+    def segment_sizes(self) -> list[float]:
+        """The nfe segment lengths from raw time 1 down to 0 (they sum to 1)."""
+        return [self.base_segment_size] * (self.nfe - 1) + [self.final_segment_size]
+
+    def shift_for(self, seq_len: int) -> float:
+        """The raw-time -> sigma shift for latents with ``seq_len`` positions."""
+        if self.use_dynamic_shifting:
+            return dynamic_shift(seq_len, self.base_seq_len, self.max_seq_len, self.base_logshift, self.max_logshift)
+        return self.shift
+
+    def dx_policy_kwargs(self) -> dict[str, Any]:
+        """segment_size, shift and mode of the DX policy (intrinsic: keep them at sampling time)."""
+        return {
+            "segment_size": self.base_segment_size if self.dx_segment_size is None else self.dx_segment_size,
+            "shift": self.shift if self.dx_shift is None else self.dx_shift,
+            "mode": self.dx_mode,
+        }
+
+
+def teacher_ratio(cfg: PiIDConfig, iteration: int) -> float:
+    """Scheduled-mixing teacher ratio: 1 - min(iteration, n) / n for n = num_decay_iters > 0, else 0."""
+    n = cfg.num_decay_iters
+    if n <= 0:
+        return 0.0
+    return 1.0 - min(max(int(iteration), 0), n) / n

@@ -1,0 +1,150 @@
+"""The run's log: a window of step metrics reduced at ``log_every``, written to stdout, JSONL and TensorBoard.
+
+    >>> window = MetricsWindow()
+    >>> window.add(trainer.train_step())             # every step: 0-d tensors stay on the device
+    >>> record = window.reduce(ctx, iteration)       # at log_every: the one host read of the window
+    >>> run_log.log(record, format_record(record, target))
+
+Named ``run_log`` so that it never shadows the standard library's ``logging``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MetricsWindow", "RunLog", "ProgressBar", "format_record"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class MetricsWindow:
+    """The logs of the steps since the last log line, kept as given: losses and norms as 0-d tensors
+    (reading them back would stall the device every step), settings such as ``lr`` as floats."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor | float]] = []
+        self.start = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, logs: dict[str, torch.Tensor | float]) -> None:
+        """Keep one step's logs (values: 0-d tensors or numbers)."""
+        self.steps.append(logs)
+
+    def reduce(self, ctx, iteration: int) -> dict[str, Any]:
+        """Mean of every key over the window and over ranks, ``it_per_s``; empties the window.
+
+        All tensor values come back to the host in one transfer (one sync per log line). The means are
+        taken in float64 in step order, as Python floats, so the numbers do not depend on the device.
+        """
+        tensors = [v for logs in self.steps for v in logs.values() if isinstance(v, torch.Tensor)]
+        host = []
+        if tensors:
+            device = tensors[0].device
+            host = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors]).tolist()
+        values = iter(host)
+        sums: dict[str, float] = {}
+        for logs in self.steps:
+            for key, value in logs.items():
+                number = next(values) if isinstance(value, torch.Tensor) else value
+                if _is_number(number):
+                    sums[key] = sums.get(key, 0.0) + number
+        n = len(self.steps)
+        record: dict[str, Any] = {key: ctx.all_reduce_mean(v / n) for key, v in sorted(sums.items())}
+        record["it_per_s"] = n / max(time.perf_counter() - self.start, 1e-9)
+        self.steps, self.start = [], time.perf_counter()
+        return {"iteration": iteration, **record}
+
+
+class RunLog:
+    """stdout (above the progress bar, if any) + ``<out_dir>/log.jsonl`` (+ TensorBoard when installed), rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "log.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, record: dict[str, Any], line: str | None = None, bar=None) -> None:
+        """Write ``record`` (a dict with ``iteration``) as one JSON line; print ``line`` if given."""
+        if not self.enabled:
+            return
+        if line is not None:
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key != "iteration" and _is_number(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def format_record(record: dict[str, Any], target: int | None = None) -> str:
+    """One console line of a record: ``it 50/200 | loss 0.0123 | lr 1.00e-03 | 12.34 it/s``."""
+    it = record["iteration"]
+    parts = [f"it {it}" + (f"/{target}" if target else "")]
+    for key, value in record.items():
+        if key == "iteration" or not _is_number(value):
+            continue
+        if key == "it_per_s":
+            parts.append(f"{value:.2f} it/s")
+        elif key == "lr":
+            parts.append(f"lr {value:.2e}")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return " | ".join(parts)
+
+
+class ProgressBar(contextlib.AbstractContextManager):
+    """A tqdm bar on stderr from ``initial`` to ``total`` steps, or nothing when not ``enabled``
+    (progress off, or not rank 0). ``tqdm`` is the bar itself (None when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, initial: int = 0, desc: str | None = None) -> None:
+        self.tqdm = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.tqdm = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n: int = 1) -> None:
+        if self.tqdm is not None:
+            self.tqdm.update(n)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        if self.tqdm is not None:
+            self.tqdm.set_postfix(**kwargs)
+
+    def __exit__(self, *exc) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()

@@ -1,0 +1,169 @@
+"""The demo's students and their distillation: one :class:`~piflow_kernels.distill.TrainConfig` per student, run by the Trainer.
+
+    >>> student, piid_cfg, seconds = distill_student("GMFlow", 4, demo_data(), FULL, seed=0)
+    >>> student, _, _ = distill_student("GMFlow", 2, demo_data(), FULL, seed=0, init=student)   # warm start
+
+Data-dependent pi-ID against the exact teacher (:class:`~piflow_kernels.distill.ExactGMTeacher` of the
+demo's mixture, which also feeds the x0 stream), AdamW with a linear warm-up and a cosine decay,
+gradient clipping and an EMA of the weights; the EMA student is returned.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from piflow_kernels.demo.settings import DemoSettings, StudentSettings
+from piflow_kernels.distill import ExactDataSource, ExactGMTeacher, GaussianMixtureData, PiIDConfig, Trainer
+from piflow_kernels.distill.config import TrainConfig
+from piflow_kernels.distill.config_sections import DataConfig, EMAConfig, OptimConfig
+from piflow_kernels.distill.toy import ToyDXStudent, ToyGMStudent
+from piflow_kernels.outputs import DXOutput, GMFlowOutput
+
+__all__ = ["SkipStudent", "student_name", "piid_config", "train_config", "distill_student"]
+
+
+class SkipStudent(nn.Module):
+    """A toy student plus a zero-initialised linear map from ``x_t`` to its policy (a residual shortcut).
+
+    Much of an exact Gaussian-mixture teacher's policy is linear in ``x_t`` (the posterior means, and the
+    component log-weights up to a softmax); the shortcut lets the MLP learn only the rest, which cuts the
+    iterations the demo needs several-fold.
+
+    Args:
+        inner: a :class:`ToyGMStudent` or :class:`ToyDXStudent`.
+    Returns from forward: the inner student's output with ``means``/``logweights`` (GMFlow) or ``grid`` (DX) shifted.
+    """
+
+    def __init__(self, inner: ToyGMStudent | ToyDXStudent) -> None:
+        super().__init__()
+        self.inner = inner
+        dim = inner.channels * inner.height * inner.width
+        if isinstance(inner, ToyGMStudent):
+            k = inner.num_components
+            self.skip = nn.Linear(dim, k * dim + k * inner.height * inner.width)
+        else:
+            self.skip = nn.Linear(dim, inner.num_points * dim)
+        nn.init.zeros_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor | float) -> GMFlowOutput | DXOutput:
+        """x_t (B, C, H, W), timestep (B,) -> GMFlowOutput or DXOutput of the inner student's shapes."""
+        out = self.inner(x_t, timestep)
+        lin = self.skip(x_t.reshape(x_t.shape[0], -1))
+        if isinstance(out, GMFlowOutput):
+            n_means = out.means[0].numel()
+            means = out.means + lin[:, :n_means].reshape(out.means.shape)
+            logits = out.logweights + lin[:, n_means:].reshape(out.logweights.shape)
+            return GMFlowOutput(means=means, logweights=torch.log_softmax(logits, dim=1), logstds=out.logstds)
+        return DXOutput(grid=out.grid + lin.reshape(out.grid.shape))
+
+
+def student_name(policy_type: str, nfe: int) -> str:
+    """``"pi-ID GM 4-NFE"``: the run name in the progress bar and the trainer's lines."""
+    return f"pi-ID {'GM' if policy_type == 'GMFlow' else 'DX'} {nfe}-NFE"
+
+
+def _student_seed(seed: int, nfe: int, policy_type: str) -> int:
+    """One seed per (demo seed, student): its initialisation and the trainer's random streams."""
+    return int(seed) * 1000 + nfe * 10 + int(policy_type == "DX")
+
+
+def piid_config(policy_type: str, nfe: int, settings: StudentSettings) -> PiIDConfig:
+    """The pi-ID settings of one student (shift 1, 2 intermediate states, DX segment = the NFE segment)."""
+    return PiIDConfig(
+        nfe=nfe,
+        policy_type=policy_type,
+        total_substeps=settings.train_substeps,
+        num_intermediate_states=2,
+        window_substeps=settings.window_substeps,
+        gm_dropout=settings.gm_dropout if policy_type == "GMFlow" else 0.0,
+        backend="torch",
+    )
+
+
+def train_config(
+    policy_type: str,
+    nfe: int,
+    data: GaussianMixtureData,
+    settings: DemoSettings,
+    seed: int,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> TrainConfig:
+    """The training run of one student: data-dependent pi-ID on the CPU, no checkpoints (the demo keeps
+    the EMA student in memory), the log in ``out_dir/log.jsonl``."""
+    sub = settings.student(policy_type)
+    channels, height, width = data.shape
+    return TrainConfig(
+        name=student_name(policy_type, nfe),
+        seed=_student_seed(seed, nfe, policy_type),
+        max_iters=sub.iters[nfe],
+        out_dir=str(out_dir),
+        device="cpu",
+        mixed_precision="no",
+        log_every=settings.log_every,
+        final_checkpoint=False,
+        progress=progress,
+        tensorboard=False,
+        data=DataConfig(
+            mode="data_dependent", source="exact", batch_size=sub.batch_size, channels=channels, height=height, width=width
+        ),
+        optim=OptimConfig(
+            lr=sub.lr,
+            betas=[0.9, 0.99],
+            warmup_iters=settings.warmup,
+            warmup_ratio=1.0 / max(settings.warmup, 1),  # the first step at lr / warmup, as a ramp from 0 would
+            lr_decay="cosine",
+            lr_min_ratio=0.1,
+            grad_clip=settings.grad_clip,
+        ),
+        ema=EMAConfig(decay=settings.ema_decay),
+        piid=piid_config(policy_type, nfe, sub),
+    )
+
+
+def distill_student(
+    policy_type: str,
+    nfe: int,
+    data: GaussianMixtureData,
+    settings: DemoSettings,
+    seed: int,
+    progress: bool = True,
+    init: nn.Module | None = None,
+    out_dir: str | Path | None = None,
+) -> tuple[nn.Module, PiIDConfig, float]:
+    """Distill one student from the exact teacher of ``data`` with the :class:`~piflow_kernels.distill.Trainer`.
+
+    Args:
+        init: a student of the same policy type whose weights start the training (e.g. the student of
+            the next larger NFE); None starts from a fresh initialisation.
+        out_dir: where the trainer writes its log (None: a temporary directory, removed afterwards).
+    Returns:
+        (EMA student in eval mode, its PiIDConfig, training wall seconds).
+    """
+    if out_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return distill_student(policy_type, nfe, data, settings, seed, progress, init, tmp)
+    cfg = train_config(policy_type, nfe, data, settings, seed, out_dir, progress)
+    sub = settings.student(policy_type)
+    c, h, w = data.shape
+    torch.manual_seed(_student_seed(seed, nfe, policy_type))
+    if policy_type == "GMFlow":
+        inner: ToyGMStudent | ToyDXStudent = ToyGMStudent(c, h, w, num_components=sub.size, hidden=settings.hidden)
+    else:
+        inner = ToyDXStudent(c, h, w, num_points=sub.size, hidden=settings.hidden)
+    student = SkipStudent(inner)
+    if init is not None:
+        student.load_state_dict(init.state_dict())
+    teacher = ExactGMTeacher(data, num_train_timesteps=cfg.piid.num_train_timesteps)
+    with Trainer(cfg, student=student, teacher=teacher, data=ExactDataSource(data), exact_data=data) as trainer:
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        ema = trainer.ema.module.eval()
+    return ema, cfg.piid, seconds

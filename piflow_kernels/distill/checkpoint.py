@@ -29,10 +29,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from piflow_kernels.distill.ddp import DistContext
+    from piflow_kernels.distill.ema import EMA
 
 __all__ = [
     "atomic_write_bytes",
@@ -247,14 +251,16 @@ class TrainingState:
     the optimizer, the LR schedule, and the run's description (config, world size, micro-batches per step)."""
 
     model: torch.nn.Module
-    ema: Any  # piflow_kernels.distill.ema.EMA
+    ema: EMA
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     config: dict[str, Any]
     num_shards: int
 
 
-def save_training_checkpoint(root: str | Path, iteration: int, train: TrainingState, ctx, keep: int = 2) -> Path | None:
+def save_training_checkpoint(
+    root: str | Path, iteration: int, train: TrainingState, ctx: DistContext, keep: int = 2
+) -> Path | None:
     """Checkpoint ``train`` at ``iteration`` under ``root``; collective: call on every rank.
 
     Every rank writes its RNG states; rank 0 writes the full weights and the state and returns the
@@ -285,7 +291,7 @@ def save_training_checkpoint(root: str | Path, iteration: int, train: TrainingSt
     return path
 
 
-def load_training_checkpoint(path: str | Path, train: TrainingState, ctx) -> Checkpoint:
+def load_training_checkpoint(path: str | Path, train: TrainingState, ctx: DistContext) -> Checkpoint:
     """Load the checkpoint at ``path`` into ``train`` (weights, optimizer, schedule, EMA counters) and
     this rank's global RNG states; returns the loaded :class:`Checkpoint` (its iteration, state)."""
     from piflow_kernels.distill.ddp import load_model_state_dict, load_optimizer_state_dict

@@ -8,17 +8,20 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from piflow_kernels.distill.metrics import energy_distance, sliced_w2
-from piflow_kernels.distill.piid import PiIDConfig
+from piflow_kernels.distill.piid_config import PiIDConfig
+
+if TYPE_CHECKING:
+    from piflow_kernels.scheduler import PiFlowScheduler
 
 __all__ = ["scheduler_for", "sample_with", "sample_metrics"]
 
 
-def scheduler_for(cfg: PiIDConfig, **overrides: Any):
+def scheduler_for(cfg: PiIDConfig, **overrides: Any) -> PiFlowScheduler:
     """The :class:`~piflow_kernels.PiFlowScheduler` that samples what ``cfg`` trains.
 
     Every setting the scheduler shares with :class:`PiIDConfig` by name (the shift and its dynamic
@@ -38,7 +41,14 @@ def scheduler_for(cfg: PiIDConfig, **overrides: Any):
 
 
 @torch.no_grad()
-def sample_with(module: Any, noise: torch.Tensor, cfg: PiIDConfig, nfe: int | None = None, scheduler: Any = None, **cond: Any):
+def sample_with(
+    module: Any,
+    noise: torch.Tensor,
+    cfg: PiIDConfig,
+    nfe: int | None = None,
+    scheduler: PiFlowScheduler | None = None,
+    **cond: Any,
+) -> torch.Tensor:
     """Few-step sampling with ``module`` from ``noise`` (B, C, H, W) at sigma = 1; returns (B, C, H, W).
 
     ``nfe`` student calls (default ``cfg.nfe``) with ``scheduler`` (default :func:`scheduler_for` of

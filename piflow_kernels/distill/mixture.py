@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from piflow_kernels.checks import per_sample
+from piflow_kernels.checks import per_sample, positive_int
 
 __all__ = ["GaussianMixtureData"]
 
@@ -208,8 +208,7 @@ class GaussianMixtureData:
             labels: optional (n,) classes: sample i is drawn from the components of class labels[i].
             return_components: also return the (n,) component index of each sample.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
+        n = positive_int("n", n)
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("GaussianMixtureData.sample draws on the CPU: pass a CPU torch.Generator")
         if labels is None:

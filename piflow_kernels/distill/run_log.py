@@ -1,7 +1,7 @@
 """The run's log: a window of step metrics reduced at ``log_every``, written to stdout, JSONL and TensorBoard.
 
     >>> window = MetricsWindow()
-    >>> window.add(trainer.train_step())             # every step: 0-d tensors stay on the device
+    >>> window.add(trainer.train_step())             # every step: sums of 0-d tensors stay on the device
     >>> record = window.reduce(ctx, iteration)       # at log_every: the one host read of the window
     >>> run_log.log(record, format_record(record, target))
 
@@ -15,9 +15,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from piflow_kernels.distill.ddp import DistContext
 
 __all__ = ["MetricsWindow", "RunLog", "ProgressBar", "format_record"]
 
@@ -27,42 +30,43 @@ def _is_number(value: Any) -> bool:
 
 
 class MetricsWindow:
-    """The logs of the steps since the last log line, kept as given: losses and norms as 0-d tensors
-    (reading them back would stall the device every step), settings such as ``lr`` as floats."""
+    """Running sums of the step logs since the last log line. Losses and norms arrive as 0-d tensors and are
+    summed on their device in float64 (reading them back would stall the device every step); settings such
+    as ``lr`` arrive as floats. Float64 sums in step order give the same numbers as Python floats would."""
 
     def __init__(self) -> None:
-        self.steps: list[dict[str, torch.Tensor | float]] = []
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.count = 0
         self.start = time.perf_counter()
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return self.count
 
     def add(self, logs: dict[str, torch.Tensor | float]) -> None:
-        """Keep one step's logs (values: 0-d tensors or numbers)."""
-        self.steps.append(logs)
+        """Fold in one step's logs (values: 0-d tensors or numbers; anything else is skipped)."""
+        for key, value in logs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64)
+            elif not _is_number(value):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
 
-    def reduce(self, ctx, iteration: int) -> dict[str, Any]:
-        """Mean of every key over the window and over ranks, ``it_per_s``; empties the window.
+    def reduce(self, ctx: DistContext, iteration: int) -> dict[str, Any]:
+        """Mean of every key over the window and over ranks, and ``it_per_s``; starts a new window.
 
-        All tensor values come back to the host in one transfer (one sync per log line). The means are
-        taken in float64 in step order, as Python floats, so the numbers do not depend on the device.
+        All tensor sums come back to the host in one transfer: the one host sync per log line.
         """
-        tensors = [v for logs in self.steps for v in logs.values() if isinstance(v, torch.Tensor)]
-        host = []
-        if tensors:
-            device = tensors[0].device
-            host = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors]).tolist()
-        values = iter(host)
-        sums: dict[str, float] = {}
-        for logs in self.steps:
-            for key, value in logs.items():
-                number = next(values) if isinstance(value, torch.Tensor) else value
-                if _is_number(number):
-                    sums[key] = sums.get(key, 0.0) + number
-        n = len(self.steps)
+        keys = [key for key, value in self.sums.items() if isinstance(value, torch.Tensor)]
+        sums = dict(self.sums)
+        if keys:
+            device = sums[keys[0]].device
+            values = torch.stack([sums[key].reshape(()).to(device) for key in keys]).tolist()
+            sums.update(zip(keys, values))
+        n = max(self.count, 1)
         record: dict[str, Any] = {key: ctx.all_reduce_mean(v / n) for key, v in sorted(sums.items())}
-        record["it_per_s"] = n / max(time.perf_counter() - self.start, 1e-9)
-        self.steps, self.start = [], time.perf_counter()
+        record["it_per_s"] = self.count / max(time.perf_counter() - self.start, 1e-9)
+        self.sums, self.count, self.start = {}, 0, time.perf_counter()
         return {"iteration": iteration, **record}
 
 
@@ -85,8 +89,9 @@ class RunLog:
             except Exception:  # tensorboard is optional
                 self.tb = None
 
-    def log(self, record: dict[str, Any], line: str | None = None, bar=None) -> None:
-        """Write ``record`` (a dict with ``iteration``) as one JSON line; print ``line`` if given."""
+    def log(self, record: dict[str, Any], line: str | None = None, bar: Any = None) -> None:
+        """Write ``record`` (a dict with ``iteration``) as one JSON line; print ``line`` if given (above the
+        tqdm ``bar``, if any, so the bar is not broken)."""
         if not self.enabled:
             return
         if line is not None:

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from piflow_kernels.checks import positive_float, positive_int
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
 
 __all__ = ["sinusoidal_embedding", "ToyGMStudent", "ToyDXStudent"]
@@ -34,14 +35,11 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 class _ToyBackbone(nn.Module):
     def __init__(self, channels: int, height: int, width: int, hidden: int, time_dim: int, num_train_timesteps: float) -> None:
         super().__init__()
-        for name, v in (("channels", channels), ("height", height), ("width", width), ("hidden", hidden), ("time_dim", time_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not num_train_timesteps > 0:
-            raise ValueError(f"num_train_timesteps must be > 0, got {num_train_timesteps}")
+        channels, height, width = (positive_int(n, v) for n, v in (("channels", channels), ("height", height), ("width", width)))
+        hidden, time_dim = positive_int("hidden", hidden), positive_int("time_dim", time_dim)
         self.channels, self.height, self.width = channels, height, width
         self.time_dim = time_dim
-        self.num_train_timesteps = float(num_train_timesteps)
+        self.num_train_timesteps = positive_float("num_train_timesteps", num_train_timesteps)
         dim = channels * height * width
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.inp = nn.Linear(dim, hidden)
@@ -85,9 +83,7 @@ class ToyGMStudent(_ToyBackbone):
         init_std: float = 0.05,
     ) -> None:
         super().__init__(channels, height, width, hidden, time_dim, num_train_timesteps)
-        if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
-            raise ValueError(f"num_components must be a positive int, got {num_components!r}")
-        self.num_components = num_components
+        self.num_components = num_components = positive_int("num_components", num_components)
         pixels = height * width
         self.means_head = nn.Linear(hidden, num_components * channels * pixels)
         self.logweights_head = nn.Linear(hidden, num_components * pixels)
@@ -120,9 +116,7 @@ class ToyDXStudent(_ToyBackbone):
         num_train_timesteps: float = 1000,
     ) -> None:
         super().__init__(channels, height, width, hidden, time_dim, num_train_timesteps)
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
-        self.num_points = num_points
+        self.num_points = num_points = positive_int("num_points", num_points)
         self.grid_head = nn.Linear(hidden, num_points * channels * height * width)
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor | float) -> DXOutput:

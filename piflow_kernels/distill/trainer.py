@@ -281,7 +281,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, bar=None) -> dict[str, float]:
+    def evaluate(self, bar: Any = None) -> dict[str, float]:
         """Sample with the EMA student from fixed noise and report statistics (all ranks run it, rank 0 logs).
 
         Reports ``eval/piid_loss`` (the EMA student's pi-ID loss on a fixed batch with teacher ratio 0),

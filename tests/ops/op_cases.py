@@ -360,15 +360,3 @@ def peak_bytes(fn) -> int:
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
-
-class NaNEmptyTorch:
-    """Stands in for the ``torch`` module inside a DX Triton module: ``empty`` gives NaN-filled float buffers,
-    everything else is torch's (the DX launchers allocate with torch.empty; the GM ones use triton_common.alloc)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t

@@ -15,6 +15,7 @@ from conftest import TOL, rel_err
 
 import piflow_kernels as pk
 from piflow_kernels import reference as R
+from piflow_kernels.ops import utils
 from piflow_kernels.ops.gm import triton_common, triton_velocity
 from piflow_kernels.ops.gm.triton_velocity import gm_velocity_triton
 
@@ -262,7 +263,7 @@ def test_gm_velocity_triton_backward_statistics_saved_only_when_needed(monkeypat
         shapes.append(tuple(shape))
         return torch.empty(shape, dtype=dtype, device=device)
 
-    monkeypatch.setattr(triton_common, "alloc", alloc)
+    monkeypatch.setattr(utils, "alloc", alloc)
     means = policy.means.requires_grad_()
     with torch.no_grad():
         gm_velocity_triton(x, sigma, policy)

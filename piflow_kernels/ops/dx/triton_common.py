@@ -2,12 +2,10 @@
 
 Flat layout as in :mod:`piflow_kernels.ops.records` (``DXTensors``, ``DXSegment``); the velocity kernels live
 in :mod:`piflow_kernels.ops.dx.triton_velocity`, the rollout kernel in :mod:`piflow_kernels.ops.dx.triton_rollout`.
-Algebra (docs/design.md, [eq:dx-velocity]):
-
-Flat layout and algebra as in :mod:`piflow_kernels.ops.dx_torch`: x, x_src (B, C, L); grid (B, N, C, L);
-per-sample (B,) tensors sigma, sigma_src, r_src, r_dst, seg. At noise level s the policy's x0 is a
-weighted sum of the grid's x0 points with per-sample scalar weights w_n (hat weights in grid mode,
-(r_src - r)^n in polynomial mode):
+Algebra (docs/design.md, [eq:dx-velocity]), as in the torch twin :mod:`piflow_kernels.ops.dx.torch_twin`:
+x, x_src (B, C, L); grid (B, N, C, L); per-sample (B,) tensors sigma, sigma_src, r_src, r_dst, seg.
+At noise level s the policy's x0 is a weighted sum of the grid's x0 points with per-sample scalar weights
+w_n (hat weights in grid mode, (r_src - r)^n in polynomial mode):
 
     x0 = (sum_n w_n) x_src - s_src * sum_n w_n grid_n,    u = (x - x0) / max(s, 1e-4)
 

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from piflow_kernels.ops import utils
 from piflow_kernels.ops.dx.triton_common import DX_EPS_K, _dx_program, _dx_weights, blocks
 from piflow_kernels.ops.records import DXSegment, DXTensors, RolloutPlan
 
@@ -85,7 +86,7 @@ def _dx_rollout(x_start: torch.Tensor, policy: DXTensors, plan: RolloutPlan) -> 
     grid, x_src, sigma_src, segment = policy
     r_src, r_dst, seg, policy_shift, polynomial = segment.kernel_args
     sigma_start, n_substeps, substep_size, r_start, shift = plan.kernel_args
-    out = torch.empty(x_start.shape, dtype=x_start.dtype, device=x_start.device)
+    out = utils.alloc(tuple(x_start.shape), x_start.dtype, x_start.device)
     b, n, c, length = grid.shape
     block_n, block_l = blocks(n, length)
     _dx_rollout_kernel[(b, triton.cdiv(length, block_l))](

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from piflow_kernels.ops import utils
 from piflow_kernels.ops.dx.triton_common import _dx_program, _dx_step_weights, blocks
 from piflow_kernels.ops.records import DXSegment, DXTensors
 
@@ -147,7 +148,7 @@ def _dx_velocity_op(
     shift: float,
     polynomial: bool,
 ) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = utils.alloc(tuple(x.shape), x.dtype, x.device)
     policy = DXTensors(grid, x_src, sigma_src, DXSegment(r_src, r_dst, seg, shift, polynomial, 0.0))
     return _dx_velocity_fwd(x, sigma, policy, out)
 
@@ -178,9 +179,9 @@ def _dx_velocity_bwd_op(
     """(grad_x, grad_x_src, grad_grid); a gradient that is not needed comes back as an empty tensor."""
     b, c, length = grad_u.shape
     dev = grad_u.device
-    gx = torch.empty((b, c, length), dtype=x_dtype, device=dev) if need_x else None
-    gxs = torch.empty((b, c, length), dtype=x_src_dtype, device=dev) if need_x_src else None
-    gg = torch.empty((b, n_points, c, length), dtype=grid_dtype, device=dev) if need_grid else None
+    gx = utils.alloc((b, c, length), x_dtype, dev) if need_x else None
+    gxs = utils.alloc((b, c, length), x_src_dtype, dev) if need_x_src else None
+    gg = utils.alloc((b, n_points, c, length), grid_dtype, dev) if need_grid else None
     if need_x or need_x_src or need_grid:
         segment = DXSegment(r_src, r_dst, seg, shift, polynomial, 0.0)
         _dx_velocity_bwd(grad_u, sigma, sigma_src, segment, n_points, gx, gxs, gg)

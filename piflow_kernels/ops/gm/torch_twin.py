@@ -170,4 +170,12 @@ def gm_rollout_torch(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan
     return x.to(x_start.dtype)
 
 
-__all__ = ["compile_enabled", "gm_rollout_torch", "gm_velocity_torch", "last_compile_seconds", "source_terms", "variances"]
+__all__ = [
+    "compile_enabled",
+    "compile_failure",
+    "gm_rollout_torch",
+    "gm_velocity_torch",
+    "last_compile_seconds",
+    "source_terms",
+    "variances",
+]

@@ -408,14 +408,3 @@ def _launch_config_cached(k: int, c: int, length: int, budget: int, num_warps: i
 def fast_rcp(t: torch.Tensor) -> bool:
     """Inline-PTX reciprocal only where PTX exists: compiled kernels on NVIDIA GPUs."""
     return t.device.type == "cuda" and torch.version.hip is None and not INTERPRET
-
-
-def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests swap in NaN-filled allocations)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def vec(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A (B,) per-sample scalar as a contiguous tensor of ``dtype`` (expanded 0-d sigmas have stride 0)."""
-    return t.to(dtype).contiguous()
-

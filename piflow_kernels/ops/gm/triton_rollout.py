@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from piflow_kernels.ops import utils
 from piflow_kernels.ops.gm import triton_common as common
 from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
@@ -196,8 +197,8 @@ def _gm_rollout(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan) -> 
     b, k, c, length = means.shape
     cfg = common.launch_config(k, c, length, common.LAUNCH["rollout"]["budget"], common.LAUNCH["rollout"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
-    out = common.alloc((b, c, length), x_start.dtype, x_start.device)
-    vec = common.vec
+    out = utils.alloc((b, c, length), x_start.dtype, x_start.device)
+    vec = utils.vec
     _gm_rollout_kernel[(b * n_tiles,)](
         x_start, out, means, logweights, logstds, x_src,
         vec(sigma_src), vec(sigma_start), vec(n_substeps, torch.int32), vec(substep_size), vec(r_start),

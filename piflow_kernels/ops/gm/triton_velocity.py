@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from piflow_kernels.ops import utils
 from piflow_kernels.ops.gm import triton_common as common
 from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
@@ -268,11 +269,11 @@ def _gm_velocity_fwd(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors, sa
     b, k, c, length = means.shape
     cfg = common.launch_config(k, c, length, common.LAUNCH["fwd"]["budget"], common.LAUNCH["fwd"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
-    u = common.alloc((b, c, length), x.dtype, x.device)
-    ybar = common.alloc((b, c, length) if save_stats else (0,), torch.float32, x.device)
-    stats = common.alloc((b, _n_stats(policy), length) if save_stats else (0,), torch.float32, x.device)
+    u = utils.alloc((b, c, length), x.dtype, x.device)
+    ybar = utils.alloc((b, c, length) if save_stats else (0,), torch.float32, x.device)
+    stats = utils.alloc((b, _n_stats(policy), length) if save_stats else (0,), torch.float32, x.device)
     _gm_velocity_fwd_kernel[(b * n_tiles,)](
-        x, common.vec(sigma), means, logweights, logstds, x_src, common.vec(sigma_src), u, ybar, stats,
+        x, utils.vec(sigma), means, logweights, logstds, x_src, utils.vec(sigma_src), u, ybar, stats,
         k, c, length, n_tiles,
         *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
         PER_K_STD=policy.per_component_std, FAST_RCP=common.fast_rcp(x), SAVE_STATS=save_stats, **cfg,
@@ -287,13 +288,13 @@ def _gm_velocity_bwd(grad_u, x, sigma, policy: GMTensors, ybar, stats, need_x: b
     cfg = common.launch_config(k, c, length, common.LAUNCH["bwd"]["budget"], common.LAUNCH["bwd"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     dev = x.device
-    dx = common.alloc((b, c, length) if need_x else (0,), x.dtype, dev)
-    dxs = common.alloc((b, c, length) if need_x_src else (0,), x_src.dtype, dev)
-    dmeans = common.alloc((b, k, c, length), means.dtype, dev)
-    dlw = common.alloc((b, k, length), logweights.dtype, dev)
-    dls_part = common.alloc((b, n_tiles, logstds.shape[1]), torch.float32, dev)
+    dx = utils.alloc((b, c, length) if need_x else (0,), x.dtype, dev)
+    dxs = utils.alloc((b, c, length) if need_x_src else (0,), x_src.dtype, dev)
+    dmeans = utils.alloc((b, k, c, length), means.dtype, dev)
+    dlw = utils.alloc((b, k, length), logweights.dtype, dev)
+    dls_part = utils.alloc((b, n_tiles, logstds.shape[1]), torch.float32, dev)
     _gm_velocity_bwd_kernel[(b * n_tiles,)](
-        grad_u, x, common.vec(sigma), means, logweights, logstds, x_src, common.vec(sigma_src), ybar, stats,
+        grad_u, x, utils.vec(sigma), means, logweights, logstds, x_src, utils.vec(sigma_src), ybar, stats,
         dx, dmeans, dlw, dls_part, dxs,
         k, c, length, n_tiles,
         *grad_u.stride(), *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),

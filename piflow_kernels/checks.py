@@ -134,9 +134,15 @@ def as_sigma(name: str, sigma: SigmaLike, batch: int, device: torch.device) -> t
     return sigma.to(torch.float32)
 
 
+def count(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``: a ``TypeError`` naming ``name`` for a non-integer, else a ``ValueError``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_total_substeps(total_substeps: object) -> int:
-    if not is_int(total_substeps):
-        raise TypeError(f"total_substeps must be an int, got {type(total_substeps).__name__}")
-    if total_substeps < 1:
-        raise ValueError(f"total_substeps must be >= 1, got {total_substeps}")
-    return int(total_substeps)
+    """Substeps per unit raw time of a rollout, an int >= 1."""
+    return count("total_substeps", total_substeps)

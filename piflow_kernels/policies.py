@@ -10,6 +10,7 @@ Both run their math in float32 whatever the input dtype and return the dtype of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -38,9 +39,14 @@ def _no_autocast(device: torch.device):
 
 
 class _PolicyBase:
+    """What both policies share: checks, the substep plan, and velocity/rollout through their ops."""
+
     x_src: torch.Tensor
     sigma_src: torch.Tensor
     backend: str
+    # each policy names the two ops (piflow_kernels.ops) it calls; the dispatcher picks their implementation
+    _velocity_op: Callable[..., torch.Tensor]
+    _rollout_op: Callable[..., torch.Tensor]
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +85,36 @@ class _PolicyBase:
         if self.backend == "triton" and not torch.compiler.is_compiling():
             load_triton_ops()
 
+    def _tensors(self):
+        raise NotImplementedError
+
+    def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
+        """Velocity u(x, sigma) ([eq:gm-velocity], [eq:dx-velocity]), shape and dtype of ``x``; differentiable
+        w.r.t. the policy tensors (means, logweights, logstds; or grid), x and x_src."""
+        x = self._check_x("x", x)
+        sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
+        with _no_autocast(x.device):
+            u = self._velocity_op(self.backend, self._flat(x), sigma, self._tensors())
+        return u.reshape(x.shape)
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        x_start: torch.Tensor,
+        sigma_start: SigmaLike,
+        sigma_end: SigmaLike,
+        total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
+        shift: float = 1.0,
+    ) -> torch.Tensor:
+        """Integrate the policy from sigma_start down to sigma_end with Euler substeps uniform in raw time under
+        ``shift`` ([eq:rollout]), no grad. Sample b takes max(1, round((r_start - r_end) * total_substeps))
+        substeps ([eq:substeps]). Returns x_end like ``x_start``."""
+        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
+        with _no_autocast(x_start.device):
+            x_end = self._rollout_op(self.backend, self._flat(x_start), self._tensors(), plan)
+        return x_end.reshape(x_start.shape)
+
+
 
 class GMFlowPolicy(_PolicyBase):
     """Gaussian-mixture (GMFlow) policy: a per-pixel mixture over x0, given in velocity space.
@@ -95,6 +131,9 @@ class GMFlowPolicy(_PolicyBase):
         >>> pol = GMFlowPolicy(means, logweights, logstds, x_src, 0.9)
         >>> x_end = pol.temperature(0.7).rollout(x_src, 0.9, 0.0, total_substeps=128)
     """
+
+    _velocity_op = staticmethod(ops.gm_velocity)
+    _rollout_op = staticmethod(ops.gm_rollout)
 
     def __init__(
         self,
@@ -163,34 +202,6 @@ class GMFlowPolicy(_PolicyBase):
             self.sigma_src,
         )
 
-    def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Velocity u(x, sigma) ([eq:gm-velocity]), shape and dtype of ``x``; differentiable w.r.t. the policy
-        tensors and x."""
-        x = self._check_x("x", x)
-        sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
-        with _no_autocast(x.device):
-            u = ops.gm_velocity(self.backend, self._flat(x), sigma, self._tensors())
-        return u.reshape(x.shape)
-
-    @torch.no_grad()
-    def rollout(
-        self,
-        x_start: torch.Tensor,
-        sigma_start: SigmaLike,
-        sigma_end: SigmaLike,
-        total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
-        shift: float = 1.0,
-    ) -> torch.Tensor:
-        """Integrate the policy from sigma_start down to sigma_end ([eq:rollout]), no grad.
-
-        Substeps are uniform in raw time under ``shift``; sample b takes
-        max(1, round((r_start - r_end) * total_substeps)) of them ([eq:substeps]). Returns x_end like ``x_start``.
-        """
-        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
-        with _no_autocast(x_start.device):
-            x_end = ops.gm_rollout(self.backend, self._flat(x_start), self._tensors(), plan)
-        return x_end.reshape(x_start.shape)
-
     def detach(self) -> GMFlowPolicy:
         """A copy whose tensors are detached from the autograd graph."""
         return self._replace(
@@ -253,6 +264,9 @@ class DXPolicy(_PolicyBase):
         >>> x_mid = pol.rollout(x_src, 1.0, pol.sigma_dst, shift=3.0)
     """
 
+    _velocity_op = staticmethod(ops.dx_velocity)
+    _rollout_op = staticmethod(ops.dx_rollout)
+
     def __init__(
         self,
         grid: torch.Tensor,
@@ -310,29 +324,6 @@ class DXPolicy(_PolicyBase):
         b, n, c = self.grid.shape[:3]
         segment = DXSegment(self.r_src, self.r_dst, self.seg, self.shift, self.mode == "polynomial", self.segment_size)
         return DXTensors(self.grid.reshape(b, n, c, -1), self._flat(self.x_src), self.sigma_src, segment)
-
-    def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
-        """Velocity u(x, sigma) ([eq:dx-velocity]), shape and dtype of ``x``; differentiable w.r.t. grid, x and x_src."""
-        x = self._check_x("x", x)
-        sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
-        with _no_autocast(x.device):
-            u = ops.dx_velocity(self.backend, self._flat(x), sigma, self._tensors())
-        return u.reshape(x.shape)
-
-    @torch.no_grad()
-    def rollout(
-        self,
-        x_start: torch.Tensor,
-        sigma_start: SigmaLike,
-        sigma_end: SigmaLike,
-        total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
-        shift: float = 1.0,
-    ) -> torch.Tensor:
-        """Integrate from sigma_start down to sigma_end with Euler substeps uniform in raw time ([eq:rollout]), no grad."""
-        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
-        with _no_autocast(x_start.device):
-            x_end = ops.dx_rollout(self.backend, self._flat(x_start), self._tensors(), plan)
-        return x_end.reshape(x_start.shape)
 
     def detach(self) -> DXPolicy:
         return self._replace(grid=self.grid.detach(), x_src=self.x_src.detach())

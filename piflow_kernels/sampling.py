@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from piflow_kernels.checks import is_int
+from piflow_kernels.checks import count
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
 from piflow_kernels.outputs import make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
@@ -63,11 +63,7 @@ def check_h(h: float | str) -> float | str:
 
 def check_num_steps(num_inference_steps: object) -> int:
     """``num_inference_steps`` as an int >= 1 (a ``TypeError`` for a non-integer, else a ``ValueError``)."""
-    if not is_int(num_inference_steps):
-        raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    return int(num_inference_steps)
+    return count("num_inference_steps", num_inference_steps)
 
 
 def raw_sigma_grid(num_inference_steps: int, final_step_size_scale: float = 1.0) -> list[float]:

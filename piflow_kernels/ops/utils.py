@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -16,4 +18,17 @@ def vec(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
-__all__ = ["alloc", "vec"]
+@torch.no_grad()
+def reference_rollout(velocity: Callable, x_start: torch.Tensor, policy, plan) -> torch.Tensor:
+    """[eq:rollout] literally (``piflow_kernels.reference.rollout``) over a reference velocity
+    ``velocity(x, sigma, policy)``, in float32. Returns x_end (B, C, L) in x_start.dtype."""
+    from piflow_kernels import reference
+
+    def step_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return velocity(x, sigma, policy).float()
+
+    x_end = reference.rollout(step_velocity, x_start.float(), plan.sigma_start, plan.sigma_end, plan.total_substeps, plan.shift)
+    return x_end.to(x_start.dtype)
+
+
+__all__ = ["alloc", "reference_rollout", "vec"]

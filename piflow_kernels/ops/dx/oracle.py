@@ -9,6 +9,7 @@ import torch
 
 from piflow_kernels import reference
 from piflow_kernels.ops.records import DXTensors, RolloutPlan
+from piflow_kernels.ops.utils import reference_rollout
 
 
 def dx_velocity_reference(x: torch.Tensor, sigma: torch.Tensor, policy: DXTensors) -> torch.Tensor:
@@ -21,12 +22,9 @@ def dx_velocity_reference(x: torch.Tensor, sigma: torch.Tensor, policy: DXTensor
     return u.to(x.dtype)
 
 
-@torch.no_grad()
 def dx_rollout_reference(x_start: torch.Tensor, policy: DXTensors, plan: RolloutPlan) -> torch.Tensor:
-    """[eq:rollout] literally. Returns x_end (B, C, L) in x_start.dtype."""
-    velocity = lambda x, s: dx_velocity_reference(x, s, policy).float()  # noqa: E731
-    x_end = reference.rollout(velocity, x_start.float(), plan.sigma_start, plan.sigma_end, plan.total_substeps, plan.shift)
-    return x_end.to(x_start.dtype)
+    """[eq:rollout] literally, one sample's substeps at a time. Returns x_end (B, C, L) in x_start.dtype."""
+    return reference_rollout(dx_velocity_reference, x_start, policy, plan)
 
 
 __all__ = ["dx_rollout_reference", "dx_velocity_reference"]

@@ -10,6 +10,7 @@ import torch
 
 from piflow_kernels import reference
 from piflow_kernels.ops.records import GMTensors, RolloutPlan
+from piflow_kernels.ops.utils import reference_rollout
 
 
 def gm_velocity_reference(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors) -> torch.Tensor:
@@ -22,12 +23,9 @@ def gm_velocity_reference(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensor
     return u.to(x.dtype)
 
 
-@torch.no_grad()
 def gm_rollout_reference(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan) -> torch.Tensor:
     """[eq:rollout] literally, one sample's substeps at a time. Returns x_end (B, C, L) in x_start.dtype."""
-    velocity = lambda x, s: gm_velocity_reference(x, s, policy).float()  # noqa: E731
-    x_end = reference.rollout(velocity, x_start.float(), plan.sigma_start, plan.sigma_end, plan.total_substeps, plan.shift)
-    return x_end.to(x_start.dtype)
+    return reference_rollout(gm_velocity_reference, x_start, policy, plan)
 
 
 __all__ = ["gm_rollout_reference", "gm_velocity_reference"]

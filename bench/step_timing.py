@@ -1,0 +1,172 @@
+"""What ``bench.sample_step`` and ``bench.train_step`` share: the clock, timed spans, the diffusers check, the report.
+
+Timing: on CUDA every mark is a CUDA event recorded on the current stream, so an interval is device
+time between two points of the stream (device idle time while the host is behind included); on CPU a
+mark is ``time.perf_counter()``. Intervals are read only after :meth:`Clock.sync`.
+
+    >>> clock = Clock("cuda")
+    >>> spans = Spans(clock)
+    >>> with spans.span("network"):
+    ...     out = model(x)
+    >>> clock.sync(); spans.total_ms("network")
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from bench.runner import format_targets
+from bench.timing import device_name, git_commit, versions
+
+
+class Clock:
+    """Marks on the device timeline (CUDA events) or the host clock (CPU)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.cuda = device == "cuda"
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a: Any, b: Any) -> float:
+        """Milliseconds from mark ``a`` to mark ``b`` (after :meth:`sync` on CUDA)."""
+        if self.cuda:
+            return float(a.elapsed_time(b))
+        return (b - a) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class Spans:
+    """Named lists of (start, end) marks; totals are read after the clock's sync."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.marks: dict[str, list[tuple[Any, Any]]] = {}
+        self._open: dict[str, Any] = {}
+
+    def clear(self) -> None:
+        self.marks.clear()
+        self._open.clear()
+
+    def begin(self, name: str) -> None:
+        self._open[name] = self.clock.mark()
+
+    def end(self, name: str) -> None:
+        start = self._open.pop(name, None)
+        if start is not None:
+            self.marks.setdefault(name, []).append((start, self.clock.mark()))
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        start = self.clock.mark()
+        try:
+            yield
+        finally:
+            self.marks.setdefault(name, []).append((start, self.clock.mark()))
+
+    def list_ms(self, name: str) -> list[float]:
+        return [self.clock.ms(a, b) for a, b in self.marks.get(name, [])]
+
+    def total_ms(self, name: str) -> float:
+        return float(sum(self.list_ms(name)))
+
+    def count(self, name: str) -> int:
+        return len(self.marks.get(name, []))
+
+
+def pick_device(requested: str | None) -> str:
+    """``requested`` or, when None, "cuda" if a CUDA device is present, else "cpu"."""
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_diffusers(script: str, what: str) -> Any | None:
+    """diffusers, or None after printing what to install (the GPU image has torch and triton only)."""
+    if importlib.util.find_spec("diffusers") is None:
+        print(f"error: {script} needs diffusers ({what}), which is not installed: install the diffusers wheel "
+              "(pip install diffusers-*.whl, with its dependencies huggingface_hub, safetensors, regex, requests, "
+              "filelock, importlib_metadata, Pillow)", file=sys.stderr)  # fmt: skip
+        return None
+    try:
+        return importlib.import_module("diffusers")
+    except Exception as err:  # installed but broken (e.g. a missing dependency)
+        print(f"error: {script} needs diffusers ({what}), which failed to import ({type(err).__name__}: {err}): "
+              "install the diffusers wheel and its dependencies", file=sys.stderr)  # fmt: skip
+        return None
+
+
+def median_index(values: list[float]) -> int:
+    """Index of the median element (the lower middle one for an even count)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    return order[(len(values) - 1) // 2]
+
+
+def machine(device: str, commit: str | None = None) -> dict:
+    """Device, versions (diffusers included), commit, threads and time, for the JSON document."""
+    v = versions()
+    try:
+        import diffusers
+
+        v["diffusers"] = diffusers.__version__
+    except Exception:
+        v["diffusers"] = None
+    return dict(
+        device=device,
+        device_name=device_name(device),
+        versions=v,
+        git_commit=commit or git_commit(),
+        torch_threads=torch.get_num_threads(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+
+
+def target(name: str, value: float | None, threshold: float, device: str, note: str | None = None) -> dict:
+    """One "value <= threshold" target; judged (``met`` True/False) on CUDA only, ``met`` None elsewhere."""
+    met = None if (device != "cuda" or value is None) else bool(value <= threshold)
+    out = dict(name=name, value=value, threshold=threshold, met=met)
+    if note:
+        out["note"] = note
+    return out
+
+
+def targets_text(targets: list[dict], device: str) -> str:
+    """The targets as lines; on CPU every verdict reads "dry run" (tiny CPU shapes judge nothing)."""
+    if device == "cuda":
+        return format_targets([dict(t, met=bool(t["met"])) for t in targets])
+    lines = []
+    for t in targets:
+        value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
+        lines.append(f"  [dry run] {t['name']}: {value} (threshold {t['threshold']})")
+    return "\n".join(lines)
+
+
+def median(values: list[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def write_json(doc: dict, out_dir: str, name: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+    return path

@@ -68,7 +68,7 @@ def test_sigma_forms():
 
 
 def test_policy_math_stays_float32_under_autocast():
-    """DESIGN: policy math runs in float32 whatever the caller's autocast region says."""
+    """docs/design.md#layouts-and-dtypes: policy math runs in float32 whatever the caller's autocast region says."""
     g = torch.Generator().manual_seed(11)
     grid = torch.randn(2, 4, 3, 5, 5, generator=g)
     x_src = torch.randn(2, 3, 5, 5, generator=g)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,19 @@ def is_int(value: object) -> bool:
 def is_real(value: object) -> bool:
     """A finite Python or numpy real number (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def as_float(name: str, value: object, positive: bool = False) -> float:
+    """``value`` (a Python or numpy real, or a 0-d tensor, read with ``float()``: a host sync on CUDA) as a finite
+    float: a ``TypeError`` naming ``name`` for anything that is not a number, a ``ValueError`` for inf or NaN
+    (and, with ``positive``, for a value <= 0)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = float(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value}")
+    return float(value)
 
 
 def positive_int(name: str, value: object) -> int:
@@ -128,10 +142,15 @@ def as_sigma(name: str, sigma: SigmaLike, batch: int, device: torch.device) -> t
         else:
             raise ValueError(f"{name} is on {sigma.device} but the policy is on {device}")
     if sigma.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = ~((sigma >= 0) & (sigma <= 1))
-        if bool(bad.any()):
-            raise ValueError(f"{name} must lie in [0, 1], got {sigma[bad][:4].tolist()}")
+        check_unit_interval(name, sigma)
     return sigma.to(torch.float32)
+
+
+def check_unit_interval(name: str, sigma: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``name`` unless every entry lies in [0, 1] (NaN does not)."""
+    bad = ~((sigma >= 0) & (sigma <= 1))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must lie in [0, 1], got {sigma[bad][:4].tolist()}")
 
 
 def count(name: str, value: object, minimum: int = 1) -> int:
@@ -146,3 +165,74 @@ def count(name: str, value: object, minimum: int = 1) -> int:
 def check_total_substeps(total_substeps: object) -> int:
     """Substeps per unit raw time of a rollout, an int >= 1."""
     return count("total_substeps", total_substeps)
+
+
+# ----------------------------------------------------------------------------------------------
+# data checks: values of tensors, not their shapes (each reads a device value on the host)
+# ----------------------------------------------------------------------------------------------
+
+ENV_VALIDATE = "PIFLOW_VALIDATE"
+
+
+def validation_on(validate: bool | None, device: torch.device) -> bool:
+    """Whether the data checks below run for tensors on ``device``.
+
+    ``PIFLOW_VALIDATE=1`` forces them on and ``0`` off everywhere; otherwise ``validate`` decides, and None
+    means on for CPU tensors and off elsewhere (on CUDA each check is a host sync). Always off while
+    ``torch.compile`` traces: a data-dependent branch would break the graph.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    env = os.environ.get(ENV_VALIDATE, "").strip()
+    if env == "1":
+        return True
+    if env == "0":
+        return False
+    if env:
+        raise ValueError(f"{ENV_VALIDATE} must be 0 or 1 (or unset), got {env!r}")
+    if validate is None:
+        return device.type == "cpu"
+    return validate
+
+
+def check_validate(validate: object) -> bool | None:
+    """The ``validate=`` switch: None (auto), True or False."""
+    if validate is not None and not isinstance(validate, bool):
+        raise TypeError(f"validate must be None, True or False, got {type(validate).__name__}")
+    return validate
+
+
+def _examples(t: torch.Tensor, bad: torch.Tensor) -> str:
+    return f"{int(bad.sum())} of {t.numel()} entries, e.g. {t[bad][:4].tolist()}"
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``name`` when ``t`` holds NaN or +-inf."""
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite, got {_examples(t, bad)}")
+
+
+def check_logweights(name: str, t: torch.Tensor, dim: int = 1) -> None:
+    """Log-weights: each entry finite or -inf, and at least one finite entry along ``dim`` (the components)
+    everywhere else; a ``ValueError`` naming ``name`` otherwise (an all--inf mixture has no softmax)."""
+    bad = torch.isnan(t) | (t == math.inf)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite or -inf, got {_examples(t, bad)}")
+    empty = ~torch.isfinite(t).any(dim)
+    if bool(empty.any()):
+        raise ValueError(
+            f"{name} must have a finite entry along dim {dim} (a component) at every position, but "
+            f"{int(empty.sum())} of {empty.numel()} positions have every component at -inf"
+        )
+
+
+def check_sigma_at_most(name: str, sigma: torch.Tensor, bound_name: str, bound: torch.Tensor, rtol: float = 0.0) -> None:
+    """(B,) ``sigma <= bound * (1 + rtol)`` per sample, else a ``ValueError`` naming both."""
+    bad = sigma > bound * (1.0 + rtol)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} must not exceed {bound_name}, got {name} = {float(sigma[i])} > {bound_name} = {float(bound[i])} "
+            f"(sample {i}; {int(bad.sum())} of {bad.numel()} samples)"
+        )

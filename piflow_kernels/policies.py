@@ -5,6 +5,11 @@
     >>> x_end = pol.rollout(x_src, 0.8, 0.4)         # 128 substeps per unit raw time, no grad
 
 Both run their math in float32 whatever the input dtype and return the dtype of ``x``.
+
+Domain (docs/design.md#domain-of-the-inputs): policy tensors finite (logweights finite or -inf, with a finite
+component at every pixel), sigmas in [0, 1], and a policy is only queried at or below its source point:
+``velocity``'s ``sigma`` and ``rollout``'s ``sigma_start`` must not exceed ``sigma_src``. These data checks
+run on CPU tensors and are off on CUDA (each is a host sync) unless ``validate=True`` or ``PIFLOW_VALIDATE=1``.
 """
 
 from __future__ import annotations
@@ -17,20 +22,32 @@ import torch
 from piflow_kernels import ops
 from piflow_kernels.checks import (
     SigmaLike,
+    as_float,
     as_sigma,
+    check_finite,
     check_float_tensor,
     check_latent,
+    check_logweights,
     check_same_device,
     check_shape,
+    check_sigma_at_most,
     check_total_substeps,
-    positive_float,
+    check_unit_interval,
+    check_validate,
+    validation_on,
 )
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS, DX_EPS
-from piflow_kernels.ops.dispatch import load_triton_ops, resolve_backend
+from piflow_kernels.ops.dispatch import load_triton_ops, require_runnable, resolve_backend
 from piflow_kernels.ops.records import DXSegment, DXTensors, GMTensors, RolloutPlan
 from piflow_kernels.timesteps import unwarp
 
 __all__ = ["GMFlowPolicy", "DXPolicy"]
+
+# How far a query sigma may lie above sigma_src and still count as the source point: 1e-6 relative, about 8
+# float32 ulps, covers sigmas that reach the policy by different float paths (a float64 schedule cast to
+# float32, a warp/unwarp round trip). There the GM posterior has d_k = 1 - 2e-6 * (1 - s) * exp(2 logstd_k) to
+# first order: still about 1 for stds up to the hundreds (students predict stds of order 1).
+SIGMA_SRC_RTOL = 1e-6
 
 
 def _no_autocast(device: torch.device):
@@ -44,6 +61,8 @@ class _PolicyBase:
     x_src: torch.Tensor
     sigma_src: torch.Tensor
     backend: str
+    validate: bool | None
+    _family: str  # "gm" or "dx": the ops are <family>_velocity and <family>_rollout
     # each policy names the two ops (piflow_kernels.ops) it calls; the dispatcher picks their implementation
     _velocity_op: Callable[..., torch.Tensor]
     _rollout_op: Callable[..., torch.Tensor]
@@ -69,19 +88,37 @@ class _PolicyBase:
         """(B, C, *S) -> (B, C, L)."""
         return t.reshape(t.shape[0], t.shape[1], -1)
 
+    def _validating(self) -> bool:
+        """Whether the data checks run now (``validate``, ``PIFLOW_VALIDATE``; never while compiling)."""
+        return validation_on(self.validate, self.x_src.device)
+
+    def _check_sigma(self, name: str, sigma: torch.Tensor) -> None:
+        """A query sigma in [0, sigma_src]: the policy describes the trajectory from its source point down."""
+        if sigma.device.type != "cpu":  # as_sigma checked [0, 1] on CPU tensors already
+            check_unit_interval(name, sigma)
+        check_sigma_at_most(name, sigma, "sigma_src", self.sigma_src, SIGMA_SRC_RTOL)
+
     def _plan(self, x_start, sigma_start, sigma_end, total_substeps, shift) -> tuple[torch.Tensor, RolloutPlan]:
         x_start = self._check_x("x_start", x_start)
         total_substeps = check_total_substeps(total_substeps)
-        shift = positive_float("shift", shift)
+        shift = as_float("shift", shift, positive=True)
         s0 = as_sigma("sigma_start", sigma_start, self.batch_size, x_start.device)
         s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
-        if s0.device.type == "cpu" and not torch.compiler.is_compiling() and bool((s1 > s0).any()):
-            raise ValueError("sigma_end must not exceed sigma_start: a rollout runs from noise towards data")
+        if self._validating():
+            if s1.device.type != "cpu":
+                check_unit_interval("sigma_end", s1)
+            if bool((s1 > s0).any()):
+                raise ValueError("sigma_end must not exceed sigma_start: a rollout runs from noise towards data")
+            self._check_sigma("sigma_start", s0)
+            check_finite("x_start", x_start)
         return x_start, RolloutPlan.build(s0, s1, total_substeps, shift)
 
     def _resolve(self, backend: str | None, device: torch.device) -> None:
+        """Pick the backend; one passed explicitly must be able to run this policy (the automatic choice falls back)."""
         self._backend_arg = backend
         self.backend = resolve_backend(backend, device)
+        if backend is not None:
+            require_runnable(self.backend, f"{self._family}_velocity", self._flat(self.x_src), self._tensors())
         if self.backend == "triton" and not torch.compiler.is_compiling():
             load_triton_ops()
 
@@ -90,9 +127,17 @@ class _PolicyBase:
 
     def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
         """Velocity u(x, sigma) ([eq:gm-velocity], [eq:dx-velocity]), shape and dtype of ``x``; differentiable
-        w.r.t. the policy tensors (means, logweights, logstds; or grid), x and x_src."""
+        w.r.t. the policy tensors (means, logweights, logstds; or grid), x and x_src.
+
+        Args:
+            x: (B, C, *S) like ``x_src``, finite.
+            sigma: a number, 0-d or (B,) tensor in [0, sigma_src] (up to ``SIGMA_SRC_RTOL``).
+        """
         x = self._check_x("x", x)
         sigma = as_sigma("sigma", sigma, self.batch_size, x.device)
+        if self._validating():
+            self._check_sigma("sigma", sigma)
+            check_finite("x", x)
         with _no_autocast(x.device):
             u = self._velocity_op(self.backend, self._flat(x), sigma, self._tensors())
         return u.reshape(x.shape)
@@ -108,30 +153,42 @@ class _PolicyBase:
     ) -> torch.Tensor:
         """Integrate the policy from sigma_start down to sigma_end with Euler substeps uniform in raw time under
         ``shift`` ([eq:rollout]), no grad. Sample b takes max(1, round((r_start - r_end) * total_substeps))
-        substeps ([eq:substeps]). Returns x_end like ``x_start``."""
+        substeps ([eq:substeps]). Returns x_end like ``x_start``.
+
+        Args:
+            x_start: (B, C, *S) like ``x_src``, finite.
+            sigma_start: a number, 0-d or (B,) tensor in [0, sigma_src] (up to ``SIGMA_SRC_RTOL``).
+            sigma_end: likewise, in [0, sigma_start].
+            total_substeps: an int >= 1 (Python or numpy).
+            shift: the rollout's time shift, a positive finite number.
+        """
         x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
         with _no_autocast(x_start.device):
             x_end = self._rollout_op(self.backend, self._flat(x_start), self._tensors(), plan)
         return x_end.reshape(x_start.shape)
 
 
-
 class GMFlowPolicy(_PolicyBase):
     """Gaussian-mixture (GMFlow) policy: a per-pixel mixture over x0, given in velocity space.
 
     Args:
-        means: (B, K, C, *S) component means of the velocity, S = (H, W) or (T, H, W).
-        logweights: (B, K, 1, *S) log-softmax over K (entries may be -inf).
-        logstds: (B, 1, 1, *1) one std per sample, or (B, K, 1, *1) per component.
-        x_src: (B, C, *S) the noisy input the student saw.
-        sigma_src: its noise level: a float, a 0-d or a (B,) tensor.
-        backend: None (auto), "torch", "triton" or "reference" (see :mod:`piflow_kernels.ops.dispatch`).
+        means: (B, K, C, *S) component means of the velocity, S = (H, W) or (T, H, W); finite.
+        logweights: (B, K, 1, *S) log-softmax over K: finite or -inf, with a finite entry at every pixel.
+        logstds: (B, 1, 1, *1) one std per sample, or (B, K, 1, *1) per component; finite.
+        x_src: (B, C, *S) the noisy input the student saw; finite.
+        sigma_src: its noise level in [0, 1]: a number, a 0-d or a (B,) tensor. The policy is queried at
+            sigmas <= sigma_src only: above it the posterior's denominators ``var_k * zeta + 1`` can be <= 0.
+        backend: None (auto), "torch", "triton" or "reference" (see :mod:`piflow_kernels.ops.dispatch`); an
+            explicit backend that cannot run these shapes or this device raises a ``ValueError``.
+        validate: the data checks (finite tensors, sigma <= sigma_src): None = on for CPU tensors, off on
+            CUDA (each check is a host sync); ``PIFLOW_VALIDATE=1``/``0`` overrides it everywhere.
 
     Example:
         >>> pol = GMFlowPolicy(means, logweights, logstds, x_src, 0.9)
         >>> x_end = pol.temperature(0.7).rollout(x_src, 0.9, 0.0, total_substeps=128)
     """
 
+    _family = "gm"
     _velocity_op = staticmethod(ops.gm_velocity)
     _rollout_op = staticmethod(ops.gm_rollout)
 
@@ -143,7 +200,9 @@ class GMFlowPolicy(_PolicyBase):
         x_src: torch.Tensor,
         sigma_src: SigmaLike,
         backend: str | None = None,
+        validate: bool | None = None,
     ) -> None:
+        self.validate = check_validate(validate)
         x_src = check_latent("x_src", x_src)
         means = check_float_tensor("means", means)
         logweights = check_float_tensor("logweights", logweights)
@@ -178,6 +237,13 @@ class GMFlowPolicy(_PolicyBase):
         self.logstds = logstds
         self.x_src = x_src
         self.sigma_src = as_sigma("sigma_src", sigma_src, b, device)
+        if self._validating():
+            check_finite("means", means)
+            check_logweights("logweights", logweights)
+            check_finite("logstds", logstds)
+            check_finite("x_src", x_src)
+            if device.type != "cpu":
+                check_unit_interval("sigma_src", self.sigma_src)
         self._resolve(backend, device)
 
     @property
@@ -214,9 +280,10 @@ class GMFlowPolicy(_PolicyBase):
     def temperature(self, temperature: float) -> GMFlowPolicy:
         """Sharpen the mixture: logweights <- log_softmax(logweights / T), var <- var * T (T < 1).
 
-        T >= 1 returns an unchanged copy (as the official sampler does).
+        ``temperature`` is a finite number > 0 (Python or numpy); T >= 1 returns an unchanged copy (as the
+        official sampler does).
         """
-        temperature = float(temperature)
+        temperature = as_float("temperature", temperature)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if temperature >= 1.0:
@@ -226,10 +293,15 @@ class GMFlowPolicy(_PolicyBase):
         return self._replace(logweights=lw, logstds=ls)
 
     def dropout(self, p: float, generator: torch.Generator | None = None) -> GMFlowPolicy:
-        """Drop each (sample, component) with probability p (logweight -inf), never all of a sample's."""
-        p = float(p)
+        """Drop each (sample, component) with probability p in [0, 1) (logweight -inf), never all of a sample's.
+
+        With validation on, a pixel left without a finite logweight (its only finite components dropped) raises.
+        """
+        p = as_float("dropout p", p)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout p must lie in [0, 1), got {p}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if p == 0.0:
             return self._replace()
         b, k = self.means.shape[:2]
@@ -237,7 +309,10 @@ class GMFlowPolicy(_PolicyBase):
         drop = torch.rand((b, k), generator=generator, device=gen_device).to(self.means.device) < p
         drop &= ~drop.all(dim=1, keepdim=True)
         mask = drop.reshape(b, k, *([1] * (self.logweights.dim() - 2)))
-        return self._replace(logweights=self.logweights.masked_fill(mask, float("-inf")))
+        logweights = self.logweights.masked_fill(mask, float("-inf"))
+        if self._validating():
+            check_logweights("logweights after dropout", logweights)
+        return self._replace(logweights=logweights)
 
     def __repr__(self) -> str:
         b, k, c = self.means.shape[:3]
@@ -252,18 +327,24 @@ class DXPolicy(_PolicyBase):
     """DX policy: x0 piecewise linear (or polynomial) in raw time over the policy's segment.
 
     Args:
-        grid: (B, N, C, *S) velocities at N grid points spanning raw time [r_dst, r_src].
-        x_src: (B, C, *S); sigma_src: float, 0-d or (B,) tensor.
-        segment_size: raw-time length of the segment; the grid spans [max(r_src - segment_size, 0), r_src].
-        shift: the policy's own time shift (intrinsic: keep it when changing NFE at test time).
+        grid: (B, N, C, *S) velocities at N grid points spanning raw time [r_dst, r_src]; finite.
+        x_src: (B, C, *S), finite; sigma_src: in [0, 1], a number, 0-d or (B,) tensor. The policy is queried
+            at sigmas <= sigma_src only (above it the grid would be extrapolated past its source point); below
+            ``sigma_dst`` grid mode holds the first grid point and polynomial mode extrapolates.
+        segment_size: raw-time length of the segment, a finite number > 0; the grid spans
+            [max(r_src - segment_size, 0), r_src].
+        shift: the policy's own time shift, a positive finite number (intrinsic: keep it when changing NFE).
         mode: "grid" (linear interpolation) or "polynomial" (x0 = sum_n (r_src - r)^n x0_n).
-        backend: None (auto), "torch", "triton" or "reference".
+        backend: None (auto), "torch", "triton" or "reference"; an explicit backend that cannot run these
+            shapes or this device raises a ``ValueError``.
+        validate: the data checks, as for :class:`GMFlowPolicy`.
 
     Example:
         >>> pol = DXPolicy(grid, x_src, 1.0, segment_size=0.5, shift=3.0)
         >>> x_mid = pol.rollout(x_src, 1.0, pol.sigma_dst, shift=3.0)
     """
 
+    _family = "dx"
     _velocity_op = staticmethod(ops.dx_velocity)
     _rollout_op = staticmethod(ops.dx_rollout)
 
@@ -276,7 +357,9 @@ class DXPolicy(_PolicyBase):
         shift: float = 1.0,
         mode: str = "grid",
         backend: str | None = None,
+        validate: bool | None = None,
     ) -> None:
+        self.validate = check_validate(validate)
         x_src = check_latent("x_src", x_src)
         grid = check_float_tensor("grid", grid)
         b, c, *spatial = x_src.shape
@@ -289,7 +372,7 @@ class DXPolicy(_PolicyBase):
             raise ValueError("grid must have at least one point (N >= 1)")
         if mode not in ("grid", "polynomial"):
             raise ValueError(f"mode must be 'grid' or 'polynomial', got {mode!r}")
-        segment_size = float(segment_size)
+        segment_size = as_float("segment_size", segment_size)
         if not segment_size > 0:
             raise ValueError(f"segment_size must be > 0, got {segment_size}")
         device = check_same_device(grid=grid, x_src=x_src)
@@ -297,12 +380,17 @@ class DXPolicy(_PolicyBase):
         self.x_src = x_src
         self.sigma_src = as_sigma("sigma_src", sigma_src, b, device)
         self.segment_size = segment_size
-        self.shift = positive_float("shift", shift)
+        self.shift = as_float("shift", shift, positive=True)
         self.mode = mode
-        self._resolve(backend, device)
+        if self._validating():
+            check_finite("grid", grid)
+            check_finite("x_src", x_src)
+            if device.type != "cpu":
+                check_unit_interval("sigma_src", self.sigma_src)
         self.r_src = unwarp(self.sigma_src, self.shift)
         self.r_dst = (self.r_src - segment_size).clamp(min=0.0)
         self.seg = (self.r_src - self.r_dst).clamp(min=DX_EPS)
+        self._resolve(backend, device)
 
     @property
     def num_points(self) -> int:

@@ -9,13 +9,14 @@ function that runs it:
 | --- | --- | --- |
 | gm_velocity, dx_velocity | reference | the literal reference in float32 (``ops.<gm,dx>.oracle``) |
 | gm_velocity, dx_velocity | torch | the restructured twin (``ops.<gm,dx>.torch_twin``) |
-| gm_velocity, dx_velocity | triton | the fused kernels, when the inputs are in their range; else the twin |
+| gm_velocity, dx_velocity | triton | the fused kernels, when the inputs are in their range; else the twin (auto choice) |
 | gm_rollout | torch | CPU tensors: the native loop (``ops.gm.native``) when it builds, else the twin (compiled substep) |
 | gm_rollout | triton | the fused kernel in range; else as ``torch`` |
 | dx_rollout | torch, triton | as the velocity (the twin is closed-form) |
 | gm_rollout, dx_rollout | reference | the reference's literal loop over the reference velocity |
 
-Every fallback logs its reason once per (op, reason). Nothing here writes to ``os.environ``: settings
+Every fallback logs its reason once per (op, reason); a backend passed explicitly to a policy that cannot run
+its inputs is an error instead (``require_runnable``). Nothing here writes to ``os.environ``: settings
 (``PIFLOW_COMPILE``, ``PIFLOW_NATIVE``, ``TRITON_INTERPRET``) are read, never changed.
 Triton modules are imported only when the Triton backend is asked for.
 
@@ -121,11 +122,30 @@ def _fall_back(op: str, reason: str) -> None:
 
 def _triton_problem(op: str, x: torch.Tensor, policy: GMTensors | DXTensors) -> str | None:
     """Why the Triton kernels cannot run these inputs (None when they can). Shapes and devices only."""
+    if x.device.type not in ("cpu", "cuda"):
+        return f"device {x.device.type!r} has no Triton backend here"
     if op.startswith("gm"):
         common = _module("piflow_kernels.ops.gm.triton_common")
         return common.range_problem(policy.means.shape[1], policy.means.shape[2], x.device)
     common = _module("piflow_kernels.ops.dx.triton_common")
     return common.range_problem(policy.grid.shape[1], policy.grid.device, policy.grid.numel())
+
+
+def require_runnable(backend: str, op: str, x: torch.Tensor, policy: GMTensors | DXTensors) -> None:
+    """A ``ValueError`` naming the backend and the reason when ``backend`` cannot run ``op`` on these inputs.
+
+    For a backend passed explicitly to a policy (``backend="triton"``): asked for by name, the Triton kernels
+    either run or refuse (K or C > 64, N > 64, CPU tensors without ``TRITON_INTERPRET=1``, another device).
+    The automatic choice never calls this and falls back to the torch path (:func:`select`, logged).
+    """
+    if backend != "triton":
+        return  # "torch" and "reference" run everywhere
+    reason = _triton_problem(op, x, policy)
+    if reason is not None:
+        raise ValueError(
+            f"backend='triton' cannot run {op} on these inputs: {reason}; pass backend='torch', or backend=None to "
+            "let the automatic choice fall back to the torch path"
+        )
 
 
 def _torch_choice(op: str, x: torch.Tensor) -> Choice:
@@ -158,4 +178,4 @@ def select(op: str, backend: str, x: torch.Tensor, policy: GMTensors | DXTensors
     return _torch_choice(op, x)
 
 
-__all__ = ["BACKENDS", "OPS", "Choice", "load_triton_ops", "resolve_backend", "select", "triton_available"]
+__all__ = ["BACKENDS", "OPS", "Choice", "load_triton_ops", "require_runnable", "resolve_backend", "select", "triton_available"]

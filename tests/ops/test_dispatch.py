@@ -2,7 +2,8 @@
 
 ``select(op, backend, x, policy)`` names the implementation it picks (``<op>_<implementation>``, the functions
 the op tests join to the reference); a backend that cannot run the inputs falls back to the torch path with
-its reason logged once per (op, reason), and nothing here writes to ``os.environ``.
+its reason logged once per (op, reason), and nothing here writes to ``os.environ``. A backend passed explicitly
+to a policy that cannot run it raises instead (tests/test_policy_domain.py).
 """
 
 from __future__ import annotations
@@ -93,10 +94,15 @@ def test_gm_triton_outside_range_falls_back_once_per_op_and_is_correct(k, c, cap
     assert rel_err(x_end, ref) <= TOL["rollout"][torch.float32]
 
 
-def test_dx_triton_too_many_points_falls_back_with_logged_reason(caplog):
+def test_dx_triton_too_many_points_falls_back_with_logged_reason(caplog, monkeypatch):
+    """The automatic choice (here PIFLOW_BACKEND=triton) falls back; backend="triton" passed to the policy refuses."""
     n = dx_common.MAX_POINTS + 1
     grid, x_src, x = dx_inputs(n, 2, (2, 3), torch.float32, seed=13)
-    pol = pk.DXPolicy(grid, x_src, vec(DX_SIGMA_SRC), segment_size=0.5, mode="grid", backend="triton")
+    with pytest.raises(ValueError, match=f"backend='triton' cannot run dx_velocity .*N = {n} grid points"):
+        pk.DXPolicy(grid, x_src, vec(DX_SIGMA_SRC), segment_size=0.5, mode="grid", backend="triton")
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "triton")
+    pol = pk.DXPolicy(grid, x_src, vec(DX_SIGMA_SRC), segment_size=0.5, mode="grid")
+    assert pol.backend == "triton"
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         u = pol.velocity(x, vec(DX_SIGMA))
         pol.velocity(x, vec(DX_SIGMA))

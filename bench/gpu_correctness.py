@@ -165,7 +165,7 @@ def run_gm_check(check: Check, device: str, backend: str = "triton") -> list[tup
         logweights = logweights.masked_fill(drop.reshape(b, k, 1, *ones), float("-inf"))
     logstds = rnd(b, k if check.per_component_std else 1, 1, *ones, scale=0.3) - 1.0
     sigma_src = _sigmas(b, gen, 0.6, 1.0)
-    sigma = _sigmas(b, gen, 0.05, 0.95)
+    sigma = sigma_src * _sigmas(b, gen, 0.05, 0.95)  # the policy's domain: sigma <= sigma_src
     x = x_src + 0.5 * rnd(*x_src.shape)
 
     to_dev = lambda t: t.to(device=device, dtype=dt)  # noqa: E731 (keeps strides of the non-contiguous views)
@@ -217,7 +217,8 @@ def run_dx_check(check: Check, device: str, backend: str = "triton") -> list[tup
         grid = torch.randn(b, n, c, *sp, generator=gen)
         x_src = torch.randn(b, c, *sp, generator=gen)
     x = x_src + 0.5 * torch.randn(x_src.shape, generator=gen)
-    sigma_src, sigma = _sigmas(b, gen, 0.6, 1.0), _sigmas(b, gen, 0.05, 0.95)
+    sigma_src = _sigmas(b, gen, 0.6, 1.0)
+    sigma = sigma_src * _sigmas(b, gen, 0.05, 0.95)  # the policy's domain: sigma <= sigma_src
     mode = "polynomial" if check.polynomial else "grid"
     seg_size = 0.6
 

@@ -96,7 +96,8 @@ def test_dx_velocity_policy_matches_reference(backend, case, mode, shift):
     seg_size = 0.4
     pol = pk.DXPolicy(grid, x_src, s_src, segment_size=seg_size, shift=shift, mode=mode, backend=backend)
     x = torch.randn_like(x_src)
-    sigma = (torch.rand(case[0], generator=g) * 0.9 + 0.05).to(x.device)
+    # inside the policy's domain: sigma in (0, sigma_src]
+    sigma = (torch.as_tensor(s_src).cpu().float() * (torch.rand(case[0], generator=g) * 0.9 + 0.05)).to(x.device)
     u_ref = ref_dx_velocity(x, sigma, grid, x_src, s_src, seg_size, shift, mode)
     assert rel_err(pol.velocity(x, sigma), u_ref) <= TOL["velocity"][torch.float32]
     # gradients w.r.t. the grid
@@ -180,7 +181,7 @@ def test_dx_velocity_cuda_training_shape_vs_reference(dtype):
     grid = pol.grid.detach().requires_grad_(True)
     pol = pol._replace(grid=grid)
     x = (pol.x_src.float() + 0.3 * torch.randn(pol.x_src.shape, generator=gen).cuda()).to(dtype)
-    sigma = (0.05 + 0.9 * torch.rand(b, generator=gen)).cuda()
+    sigma = pol.sigma_src * (0.05 + 0.9 * torch.rand(b, generator=gen)).cuda()  # in the domain: sigma <= sigma_src
     u = pol.velocity(x, sigma)
     grad_u = torch.randn(u.shape, generator=gen).cuda()
     (g,) = torch.autograd.grad(u, grid, grad_u.to(dtype))

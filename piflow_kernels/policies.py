@@ -308,10 +308,15 @@ class GMFlowPolicy(_PolicyBase):
         gen_device = generator.device if generator is not None else self.means.device
         drop = torch.rand((b, k), generator=generator, device=gen_device).to(self.means.device) < p
         drop &= ~drop.all(dim=1, keepdim=True)
-        mask = drop.reshape(b, k, *([1] * (self.logweights.dim() - 2)))
-        logweights = self.logweights.masked_fill(mask, float("-inf"))
+        return self.keep_components(~drop, what="logweights after dropout")
+
+    def keep_components(self, keep: torch.Tensor, what: str = "logweights after keep_components") -> GMFlowPolicy:
+        """A copy whose components outside ``keep`` ((B, K) bool) get logweight -inf ([eq:dropout]); backend and
+        validation settings are kept. With validation on, a pixel left without a finite logweight raises."""
+        mask = keep.to(self.logweights.device).reshape(*keep.shape, *([1] * (self.logweights.dim() - 2)))
+        logweights = self.logweights.masked_fill(~mask, float("-inf"))
         if self._validating():
-            check_logweights("logweights after dropout", logweights)
+            check_logweights(what, logweights)
         return self._replace(logweights=logweights)
 
     def __repr__(self) -> str:

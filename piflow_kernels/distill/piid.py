@@ -119,18 +119,6 @@ def student_policy(output: Any, x_src: torch.Tensor, sigma_src: torch.Tensor, cf
     return make_policy(output, x_src, sigma_src, cfg.policy_type, backend=cfg.backend, **cfg.dx_policy_kwargs())
 
 
-def _apply_keep_mask(policy: GMFlowPolicy, keep: torch.Tensor) -> GMFlowPolicy:
-    mask = keep.to(policy.logweights.device).reshape(*keep.shape, *([1] * (policy.logweights.dim() - 2)))
-    return GMFlowPolicy(
-        policy.means,
-        policy.logweights.masked_fill(~mask, float("-inf")),
-        policy.logstds,
-        policy.x_src,
-        policy.sigma_src,
-        backend=policy.backend,
-    )
-
-
 def policy_mean_velocity(
     policy: Policy,
     x_start: torch.Tensor,
@@ -257,7 +245,7 @@ def piid_segment_loss_from_draws(
     if draws.keep_mask is not None:
         if not isinstance(detached, GMFlowPolicy):
             raise ValueError("a dropout keep_mask applies to GMFlow policies only")
-        detached = _apply_keep_mask(detached, draws.keep_mask)
+        detached = detached.keep_components(draws.keep_mask)
 
     x_last = x_src.detach()
     raw_last = raw_src

@@ -66,10 +66,14 @@ def per_sample(
 ) -> torch.Tensor:
     """A number, a 0-d, (B,) or (B, 1, ..., 1) tensor as a (B,) tensor of ``dtype`` (on ``device`` if given).
 
-    A 0-d value is expanded (a view); raises a ``ValueError`` naming ``name`` for any other shape.
+    A number becomes a fill on the device (``torch.as_tensor`` of a Python number on a GPU is a host-to-device
+    copy that waits for the device); a 0-d tensor is expanded (a view); any other shape raises a ``ValueError``
+    naming ``name``.
     """
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got bool")
+    if is_real(value):
+        return torch.full((batch,), float(value), dtype=dtype, device=device)
     t = torch.as_tensor(value, dtype=dtype, device=device)
     if t.dim() == 0:
         return t.expand(batch)

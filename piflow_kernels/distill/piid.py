@@ -66,14 +66,6 @@ __all__ = [
 Policy = GMFlowPolicy | DXPolicy
 
 
-def _per_sample(name: str, value: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """(B,) float32 on ``device``; a number becomes a fill on the device (``torch.as_tensor`` of a Python
-    number on a GPU is a host-to-device copy that waits for the device)."""
-    if is_real(value):
-        return torch.full((batch,), float(value), dtype=torch.float32, device=device)
-    return per_sample(name, value, batch, device)
-
-
 def _sigma(raw: torch.Tensor, shift: float) -> torch.Tensor:
     """sigma of raw time, clamped to [0, 1] against float rounding (warp(1) may round above 1)."""
     return warp(raw.clamp(0.0, 1.0), shift).clamp(0.0, 1.0)
@@ -235,8 +227,8 @@ def piid_segment_loss_from_draws(
     sizes = [float(segment_size)] if is_real(segment_size) else sorted(set(cfg.segment_sizes()))
     q = 1.0 if draws.teacher_ratio is None else draws.teacher_ratio
     max_steps = _mean_velocity_max_steps(cfg, sizes, q)
-    raw_src = _per_sample("raw_src", raw_src, b, device)
-    segment_size = _per_sample("segment_size", segment_size, b, device)
+    raw_src = per_sample("raw_src", raw_src, b, device)
+    segment_size = per_sample("segment_size", segment_size, b, device)
     window = segment_window(segment_size, cfg)
     student_iv = draws.student_intervals.to(device)
     teacher_iv = draws.teacher_intervals.to(device)
@@ -316,8 +308,8 @@ def piid_segment_loss(
         >>> loss, _, _ = piid_segment_loss(student, teacher, x_src, 1.0, 0.5, PiIDConfig(nfe=2))
     """
     b, device = x_src.shape[0], x_src.device
-    raw_src = _per_sample("raw_src", raw_src, b, device)
-    sizes = _per_sample("segment_size", segment_size, b, device)
+    raw_src = per_sample("raw_src", raw_src, b, device)
+    sizes = per_sample("segment_size", segment_size, b, device)
     sigma_src = _sigma(raw_src, cfg.shift_for(_seq_len(x_src)))
     output = student(x_src, sigma_src * cfg.num_train_timesteps, **dict(student_kwargs or {}))
     policy = student_policy(output, x_src, sigma_src, cfg)

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("config", help="training config (.toml or .json)")
     distill.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
     distill.add_argument("--resume-from", default=None, metavar="CHECKPOINT", help="continue from this checkpoint directory")
+    distill.add_argument("--force-resume", action="store_true", help="resume despite config changes (allow_config_change)")
     distill.add_argument("--out", default=None, metavar="DIR", help="output directory (overrides out_dir)")
     distill.add_argument(
         "--max-iters", type=int, default=None, metavar="N", help="train until N iterations (overrides max_iters)"
@@ -55,6 +56,8 @@ def _distill(args: argparse.Namespace) -> int:
             changes["device"] = args.device
         if args.no_progress:
             changes["progress"] = False
+        if args.force_resume:
+            changes["allow_config_change"] = True
         if changes:
             cfg = cfg.replace(**changes)
     except (ConfigError, FileNotFoundError) as err:

@@ -19,14 +19,17 @@ A config file has top-level run settings and one section per concern::
     True
 
 Every key is checked: an unknown key, a value of the wrong type or out of range raises
-:class:`ConfigError` naming the key (``data.batch_size``).
+:class:`ConfigError` naming the key (``data.batch_size``). Numbers may be numpy scalars wherever Python
+numbers are accepted (they are stored as Python ints and floats), and every float must be finite
+(``optim.eps = inf`` is an error naming ``optim.eps``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import numbers
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from piflow_kernels.checks import count, is_int, is_real, positive_float
 from piflow_kernels.distill.config_sections import (
     DataConfig,
     DistributedConfig,
@@ -57,6 +61,8 @@ __all__ = [
     "EvalConfig",
     "DistributedConfig",
     "load_config_file",
+    "RESUME_FREE_KEYS",
+    "run_changes",
 ]
 
 
@@ -84,7 +90,10 @@ class TrainConfig:
     "cuda", "cuda:1"), ``mixed_precision`` ("auto": bf16 autocast on CUDA only; "bf16"; "no"),
     ``log_every``, ``eval_every`` and ``ckpt_every`` (iterations; 0 disables), ``final_checkpoint``
     (also checkpoint when training ends), ``keep_checkpoints``, ``progress`` (tqdm bar),
-    ``tensorboard`` (when installed).
+    ``tensorboard`` ("auto": TensorBoard logs when the tensorboard package is installed, silently none
+    otherwise; true: the same, with one warning when it is missing; false: none),
+    ``allow_config_change`` (resume a checkpoint whose saved config differs in keys that change the run,
+    with a warning, instead of refusing; the command line's ``--force-resume``).
     """
 
     name: str = "pi-ID"
@@ -99,7 +108,8 @@ class TrainConfig:
     final_checkpoint: bool = True
     keep_checkpoints: int = 2
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool | str = "auto"
+    allow_config_change: bool = False
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,7 +208,8 @@ def _build_piid(section: Mapping[str, Any]) -> PiIDConfig:
     try:
         return PiIDConfig(**kwargs)
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"[piid]: {err}") from None
+        # PiIDConfig names its fields "PiIDConfig.shift": in a config file the key is piid.shift
+        raise ConfigError(f"[piid]: {str(err).replace('PiIDConfig.', 'config key piid.')}") from None
 
 
 def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
@@ -217,9 +228,10 @@ def _type_ok(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
+        return (True, int(value)) if is_int(value) else (False, value)
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # any real (numpy scalars too; inf and NaN as well: validate() names the key of a non-finite value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return True, float(value)
         return False, value
     if hint is str:
@@ -271,45 +283,82 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _need(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def _checked(check: Any, key: str, value: Any, *args: Any) -> Any:
+    """``check(key, value, *args)`` of :mod:`piflow_kernels.checks`, its TypeError / ValueError as a ConfigError."""
+    try:
+        return check(key, value, *args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key {err}") from None
+
+
+def _plain_numbers(obj: Any, prefix: str) -> None:
+    """Every int and float field of the dataclass ``obj`` as a Python int / finite float (numpy scalars accepted),
+    else a ConfigError naming the key: a config built in code gets the checks ``from_dict`` makes."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value, hint = prefix + f.name, getattr(obj, f.name), hints.get(f.name)
+        if hint is int:
+            _need(is_int(value), key, f"must be of type int, got {type(value).__name__} {value!r}")
+            setattr(obj, f.name, int(value))
+        elif hint is float:
+            _need(is_real(value), key, f"must be a finite number, got {value!r}")
+            setattr(obj, f.name, float(value))
+
+
+def _real_list(values: Any, key: str, length: int, what: str) -> list[float]:
+    """``length`` finite reals (numpy scalars accepted) as Python floats, else a ConfigError naming the key."""
+    ok = isinstance(values, (list, tuple)) and len(values) == length and all(is_real(v) for v in values)
+    _need(ok, key, f"must be {what}, got {values!r}")
+    return [float(v) for v in values]
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Range and consistency checks across sections; raises ConfigError naming the key."""
     for name, section_cls in _SECTIONS.items():
         _need(isinstance(getattr(cfg, name), section_cls), f"[{name}]", f"must be a {section_cls.__name__}")
-    _need(cfg.max_iters >= 0, "max_iters", f"must be >= 0, got {cfg.max_iters}")
+    _plain_numbers(cfg, "")
+    for name in _SECTIONS:
+        _plain_numbers(getattr(cfg, name), f"{name}.")
+    _checked(count, "max_iters", cfg.max_iters, 0)
     for key in ("log_every", "eval_every", "ckpt_every"):
         _need(getattr(cfg, key) >= 0, key, f"must be >= 0 (0 disables), got {getattr(cfg, key)}")
-    _need(cfg.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {cfg.keep_checkpoints}")
+    _checked(count, "keep_checkpoints", cfg.keep_checkpoints, 1)
     _need(
-        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        isinstance(cfg.device, str) and _DEVICE.fullmatch(cfg.device) is not None,
         "device",
-        f"must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
+        f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}",
     )
     _one_of(cfg.mixed_precision, "mixed_precision", ("auto", "bf16", "no"))
+    _need(
+        isinstance(cfg.tensorboard, bool) or cfg.tensorboard == "auto",
+        "tensorboard",
+        f"must be true, false or 'auto', got {cfg.tensorboard!r}",
+    )
+    for key in ("final_checkpoint", "progress", "allow_config_change"):
+        _need(isinstance(getattr(cfg, key), bool), key, f"must be true or false, got {getattr(cfg, key)!r}")
 
     t = cfg.teacher
     _one_of(t.kind, "teacher.kind", ("exact", "diffusers"))
-    _need(t.num_modes >= 1, "teacher.num_modes", f"must be >= 1, got {t.num_modes}")
-    _need(t.std > 0 and math.isfinite(t.std), "teacher.std", f"must be a positive float, got {t.std}")
-    _need(math.isfinite(t.mode_scale), "teacher.mode_scale", f"must be finite, got {t.mode_scale}")
+    _checked(count, "teacher.num_modes", t.num_modes, 1)
+    _checked(positive_float, "teacher.std", t.std)
     if t.kind == "diffusers":
         _need(bool(t.model) != bool(t.pretrained), "teacher.model", "or teacher.pretrained must be given (exactly one)")
     _need(t.guidance_scale >= 0, "teacher.guidance_scale", f"must be >= 0, got {t.guidance_scale}")
     if t.guidance_interval:
-        gi = t.guidance_interval
-        _need(
-            len(gi) == 2 and all(isinstance(v, (int, float)) for v in gi) and gi[0] <= gi[1],
-            "teacher.guidance_interval",
-            f"must be [low, high] timesteps with low <= high, got {gi!r}",
-        )
+        what = "[low, high] timesteps (finite, low <= high)"
+        gi = t.guidance_interval = _real_list(t.guidance_interval, "teacher.guidance_interval", 2, what)
+        _need(gi[0] <= gi[1], "teacher.guidance_interval", f"must be {what}, got {gi!r}")
     if t.guidance_scale != 1.0:
         _need(t.kind == "diffusers", "teacher.guidance_scale", "!= 1 needs teacher.kind = 'diffusers'")
         _need(cfg.data.num_classes > 0, "teacher.guidance_scale", "!= 1 needs data.num_classes > 0 (class-conditional)")
 
     s = cfg.student
     _one_of(s.kind, "student.kind", ("toy", "diffusers"))
-    _need(s.num_components >= 1, "student.num_components", f"must be >= 1, got {s.num_components}")
-    _need(s.num_points >= 1, "student.num_points", f"must be >= 1, got {s.num_points}")
-    _need(s.hidden >= 1, "student.hidden", f"must be >= 1, got {s.hidden}")
+    for key in ("num_components", "num_points", "hidden"):
+        _checked(count, f"student.{key}", getattr(s, key), 1)
     _need(s.kind == "toy" or t.kind == "diffusers", "student.kind", "'diffusers' needs teacher.kind = 'diffusers'")
 
     d = cfg.data
@@ -318,8 +367,8 @@ def validate(cfg: TrainConfig) -> None:
     if d.mode == "data_dependent" and d.source == "tensors":
         _need(bool(d.path), "data.path", "must name a .safetensors or .pt file when data.source = 'tensors'")
     for key in ("batch_size", "channels", "height", "width"):
-        _need(getattr(d, key) >= 1, f"data.{key}", f"must be >= 1, got {getattr(d, key)}")
-    _need(d.num_classes >= 0, "data.num_classes", f"must be >= 0, got {d.num_classes}")
+        _checked(count, f"data.{key}", getattr(d, key), 1)
+    _checked(count, "data.num_classes", d.num_classes, 0)
     _need(
         d.num_classes == 0 or s.kind == "diffusers",
         "data.num_classes",
@@ -327,31 +376,29 @@ def validate(cfg: TrainConfig) -> None:
     )
 
     o = cfg.optim
-    _need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive float, got {o.lr}")
-    _need(
-        len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
-        "optim.betas",
-        f"must be two floats in [0, 1), got {o.betas!r}",
-    )
-    _need(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    _checked(positive_float, "optim.lr", o.lr)
+    o.betas = _real_list(o.betas, "optim.betas", 2, "two floats in [0, 1)")
+    _need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two floats in [0, 1), got {o.betas!r}")
+    _checked(positive_float, "optim.eps", o.eps)
     _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _need(o.warmup_iters >= 0, "optim.warmup_iters", f"must be >= 0, got {o.warmup_iters}")
+    _checked(count, "optim.warmup_iters", o.warmup_iters, 0)
     _need(0 < o.warmup_ratio <= 1, "optim.warmup_ratio", f"must lie in (0, 1], got {o.warmup_ratio}")
     _one_of(o.lr_decay, "optim.lr_decay", LR_DECAYS)
     _need(0 <= o.lr_min_ratio <= 1, "optim.lr_min_ratio", f"must lie in [0, 1], got {o.lr_min_ratio}")
     _need(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
-    _need(o.grad_clip_begin_iter >= 0, "optim.grad_clip_begin_iter", f"must be >= 0, got {o.grad_clip_begin_iter}")
-    _need(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {o.grad_accum}")
+    _checked(count, "optim.grad_clip_begin_iter", o.grad_clip_begin_iter, 0)
+    _checked(count, "optim.grad_accum", o.grad_accum, 1)
+    _checked(count, "optim.max_nonfinite_steps", o.max_nonfinite_steps, 0)
 
     e = cfg.ema
     _need(0 <= e.decay < 1, "ema.decay", f"must lie in [0, 1), got {e.decay}")
-    _need(e.start_iter >= 0, "ema.start_iter", f"must be >= 0, got {e.start_iter}")
+    _checked(count, "ema.start_iter", e.start_iter, 0)
     _one_of(e.policy, "ema.policy", ("fixed", "karras"))
-    _need(e.gamma > 0, "ema.gamma", f"must be > 0, got {e.gamma}")
+    _checked(positive_float, "ema.gamma", e.gamma)
 
     v = cfg.eval
-    _need(v.num_samples >= 1, "eval.num_samples", f"must be >= 1, got {v.num_samples}")
-    _need(v.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {v.batch_size}")
+    _checked(count, "eval.num_samples", v.num_samples, 1)
+    _checked(count, "eval.batch_size", v.batch_size, 1)
     _need(v.nfe >= 0, "eval.nfe", f"must be >= 0 (0: the pi-ID nfe), got {v.nfe}")
 
     dist = cfg.distributed
@@ -364,3 +411,40 @@ def validate(cfg: TrainConfig) -> None:
     )
 
     _need(isinstance(cfg.piid, PiIDConfig), "[piid]", "must be a PiIDConfig or a table of its fields")
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+# Keys a resumed run may change freely: how long it runs, where and how it logs, where and how it computes
+# (device, precision, backend, process layout), evaluation, and the guards. A key ending in "." is a section.
+# Every other key changes what is trained (models, data, loss, optimisation, seed).
+RESUME_FREE_KEYS = (
+    "name", "max_iters", "out_dir", "device", "mixed_precision", "log_every", "eval_every", "ckpt_every",
+    "final_checkpoint", "keep_checkpoints", "progress", "tensorboard", "allow_config_change",
+    "optim.max_nonfinite_steps", "piid.backend", "eval.", "distributed.",
+)  # fmt: skip
+
+
+def _section_keys(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict as {"seed": ..., "optim.lr": ...}; table values (teacher.model, student.kwargs) stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if (key in _SECTIONS or key == "piid") and isinstance(value, Mapping):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def run_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that changes the run (not in :data:`RESUME_FREE_KEYS`)
+    and differs between two ``TrainConfig.to_dict()`` dicts. Keys known to one side only (added or retired
+    between versions) are not compared."""
+    old, new = _section_keys(saved), _section_keys(current)
+    changes = []
+    for key in sorted(old.keys() & new.keys()):
+        if key in RESUME_FREE_KEYS or any(p.endswith(".") and key.startswith(p) for p in RESUME_FREE_KEYS):
+            continue
+        if old[key] != new[key]:
+            changes.append((key, old[key], new[key]))
+    return changes

@@ -84,6 +84,10 @@ class OptimConfig:
     from ``lr`` down to ``lr_min_ratio * lr`` at ``max_iters`` (``lr_decay = "cosine"``).
     ``grad_clip`` > 0 clips the global gradient norm (the norm is logged either way) from iteration
     ``grad_clip_begin_iter`` on. ``grad_accum`` micro-batches of ``[data] batch_size`` make one step.
+    A step whose loss or gradient norm is not finite is skipped (no AdamW update, no EMA update; the
+    iteration, the data stream and the LR schedule move on, see :mod:`.trainer`); ``max_nonfinite_steps``
+    such steps in a row stop the run with an error (0: never stop). The stop is noticed at the next log
+    line or checkpoint, so it may come up to ``log_every`` steps late.
     """
 
     lr: float = 1e-4
@@ -97,6 +101,7 @@ class OptimConfig:
     grad_clip: float = 0.0
     grad_clip_begin_iter: int = 0
     grad_accum: int = 1
+    max_nonfinite_steps: int = 5
 
 
 @dataclass

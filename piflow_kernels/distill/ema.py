@@ -63,23 +63,42 @@ class EMA:
         self.num_updates = 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module, iteration: int) -> float:
-        """Fold the model's current weights in, after optimizer step ``iteration``; returns the decay used."""
+    def update(self, model: nn.Module, iteration: int, ok: bool | torch.Tensor = True) -> float:
+        """Fold the model's current weights in, after optimizer step ``iteration``; returns the decay used.
+
+        ``ok`` False (a skipped step) leaves the EMA as it is. A 0-d bool tensor decides on the device without
+        being read: the weight of the update becomes ``ok * (1 - decay)``, and an update of weight 0 leaves
+        every EMA entry bit for bit as it was when the model's weights are finite (``ema + 0 * (w - ema)``;
+        a non-finite weight would leak in, and the trainer refuses to save such weights). Before
+        ``start_iter`` (a copy) the tensor selects with ``torch.where``. ``num_updates`` counts calls.
+        """
         beta = ema_decay(iteration, self.decay, self.start_iter, self.policy, self.gamma)
+        self.num_updates += 1
+        if ok is False:
+            return beta
+        gate = ok if isinstance(ok, torch.Tensor) else None
+        weights: dict[torch.dtype, torch.Tensor] = {}  # ok * (1 - beta) per parameter dtype (lerp_ wants it alike)
         src = dict(model.named_parameters())
         for name, p_ema in self.module.named_parameters():
             p = src[name]
             if not p.requires_grad:
                 continue
-            if beta == 0.0:
-                p_ema.copy_(p.detach())
+            value = p.detach().to(p_ema.dtype)
+            if gate is None:
+                if beta == 0.0:
+                    p_ema.copy_(value)
+                else:
+                    p_ema.lerp_(value, 1.0 - beta)
+            elif beta == 0.0:
+                p_ema.copy_(torch.where(gate, value, p_ema))
             else:
-                p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
+                if p_ema.dtype not in weights:
+                    weights[p_ema.dtype] = gate.to(p_ema.dtype) * (1.0 - beta)
+                p_ema.lerp_(value, weights[p_ema.dtype])
         src_buffers = dict(model.named_buffers())
         for name, b_ema in self.module.named_buffers():
             if name in src_buffers:
-                b_ema.copy_(src_buffers[name])
-        self.num_updates += 1
+                b_ema.copy_(src_buffers[name] if gate is None else torch.where(gate, src_buffers[name], b_ema))
         return beta
 
     def state_dict(self) -> dict[str, torch.Tensor]:

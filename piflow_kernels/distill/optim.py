@@ -1,7 +1,10 @@
-"""The optimizer of the trainer and the demo: AdamW, fused where the build and the parameters allow.
+"""The optimizer of the trainer and the demo: AdamW, fused where the build and the parameters allow, and a step
+that a device flag can cancel.
 
     >>> opt = make_adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     >>> opt.defaults["fused"]      # True on CPU / CUDA float parameters
+    >>> ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    >>> step_where(opt, ok)        # the AdamW step, or nothing at all where ok is False
 """
 
 from __future__ import annotations
@@ -39,3 +42,28 @@ def make_adamw(
         except (RuntimeError, TypeError, ValueError):  # no fused kernels for this device / dtype in this build
             pass
     return torch.optim.AdamW(params, **kwargs)
+
+
+def step_where(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> torch.Tensor | bool:
+    """``optimizer.step()`` if the 0-d bool tensor ``ok`` holds, else leave parameters and state exactly as they are.
+
+    Zeroing the gradients would not do: an AdamW step with zero gradients still decays the moments, applies
+    weight decay and counts a step. The fused AdamW kernels take the flag that ``torch.amp.GradScaler`` hands
+    them (``optimizer.found_inf``, 1.0 = skip): the kernel leaves parameters and moments untouched and the
+    step count is taken back, all on the device, so ``ok`` is never read on the host. Other optimizers (the
+    multi-tensor AdamW that FSDP2's sharded parameters get) take no such flag: there ``ok`` is read on the
+    host, one sync per step, and ``step()`` runs only if it holds.
+
+    Returns ``ok`` as it was decided: the tensor (fused) or a Python bool (read on the host).
+    """
+    if optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~ok).to(torch.float32)  # float32, as the fused kernels read it
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # a later plain step() must not see a stale flag
+        return ok
+    decided = bool(ok)
+    if decided:
+        optimizer.step()
+    return decided

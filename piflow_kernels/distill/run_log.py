@@ -14,6 +14,8 @@ import contextlib
 import json
 import sys
 import time
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,28 +54,38 @@ class MetricsWindow:
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
 
-    def reduce(self, ctx: DistContext, iteration: int) -> dict[str, Any]:
+    def reduce(self, ctx: DistContext, iteration: int, latest: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Mean of every key over the window and over ranks, and ``it_per_s``; starts a new window.
 
-        All tensor sums come back to the host in one transfer: the one host sync per log line.
+        ``latest`` adds device values read as they are now (not averaged over the window, only over ranks),
+        such as the trainer's counters of skipped steps. All tensor sums and ``latest`` come back to the
+        host in one transfer: the one host sync per log line.
         """
+        latest = dict(latest or {})
         keys = [key for key, value in self.sums.items() if isinstance(value, torch.Tensor)]
-        sums = dict(self.sums)
-        if keys:
-            device = sums[keys[0]].device
-            values = torch.stack([sums[key].reshape(()).to(device) for key in keys]).tolist()
-            sums.update(zip(keys, values))
+        tensors = [self.sums[key] for key in keys] + list(latest.values())
+        values: list[float] = []
+        if tensors:
+            device = tensors[0].device
+            values = torch.stack([t.detach().reshape(()).to(device, torch.float64) for t in tensors]).tolist()
+        sums = {**self.sums, **dict(zip(keys, values))}
         n = max(self.count, 1)
         record: dict[str, Any] = {key: ctx.all_reduce_mean(v / n) for key, v in sorted(sums.items())}
+        record.update({key: ctx.all_reduce_mean(v) for key, v in zip(latest, values[len(keys) :])})
         record["it_per_s"] = self.count / max(time.perf_counter() - self.start, 1e-9)
         self.sums, self.count, self.start = {}, 0, time.perf_counter()
         return {"iteration": iteration, **record}
 
 
 class RunLog:
-    """stdout (above the progress bar, if any) + ``<out_dir>/log.jsonl`` (+ TensorBoard when installed), rank 0 only."""
+    """stdout (above the progress bar, if any) + ``<out_dir>/log.jsonl`` (+ TensorBoard), rank 0 only.
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    ``tensorboard``: "auto" writes TensorBoard logs when the tensorboard package (no dependency of this
+    library) is installed and nothing otherwise; True the same, with one warning naming the package when
+    it is missing or fails; False none.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool | str = "auto") -> None:
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
@@ -86,8 +98,16 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-            except Exception:  # tensorboard is optional
+            except Exception as err:  # tensorboard is optional
                 self.tb = None
+                if tensorboard is True:
+                    warnings.warn(
+                        f"tensorboard = true but TensorBoard logging is unavailable ({type(err).__name__}: {err}): "
+                        "no TensorBoard logs for this run. Install the tensorboard package, or set tensorboard = "
+                        "false (or 'auto', which skips it silently)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
 
     def log(self, record: dict[str, Any], line: str | None = None, bar: Any = None) -> None:
         """Write ``record`` (a dict with ``iteration``) as one JSON line; print ``line`` if given (above the

@@ -3,6 +3,9 @@
     python -m piflow_kernels distill examples/distill_exact_teacher.toml --max-iters 200
     torchrun --nproc_per_node=4 -m piflow_kernels distill my_config.toml --resume
     python -m piflow_kernels demo --help
+
+A user error found before training starts (a bad config, a missing, damaged or misplaced file, a
+checkpoint that does not verify) prints one ``error: ...`` line naming the key or the file and exits 2.
 """
 
 from __future__ import annotations
@@ -42,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can get wrong before training starts: a bad config (ConfigError, a ValueError), a missing,
+# damaged (DamagedFileError, a ValueError) or unreadable file, a directory for a file, a missing optional
+# package. These print "error: ..." and exit 2; an error once training runs keeps its traceback.
+_USER_ERRORS = (ValueError, OSError, ImportError)
+
+
 def _distill(args: argparse.Namespace) -> int:
-    from piflow_kernels.distill.config import ConfigError, TrainConfig
+    from piflow_kernels.distill.config import TrainConfig
 
     try:
         cfg = TrainConfig.from_file(args.config)
@@ -60,26 +69,29 @@ def _distill(args: argparse.Namespace) -> int:
             changes["allow_config_change"] = True
         if changes:
             cfg = cfg.replace(**changes)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
-    from piflow_kernels.distill import Trainer
+        from piflow_kernels.distill import Trainer
 
-    try:
         trainer = Trainer(cfg)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except _USER_ERRORS as err:
+        return _user_error(err)
     with trainer:
-        if args.resume_from is not None:
-            trainer.resume(args.resume_from)
-        elif args.resume:
-            trainer.resume()
+        try:
+            if args.resume_from is not None:
+                trainer.resume(args.resume_from)
+            elif args.resume:
+                trainer.resume()
+        except _USER_ERRORS as err:
+            return _user_error(err)
         trainer.train()
         if args.eval:
             trainer.evaluate()
     return 0
+
+
+def _user_error(err: BaseException) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
 
 
 def _demo(argv: list[str]) -> int:

@@ -17,6 +17,8 @@ The official releases are diffusers-style folders: ``config.json`` (``_class_nam
 LoRA pairs are fused into the weights (``W += lora_scale * alpha / r * B @ A``, alpha = r when the file
 has no ``.alpha``; the official adapters are trained with alpha = r), as the official training-side
 loader does. Nothing is downloaded: pass a local folder (e.g. from ``huggingface_hub.snapshot_download``).
+Files are read through :mod:`piflow_kernels.files`: a garbled, truncated or empty ``.safetensors``, index
+or ``config.json`` is a :class:`~piflow_kernels.files.DamagedFileError` naming the file.
 
     >>> teacher = FluxTransformer2DModel.from_pretrained("black-forest-labs/FLUX.1-dev", subfolder="transformer")
     >>> student = load_official_adapter("pi-FLUX.1/gmflux_k8_piid_4step", teacher, copy_teacher=False)
@@ -32,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from piflow_kernels.checks import is_real
+from piflow_kernels.files import DamagedFileError, load_safetensors, read_json, safetensors_metadata
 from piflow_kernels.layouts import arch_for, geometry, teacher_class_name
 from piflow_kernels.students import PiFlowStudent, build_student
 
@@ -77,7 +78,10 @@ def _resolve(path: str | os.PathLike, subfolder: str | None) -> tuple[list[Path]
             raise ValueError(f"{root} is not a .safetensors file")
         files = [root]
     elif (root / INDEX_NAME).exists():
-        weight_map = json.loads((root / INDEX_NAME).read_text())["weight_map"]
+        index = read_json(root / INDEX_NAME, "sharded checkpoint index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise DamagedFileError(root / INDEX_NAME, "sharded checkpoint index: no 'weight_map' of tensor names to files")
         files = [root / name for name in sorted(set(weight_map.values()))]
     elif (root / WEIGHTS_NAME).exists():
         files = [root / WEIGHTS_NAME]
@@ -89,7 +93,9 @@ def _resolve(path: str | os.PathLike, subfolder: str | None) -> tuple[list[Path]
             )
         files = found
     config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.exists() else None
+    config = read_json(config_file, "checkpoint config") if config_file.exists() else None
+    if config is not None and not isinstance(config, dict):
+        raise DamagedFileError(config_file, f"checkpoint config: a JSON {type(config).__name__}, not an object of keys")
     return files, config
 
 
@@ -99,10 +105,15 @@ def read_policy_config(path: str | os.PathLike, subfolder: str | None = None) ->
     ``dx_segment_size`` / ``dx_shift`` / ``dx_mode``."""
     files, _ = _resolve(path, subfolder)
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = safetensors_metadata(file, "checkpoint weights")
         if "policy_config" in meta:
-            return json.loads(meta["policy_config"])
+            try:
+                policy = json.loads(meta["policy_config"])
+            except json.JSONDecodeError as err:
+                raise DamagedFileError(file, "checkpoint weights: the policy_config metadata is not JSON", err) from err
+            if not isinstance(policy, dict):
+                raise DamagedFileError(file, "checkpoint weights: the policy_config metadata is not a JSON object")
+            return policy
     return {}
 
 
@@ -262,7 +273,7 @@ def load_official_adapter(
 
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        for key, tensor in load_file(str(file)).items():
+        for key, tensor in load_safetensors(file, "checkpoint weights").items():
             if "lora_magnitude_vector" in key:
                 raise ValueError(f"DoRA weights ({key}) are not supported")
             state[_normalise_key(key)] = tensor

@@ -94,3 +94,108 @@ def test_unknown_command_is_rejected(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train"])
     assert info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------- user errors
+
+
+def _tiny_config(tmp_path, **changes) -> str:
+    """The test_trainer toy run as a JSON config file (out_dir under tmp_path)."""
+    from test_trainer import small_config
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(small_config(tmp_path / "run", max_iters=2, **changes)))
+    return str(path)
+
+
+def _trained(tmp_path) -> tuple[str, object]:
+    """A tiny config and its checkpoints folder after 2 iterations (checkpoints at 1 and 2)."""
+    config = _tiny_config(tmp_path, ckpt_every=1)
+    assert main(["distill", config]) == 0
+    return config, tmp_path / "run" / "checkpoints"
+
+
+def _case_not_utf8(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'\xff\xfename = "x"\n')
+    return ["distill", str(bad)], f"error: {bad}: training config: not UTF-8 text (UnicodeDecodeError: "
+
+
+def _case_json_garbage(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("this is not json {")
+    return ["distill", str(bad)], f"error: {bad}: training config: invalid JSON (JSONDecodeError: "
+
+
+def _case_config_directory(tmp_path):
+    folder = tmp_path / "configs.toml"
+    folder.mkdir()
+    return ["distill", str(folder)], f"error: {folder} is a directory, not a file (training config)"
+
+
+def _case_config_missing(tmp_path):
+    return ["distill", str(tmp_path / "nope.toml")], f"error: {tmp_path / 'nope.toml'} does not exist (training config)"
+
+
+def _case_resume_from_missing(tmp_path):
+    missing = tmp_path / "missing"
+    argv = ["distill", _tiny_config(tmp_path), "--resume-from", str(missing)]
+    return argv, f"error: {missing} does not exist (training checkpoint)"
+
+
+def _case_resume_from_file(tmp_path):
+    config = _tiny_config(tmp_path)
+    return ["distill", config, "--resume-from", config], f"error: {config} is not a directory (a training checkpoint is a folder"
+
+
+def _case_resume_from_damaged(tmp_path):
+    config, root = _trained(tmp_path)
+    state = root / "iter_00000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    return ["distill", config, "--resume-from", str(state.parent)], f"error: {state}: training state: 100 bytes where"
+
+
+def _case_resume_all_damaged(tmp_path):
+    config, root = _trained(tmp_path)
+    for folder in root.glob("iter_*"):
+        (folder / "student.safetensors").write_bytes(b"")
+    return ["distill", config, "--resume"], f"error: {root}: no checkpoint under it verifies ("
+
+
+def _case_damaged_data_cache(tmp_path):
+    cache = tmp_path / "x0.safetensors"
+    cache.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    config = _tiny_config(tmp_path, data={"source": "tensors", "path": str(cache)})
+    return ["distill", config], f"error: {cache}: data.path tensors: not a complete safetensors file (SafetensorError: "
+
+
+USER_ERRORS = {
+    "toml-not-utf8": _case_not_utf8,
+    "json-garbage": _case_json_garbage,
+    "config-is-a-directory": _case_config_directory,
+    "config-missing": _case_config_missing,
+    "resume-from-missing": _case_resume_from_missing,
+    "resume-from-a-file": _case_resume_from_file,
+    "resume-from-damaged": _case_resume_from_damaged,
+    "resume-all-damaged": _case_resume_all_damaged,
+    "damaged-data-cache": _case_damaged_data_cache,
+}
+
+
+@pytest.mark.filterwarnings("ignore:resume:UserWarning")
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_user_errors_exit_2_with_one_error_line(tmp_path, capsys, case):
+    argv, expected = USER_ERRORS[case](tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["toml-not-utf8", "config-is-a-directory", "resume-from-missing"])
+def test_module_entry_point_prints_no_traceback(tmp_path, case):
+    argv, expected = USER_ERRORS[case](tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "piflow_kernels", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

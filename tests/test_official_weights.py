@@ -289,3 +289,27 @@ def test_unknown_keys_pass_when_not_strict_and_conflicts_are_refused(flux_adapte
     folder = write_checkpoint(tmp / "k", tensors, "GMFluxTransformer2DModel", {"type": "GMFlow"}, num_gaussians=8)
     with pytest.raises(ValueError, match="num_gaussians=8 but the weights hold 2"):
         load_official_adapter(folder, teacher, strict=False)
+
+
+def test_damaged_index_and_metadata_name_the_file(flux_adapter):
+    """Files that parse but do not say what the layout needs (tests/test_damaged_files.py has the garbled,
+    truncated and empty ones): an index without a weight map, policy_config metadata that is not JSON."""
+    from piflow_kernels.files import DamagedFileError
+
+    teacher, tensors, tmp = flux_adapter
+    folder = tmp / "sharded"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "part-1.safetensors"))
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(DamagedFileError) as info:
+        load_official_adapter(folder, teacher)
+    assert str(info.value) == f"{index}: sharded checkpoint index: no 'weight_map' of tensor names to files"
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(tensors, "part-2.safetensors")}))
+    with pytest.raises(FileNotFoundError, match=r"part-2\.safetensors does not exist \(checkpoint weights\)"):
+        load_official_adapter(folder, teacher)
+
+    weights = write_checkpoint(tmp / "meta", tensors, "GMFluxTransformer2DModel") / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"policy_config": "{type: GMFlow"})
+    with pytest.raises(DamagedFileError, match=r"policy_config metadata is not JSON \(JSONDecodeError: "):
+        read_policy_config(weights.parent)

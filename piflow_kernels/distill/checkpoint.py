@@ -7,11 +7,22 @@ Layout of one checkpoint (a directory, renamed into place only once complete)::
         ema.safetensors          the EMA student's weights
         state.pt                 iteration, optimizer, LR schedule (key "scheduler"), EMA counters, config
         rng_rank0.pt ...         each rank's RNG states (torch CPU/CUDA, python, numpy) as tensors
+        manifest.json            written last: every other file's name, size and sha256
     <root>/latest                the name of the newest complete checkpoint
 
 Every file is written to a temporary name and moved with ``os.replace``; the directory is built
-under a temporary name and renamed, and ``latest`` is replaced last, so a crash at any point leaves
-the previous checkpoint intact and ``latest`` pointing at a complete one.
+under a temporary name (``.iter_00000200.partial``) and renamed, and ``latest`` is replaced last, so a
+crash at any point leaves the previous checkpoint intact and ``latest`` pointing at a complete one.
+What a killed save leaves behind (``.iter_*.partial`` folders, ``.latest.*.tmp`` files) is removed by
+the next save.
+
+Loading verifies: :func:`load_checkpoint` checks every file against the manifest (size, then sha256)
+before reading it, and :func:`latest_checkpoint` returns the newest checkpoint that verifies, warning
+about each newer one it skips and why (a truncated ``state.pt``, a missing file, ...). A checkpoint
+without a manifest (written by a version before manifests) is accepted when its files pass a structural
+check (every safetensors header covers its file, every torch file's zip members match their CRC-32s),
+with a warning that it is loaded unverified. A damaged file is a
+:class:`~piflow_kernels.files.DamagedFileError` naming it.
 
     >>> begin_checkpoint(root, 200)                    # rank 0, then a barrier
     >>> write_rank_rng(root, 200, rank)                # every rank, then a barrier
@@ -23,16 +34,31 @@ the previous checkpoint intact and ``latest`` pointing at a complete one.
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
+import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from piflow_kernels.files import (
+    DamagedFileError,
+    check_torch_file,
+    load_safetensors,
+    read_json,
+    read_text,
+    require_file,
+    safetensors_metadata,
+    sha256_file,
+    torch_load,
+)
 
 if TYPE_CHECKING:
     from piflow_kernels.distill.ddp import DistContext
@@ -49,6 +75,8 @@ __all__ = [
     "begin_checkpoint",
     "write_rank_rng",
     "finish_checkpoint",
+    "write_manifest",
+    "verify_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "TrainingState",
@@ -58,6 +86,11 @@ __all__ = [
 
 _LATEST = "latest"
 _PREFIX = "iter_"
+MANIFEST_NAME = "manifest.json"
+_MANIFEST_FORMAT = "piflow_kernels.checkpoint"
+_MANIFEST_VERSION = 1
+_REQUIRED = ("student.safetensors", "ema.safetensors", "state.pt")
+_CHECKPOINT_NAME = re.compile(rf"^{_PREFIX}(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------- atomic files
@@ -161,11 +194,20 @@ def _staging_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f".{_PREFIX}{iteration:08d}.partial"
 
 
+def _remove_stale(root: Path) -> None:
+    """What killed saves left under ``root``: staging folders and temporary ``latest`` files."""
+    for staging in root.glob(f".{_PREFIX}*.partial"):
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+    for tmp in root.glob(f".{_LATEST}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def begin_checkpoint(root: str | Path, iteration: int) -> Path:
-    """Create (empty) the staging directory of checkpoint ``iteration``; call on one rank, then barrier."""
+    """Create (empty) the staging directory of checkpoint ``iteration``, removing what killed saves left
+    under ``root``; call on one rank, then barrier."""
+    _remove_stale(Path(root))
     staging = _staging_dir(root, iteration)
-    if staging.exists():
-        shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
 
@@ -173,6 +215,23 @@ def begin_checkpoint(root: str | Path, iteration: int) -> Path:
 def write_rank_rng(root: str | Path, iteration: int, rank: int) -> None:
     """Write this rank's RNG states into the staging directory (every rank, after begin_checkpoint)."""
     torch_save_atomic(get_rng_state(), _staging_dir(root, iteration) / f"rng_rank{rank}.pt")
+
+
+def write_manifest(folder: str | Path, iteration: int) -> Path:
+    """Record every file of a checkpoint folder (name, size, sha256) in its ``manifest.json``, atomically.
+
+    Format: ``{"format": "piflow_kernels.checkpoint", "version": 1, "iteration": N,
+    "files": {"state.pt": {"size": 1234, "sha256": "..."}, ...}}``. Hidden (temporary) files are not listed.
+    """
+    folder = Path(folder)
+    files = {}
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and not file.name.startswith(".") and file.name != MANIFEST_NAME:
+            files[file.name] = {"size": file.stat().st_size, "sha256": sha256_file(file, _what(file.name))}
+    doc = {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "iteration": int(iteration), "files": files}
+    path = folder / MANIFEST_NAME
+    atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+    return path
 
 
 def finish_checkpoint(
@@ -183,7 +242,8 @@ def finish_checkpoint(
     state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write weights and state into the staging directory, move it into place, update ``latest``, prune.
+    """Write weights, state and the manifest into the staging directory, move it into place, update
+    ``latest``, prune.
 
     Call on one rank after every rank's :func:`write_rank_rng`. Returns the checkpoint directory.
     """
@@ -193,6 +253,7 @@ def finish_checkpoint(
     save_safetensors_atomic(student, staging / "student.safetensors", meta)
     save_safetensors_atomic(ema, staging / "ema.safetensors", meta)
     torch_save_atomic({**state, "iteration": int(iteration)}, staging / "state.pt")
+    write_manifest(staging, iteration)  # last: a folder with a manifest is complete
     final = checkpoint_dir(root, iteration)
     if final.exists():
         shutil.rmtree(final)
@@ -202,41 +263,192 @@ def finish_checkpoint(
     return final
 
 
+def _iteration_of(folder: Path) -> int | None:
+    m = _CHECKPOINT_NAME.match(folder.name)
+    return int(m.group(1)) if m and folder.is_dir() else None
+
+
 def _prune(root: Path, keep: int, newest: str) -> None:
-    done = sorted(p for p in root.glob(f"{_PREFIX}*") if p.is_dir() and p.name[len(_PREFIX) :].isdigit())
-    for old in done[:-keep] if keep > 0 else []:
+    """Keep ``newest`` and the ``keep - 1`` checkpoints before it. Folders past ``newest`` (a run resumed
+    from an older checkpoint, e.g. after skipping a damaged one) stay until this run overwrites them."""
+    top = int(newest[len(_PREFIX) :])
+    done = sorted((it, p) for p in root.glob(f"{_PREFIX}*") if (it := _iteration_of(p)) is not None and it <= top)
+    for _, old in done[:-keep] if keep > 0 else []:
         if old.name != newest:
             shutil.rmtree(old, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------- verification
+
+
+def _what(name: str) -> str:
+    """How a checkpoint file is named in errors."""
+    if name.startswith("rng_rank"):
+        return "RNG state"
+    return {
+        "student.safetensors": "student weights",
+        "ema.safetensors": "EMA weights",
+        "state.pt": "training state",
+        MANIFEST_NAME: "checkpoint manifest",
+    }.get(name, "checkpoint file")
+
+
+def _require_folder(path: Path) -> None:
+    if not path.exists():
+        err: OSError = FileNotFoundError(f"{path} does not exist (training checkpoint)")
+    elif not path.is_dir():
+        err = NotADirectoryError(f"{path} is not a directory (a training checkpoint is a folder such as iter_00000200)")
+    else:
+        return
+    raise err
+
+
+def _manifest_files(path: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's files table, checked for shape; DamagedFileError naming the manifest otherwise."""
+    file = path / MANIFEST_NAME
+    doc = read_json(file, _what(MANIFEST_NAME))
+    files = doc.get("files") if isinstance(doc, dict) else None
+    entries_ok = isinstance(files, dict) and all(
+        isinstance(name, str) and "/" not in name and name not in (".", "..") and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        for name, entry in files.items()
+    )  # fmt: skip
+    if not isinstance(doc, dict) or doc.get("format") != _MANIFEST_FORMAT or not entries_ok:
+        raise DamagedFileError(
+            file, f"{_what(MANIFEST_NAME)}: not a {_MANIFEST_FORMAT} manifest (a 'files' table of sizes and sha256s)"
+        )
+    missing = [name for name in _REQUIRED if name not in files]
+    if missing:
+        raise DamagedFileError(file, f"{_what(MANIFEST_NAME)}: does not list {', '.join(missing)}")
+    return files
+
+
+def verify_checkpoint(path: str | Path) -> bool:
+    """Check a checkpoint folder; True when it has a manifest (every listed file verified), False for a
+    checkpoint without one whose files pass the structural check.
+
+    Sizes are compared first (a truncated file fails without being read), then sha256s. Raises
+    :class:`~piflow_kernels.files.DamagedFileError` naming the first bad file, ``FileNotFoundError`` for a
+    missing file or folder, ``NotADirectoryError`` when ``path`` is a file.
+    """
+    path = Path(path)
+    _require_folder(path)
+    if not (path / MANIFEST_NAME).exists():
+        for name in _REQUIRED:
+            require_file(path / name, _what(name))
+        for file in sorted(path.iterdir()):
+            if file.suffix == ".safetensors":
+                safetensors_metadata(file, _what(file.name))
+            elif file.suffix == ".pt":
+                check_torch_file(file, _what(file.name))
+        return False
+    files = _manifest_files(path)
+    for name, entry in files.items():
+        file = require_file(path / name, _what(name))
+        size = file.stat().st_size
+        if size != entry["size"]:
+            cut = " (truncated)" if size < entry["size"] else ""
+            problem = f"{_what(name)}: {size} bytes where the checkpoint's manifest records {entry['size']}{cut}"
+            raise DamagedFileError(file, problem)
+    for name, entry in files.items():
+        if sha256_file(path / name, _what(name)) != entry["sha256"]:
+            raise DamagedFileError(
+                path / name, f"{_what(name)}: its sha256 differs from the one the checkpoint's manifest records"
+            )
+    return True
+
+
+# a checkpoint latest_checkpoint just verified -> (its files' stat signature, has a manifest): load_checkpoint
+# then skips hashing it a second time unless a file changed in between (used once, then dropped)
+_just_verified: dict[str, tuple[tuple, bool]] = {}
+
+
+def _signature(path: Path) -> tuple:
+    stats = [(f.name, f.stat()) for f in path.iterdir() if f.is_file()]
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (via ``latest``), or None."""
+    """The newest checkpoint under ``root`` that verifies (see :func:`verify_checkpoint`), or None when there is none.
+
+    The folder ``latest`` names is tried first, then every ``iter_*`` folder from the highest iteration
+    down. Each one skipped is a warning naming it and the reason (on rank 0 under torch.distributed);
+    when checkpoints exist but none verifies, :class:`~piflow_kernels.files.DamagedFileError` (rather than
+    a silent fresh start that would overwrite them).
+    """
     root = Path(root)
+    if not root.is_dir():
+        return None
+    folders = sorted(((it, p) for p in root.iterdir() if (it := _iteration_of(p)) is not None), reverse=True)
+    candidates = [p for _, p in folders]
+    skipped: list[str] = []
+
+    def skip(message: str, reason: str) -> None:
+        skipped.append(reason)
+        if _is_main_process():
+            warnings.warn(f"resume: {message}", stacklevel=3)
+
     marker = root / _LATEST
     if marker.is_file():
-        path = root / marker.read_text().strip()
-        if (path / "state.pt").is_file():
-            return path
-    done = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / "state.pt").is_file())
-    return done[-1] if done else None
+        try:
+            name = read_text(marker, "checkpoint marker").strip()
+        except (DamagedFileError, OSError) as err:
+            skip(f"ignoring {marker}: {err}", f"{marker.name}: {err}")
+        else:
+            named = root / name
+            if _CHECKPOINT_NAME.match(name) and named in candidates:
+                candidates.remove(named)
+                candidates.insert(0, named)
+            else:
+                problem = f"it names {name!r}, which is not a checkpoint folder under {root}"
+                skip(f"ignoring {marker}: {problem}", f"{marker.name}: {problem}")
+    for path in candidates:
+        try:
+            with_manifest = verify_checkpoint(path)
+        except (DamagedFileError, OSError) as err:
+            skip(f"skipping checkpoint {path}: {err}", f"{path.name}: {err}")
+            continue
+        _just_verified[str(path)] = (_signature(path), with_manifest)
+        return path
+    if candidates:
+        raise DamagedFileError(root, "no checkpoint under it verifies", "; ".join(skipped))
+    return None
 
 
 def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory; the torch files go through ``torch.load(..., weights_only=True)``."""
-    from safetensors.torch import load_file
+    """Verify and load a checkpoint directory; the torch files go through ``torch.load(..., weights_only=True)``.
 
+    Raises :class:`~piflow_kernels.files.DamagedFileError` naming a file that fails the manifest or does
+    not load, ``FileNotFoundError`` / ``NotADirectoryError`` for a bad ``path``. A checkpoint without a
+    manifest loads with a warning (rank 0).
+    """
     path = Path(path)
-    if not (path / "state.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no state.pt)")
-    state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+    _require_folder(path)
+    checked = _just_verified.pop(str(path), None)
+    with_manifest = checked[1] if checked is not None and checked[0] == _signature(path) else verify_checkpoint(path)
+    if not with_manifest and rank == 0:
+        warnings.warn(
+            f"{path} has no {MANIFEST_NAME} (a checkpoint written before checkpoints carried one): its files pass the "
+            "structural check and are loaded without sha256 verification",
+            stacklevel=2,
+        )
+    state = torch_load(path / "state.pt", _what("state.pt"), map_location=map_location)
+    if not isinstance(state, dict) or "iteration" not in state:
+        raise DamagedFileError(path / "state.pt", f"{_what('state.pt')}: no 'iteration' key (not a training checkpoint's state)")
     rng_file = path / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
+    rng = torch_load(rng_file, _what(rng_file.name)) if rng_file.is_file() else None
     device = str(map_location)
     return Checkpoint(
         path=path,
         iteration=int(state["iteration"]),
-        student=load_file(path / "student.safetensors", device=device),
-        ema=load_file(path / "ema.safetensors", device=device),
+        student=load_safetensors(path / "student.safetensors", _what("student.safetensors"), device=device),
+        ema=load_safetensors(path / "ema.safetensors", _what("ema.safetensors"), device=device),
         state=state,
         rng=rng,
     )

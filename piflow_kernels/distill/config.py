@@ -49,9 +49,11 @@ from piflow_kernels.distill.config_sections import (
 )
 from piflow_kernels.distill.lr_scheduler import LR_DECAYS
 from piflow_kernels.distill.piid_config import PiIDConfig
+from piflow_kernels.files import DamagedFileError, read_json, read_toml, require_file
 
 __all__ = [
     "ConfigError",
+    "ConfigFileError",
     "TrainConfig",
     "TeacherConfig",
     "StudentConfig",
@@ -68,6 +70,10 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A bad training configuration; the message names the offending key."""
+
+
+class ConfigFileError(ConfigError, DamagedFileError):
+    """A config file that cannot be parsed (not UTF-8, invalid TOML / JSON, empty); ``.path`` names it."""
 
 
 _SECTIONS: dict[str, type] = {
@@ -171,30 +177,20 @@ class TrainConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML (tomllib on Python 3.11+, tomli before) or JSON file into a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    """Parse a TOML (tomllib on Python 3.11+, tomli before) or JSON file into a dict.
+
+    A missing file is a ``FileNotFoundError``, a directory an ``IsADirectoryError``; a file that is not
+    UTF-8, not valid TOML / JSON or empty is a :class:`ConfigFileError` (a ConfigError and a
+    :class:`~piflow_kernels.files.DamagedFileError`), all naming the path.
+    """
+    path = require_file(path, "training config")
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON: {err}") from None
-    elif suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python < 3.11
-            try:
-                import tomli as tomllib
-            except ModuleNotFoundError:
-                raise ModuleNotFoundError("reading TOML configs on Python < 3.11 needs the tomli package") from None
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: invalid TOML: {err}") from None
-    else:
+    if suffix not in (".json", ".toml"):
         raise ConfigError(f"config file must end in .toml or .json, got {path.name!r}")
+    try:
+        data = read_json(path, "training config") if suffix == ".json" else read_toml(path, "training config")
+    except DamagedFileError as err:
+        raise ConfigFileError(*err.args) from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a table of keys")
     return data

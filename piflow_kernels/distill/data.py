@@ -19,6 +19,7 @@ import torch
 from piflow_kernels.distill.config import ConfigError, TrainConfig
 from piflow_kernels.distill.mixture import GaussianMixtureData
 from piflow_kernels.distill.seeding import PURPOSE_DATA_EPOCH, seeded_generator, stream_seed
+from piflow_kernels.files import load_safetensors, torch_load
 
 __all__ = ["DataSource", "ExactDataSource", "TensorDataSource", "exact_mixture", "load_tensors", "build_data_source"]
 
@@ -94,10 +95,8 @@ def load_tensors(path: str) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise FileNotFoundError(f"config key data.path: no file {path!r}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+        return load_safetensors(p, "data.path tensors")
+    obj = torch_load(p, "data.path tensors")
     if isinstance(obj, torch.Tensor):
         return {"x0": obj}
     if isinstance(obj, dict):

@@ -14,6 +14,11 @@ loaded with ctypes, and run on ``torch.get_num_threads()`` threads (ctypes relea
 compiler, a failed build or ``PIFLOW_NATIVE=0``: :func:`available` is False (the reason is logged once)
 and the dispatcher uses the torch twin.
 
+The cache verifies what it loads: beside ``gm_native_<key>.so`` a ``gm_native_<key>.so.sha256`` holds the
+library's sha256 (each moved into place atomically, the hash first); a cached build whose bytes do not
+match it (or without one) is rebuilt with the same flags before ``ctypes.CDLL`` sees it, and the reason
+is logged once. A damaged file therefore never changes which flags run, nor the output bits.
+
     >>> x_end = gm_rollout_native(x_start, GMTensors(means, logweights, logstds, x_src, sigma_src), plan)
 """
 
@@ -33,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from piflow_kernels.constants import GM_EPS, LOG2E
+from piflow_kernels.files import DamagedFileError, read_text, sha256_file
 from piflow_kernels.ops.gm.torch_twin import source_terms, variances
 from piflow_kernels.ops.records import GMTensors, RolloutPlan
 from piflow_kernels.timesteps import sigma_table
@@ -44,8 +50,8 @@ _PIXELS_PER_ITEM = 256  # pixels of one sample per work item handed to a thread
 
 
 def _read_source() -> str:
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "native.c")) as fh:
-        return fh.read().replace("@GM_EPS@", repr(GM_EPS)).replace("@LOG2E@", repr(LOG2E))
+    source = read_text(os.path.join(os.path.dirname(os.path.abspath(__file__)), "native.c"), "native rollout source")
+    return source.replace("@GM_EPS@", repr(GM_EPS)).replace("@LOG2E@", repr(LOG2E))
 
 
 _SOURCE = _read_source()
@@ -66,9 +72,9 @@ def _cpu_signature() -> str:
     """What -march=native depends on: the machine type and its instruction-set flags."""
     flags = ""
     try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith(("flags", "Features"))), "")
-    except OSError:
+        lines = read_text("/proc/cpuinfo", "CPU description").splitlines()
+        flags = next((line for line in lines if line.startswith(("flags", "Features"))), "")
+    except (OSError, DamagedFileError):
         pass
     return platform.machine() + flags
 
@@ -78,6 +84,53 @@ def _flag_sets() -> list[list[str]]:
     if platform.machine() in ("x86_64", "AMD64"):
         return [common + ["-march=native", "-mprefer-vector-width=512"], common]
     return [common + ["-mcpu=native"], common]
+
+
+def _hash_file(path: str) -> str:
+    return path + ".sha256"
+
+
+def _cached_build_problem(path: str) -> str | None:
+    """Why the cached library at ``path`` cannot be loaded as it is (None: its sha256 matches the recorded one)."""
+    try:
+        recorded = read_text(_hash_file(path), "native build hash").strip()
+    except FileNotFoundError:
+        return "no recorded sha256 beside it"
+    except (OSError, DamagedFileError) as err:
+        return f"its recorded sha256 is unreadable ({err})"
+    try:
+        actual = sha256_file(path, "native build")
+    except (OSError, DamagedFileError) as err:
+        return f"unreadable ({err})"
+    if actual != recorded:
+        return f"sha256 {actual[:16]}... differs from the recorded {recorded[:16]}..."
+    return None
+
+
+def _compile(cc: str, flags: list[str], path: str) -> str | None:
+    """Build the library into ``path`` with its sha256 beside it; None, or the compiler's complaint."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "gm_native.c"), "w") as fh:
+            fh.write(_SOURCE)
+        # a relative source name in the build folder: the library's bytes do not depend on the temporary path
+        # (a compiler named by a relative path is resolved first, against the caller's folder)
+        cmd = [os.path.abspath(cc) if os.sep in cc else cc, *flags, "gm_native.c", "-o", "gm_native.so"]
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            return proc.stderr.strip()[-300:]
+        out = os.path.join(tmp, "gm_native.so")
+        # each file through a temporary name and os.replace (a concurrent process sees all of it or none);
+        # the hash first, so a process that finds the library finds its hash too (the first builds of
+        # several ranks at once then never take one another's library for a damaged one)
+        staged = f"{_hash_file(path)}.{os.getpid()}.tmp"
+        with open(staged, "w") as fh:
+            fh.write(sha256_file(out, "native build") + "\n")
+        os.replace(staged, _hash_file(path))
+        staged = f"{path}.{os.getpid()}.tmp"
+        shutil.copyfile(out, staged)
+        os.replace(staged, path)
+    return None
 
 
 def _build() -> tuple[object | None, str | None]:
@@ -92,22 +145,16 @@ def _build() -> tuple[object | None, str | None]:
         key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_signature()]).encode()).hexdigest()[:20]
         path = os.path.join(_cache_dir(), f"gm_native_{key}.so")
         try:
-            if not os.path.exists(path):
-                os.makedirs(_cache_dir(), exist_ok=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    src = os.path.join(tmp, "gm_native.c")
-                    with open(src, "w") as fh:
-                        fh.write(_SOURCE)
-                    out = os.path.join(tmp, "gm_native.so")
-                    proc = subprocess.run([cc, *flags, src, "-o", out], capture_output=True, text=True, timeout=120)
-                    if proc.returncode != 0:
-                        errors.append(f"{' '.join(flags)}: {proc.stderr.strip()[-300:]}")
-                        continue
-                    staged = f"{path}.{os.getpid()}.tmp"
-                    shutil.copyfile(out, staged)
-                    os.replace(staged, path)  # atomic: a concurrent process sees the whole file or none
+            problem = _cached_build_problem(path) if os.path.exists(path) else None
+            if problem is not None:
+                logger.warning("piflow_kernels: the cached native build %s does not verify (%s); rebuilding it", path, problem)
+            if problem is not None or not os.path.exists(path):
+                complaint = _compile(cc, flags, path)
+                if complaint is not None:
+                    errors.append(f"{' '.join(flags)}: {complaint}")
+                    continue
             fn = ctypes.CDLL(path).piflow_gm_rollout
-        except (OSError, subprocess.SubprocessError) as err:
+        except (OSError, subprocess.SubprocessError, DamagedFileError) as err:
             errors.append(f"{' '.join(flags)}: {err}")
             continue
         i64, ptr = ctypes.c_int64, ctypes.c_void_p

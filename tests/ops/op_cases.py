@@ -360,3 +360,40 @@ def peak_bytes(fn) -> int:
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
 
+
+# ------------------------------------------------------------------------------------------------ GM: the edges of the domain
+
+GM_GRAD_NAMES = ("means", "logweights", "logstds", "x_src", "x")
+
+
+def gm_edge_inputs(b, k, c, length, sigma_src, sigma_ratio, *, per_component, seed, logstd_range=(-10.0, 3.0)):
+    """(x, sigma, GMTensors), float32 on the CPU: a policy at sigma_src with logstds uniform in ``logstd_range``
+    (per component or one per sample) and x drawn apart from x_src, queried at sigma = sigma_ratio * sigma_src."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(b, k, c, length, generator=gen)
+    lw = torch.randn(b, k, length, generator=gen).log_softmax(1)
+    lo, hi = logstd_range
+    ls = torch.rand(b, k if per_component else 1, generator=gen) * (hi - lo) + lo
+    x_src = torch.randn(b, c, length, generator=gen)
+    x = torch.randn(b, c, length, generator=gen)
+    s_src = torch.full((b,), float(sigma_src))
+    return x, s_src * sigma_ratio, GMTensors(means, lw, ls, x_src, s_src)
+
+
+def gm_value_and_grads(fn, x, sigma, policy: GMTensors, grad_u, dtype, device="cpu") -> list[torch.Tensor]:
+    """[u, dL/dmeans, dL/dlogweights, dL/dlogstds, dL/dx_src, dL/dx] on the CPU, L = <grad_u, fn(x, sigma, policy)>,
+    with every leaf (and sigma, for float64) cast to ``dtype`` on ``device``; u in the dtype ``fn`` returns."""
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in (*policy[:4], x)]
+    s64 = dtype == torch.float64
+    sig, s_src = (t.to(device, torch.float64 if s64 else torch.float32) for t in (sigma, policy.sigma_src))
+    u = fn(leaves[4], sig, GMTensors(*leaves[:4], s_src))
+    grads = torch.autograd.grad(u, leaves, grad_u.to(device, u.dtype))
+    return [t.detach().cpu() for t in (u, *grads)]
+
+
+def rel_err_floored(out: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
+    """rel_err with max |ref| floored at ``floor`` (a reference that is 0 in exact arithmetic is only rounding noise)."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out - ref).abs().max() / max(float(ref.abs().max()), floor, 1e-30))

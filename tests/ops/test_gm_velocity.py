@@ -133,7 +133,7 @@ def test_gm_velocity_policy_matches_reference(backend, case, per_component, neg_
     dev = device_for(backend)
     means, lw, ls, x_src, s_src = (t.to(dev) for t in make_gm(b, k, c, sp, per_component=per_component, neg_inf=neg_inf))
     x = torch.randn_like(x_src)
-    sigma = (torch.rand(b) * 0.9 + 0.05).to(dev)  # batch-varying
+    sigma = (s_src.cpu() * (torch.rand(b) * 0.9 + 0.05)).to(dev)  # batch-varying, in the domain sigma <= sigma_src
     pol = pk.GMFlowPolicy(means, lw, ls, x_src, s_src, backend=backend)
     u = pol.velocity(x, sigma)
     assert u.shape == x.shape and u.dtype == x.dtype
@@ -162,7 +162,7 @@ def test_gm_velocity_policy_gradients(backend, case):
     dev = device_for(backend)
     means, lw, ls, x_src, s_src = (t.to(dev) for t in make_gm(b, k, c, sp, seed=4))
     x = torch.randn_like(x_src)
-    sigma = (torch.rand(b) * 0.5 + 0.1).to(dev)
+    sigma = (s_src.cpu() * (torch.rand(b) * 0.5 + 0.2)).to(dev)  # in the domain sigma <= sigma_src
     grad_out = torch.randn_like(x)
 
     leaves = [t.clone().requires_grad_(True) for t in (means, lw, ls, x_src, x)]

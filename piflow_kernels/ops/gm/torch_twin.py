@@ -1,10 +1,15 @@
-"""GM policy ops on plain PyTorch (the "torch" backend): restructured algebra, any device.
+"""GM policy ops on plain PyTorch (the "torch" backend): any device.
 
 The velocity is differentiable by autograd; the rollout runs one ``torch.compile``'d substep per call (eager
 when compiling is off or fails). On CPU tensors the dispatcher prefers the fused native loop
 (:mod:`piflow_kernels.ops.gm.native`); this rollout is its fallback and the path on other devices.
 
-Algebra (docs/design.md, [eq:gm-restructured]): with mu_k = x_src - s_src * means_k,
+Velocity: [eq:gm-velocity] rewritten exactly about x_src, so that float32 rounds only what is left once the
+terms every component shares are taken out (:func:`gm_velocity_centred`): as exact as the problem allows over
+sigma_src in [0, 1], sigma in [0, sigma_src], forward and gradients, where the literal form loses everything
+at small sigma_src or sigma (mu_k . nu is ~1e12 at sigma_src 1e-6, the logits differ by ~1e5).
+
+Rollout (docs/design.md, [eq:gm-restructured]): with mu_k = x_src - s_src * means_k,
 var_k = exp(2 logstd_k) s_src^2,
     nu = a x / s^2 - a_src x_src / s_src^2,  zeta = (a/s)^2 - (a_src/s_src)^2,  d_k = max(var_k zeta + 1, eps)
     logit_k = logweights_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k,   w = softmax_k(logit)
@@ -62,30 +67,132 @@ def _posterior_x0(x, s, mu, mu_sq, var, lw, zeta, nu):
     return x0
 
 
+class _PivotedSoftmax(torch.autograd.Function):
+    """softmax over dim 1 (B, K, L) whose backward shifts dL/dw by its value at the per-pixel argmax of w before
+    forming w_k (e_k - sum_j w_j e_j) (the shift cancels exactly). Unshifted, the dominant component's
+    e_p - sum_j w_j e_j cancels O(|e|) terms down to O((1 - w_p) |e|): at sigma 1e-3 against sigma_src 1 the
+    logweights gradient lost 2e-4 that way (the problem's own float32 conditioning there: 2e-7); shifted, e_p is
+    exactly 0 and the sum is small."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(logits, dim=1)
+        ctx.save_for_backward(w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w: torch.Tensor) -> torch.Tensor:
+        (w,) = ctx.saved_tensors
+        e = grad_w - _at_max(w, grad_w)[:, None]
+        return w * (e - (w * e).sum(1, keepdim=True))
+
+
+def _at_max(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """values (B, K, L) (or (B, K, 1)) at the per-pixel argmax over K of scores (B, K, L), (B, L); the largest of
+    them where the maximum is tied. An equality mask and two max-reductions: argmax over the strided K axis and a
+    gather took 49 ms at B=64, K=32, L=1024 on one core, this 16 ms."""
+    hit = scores == scores.amax(1, keepdim=True)
+    return torch.where(hit, values, float("-inf")).amax(1)
+
+
+def _var_over_d(var: torch.Tensor, zeta: torch.Tensor, inv_d: torch.Tensor) -> torch.Tensor:
+    """var / d, d = 1 + var zeta, (B, K1), formed so that its derivative in var, 1 / d^2, is not a cancellation:
+    autograd of var / d gives 1/d - var zeta / d^2, both ~1/d where the result is 1/d^2 (var zeta ~ 1e10
+    at sigma 1e-6 against sigma_src 0.3 left the logstds gradient 1e-1 wrong). Above var zeta = 1 it is
+    (1 - 1/d) / zeta, whose derivative is 1/d^2 itself."""
+    big = var * zeta[:, None] > 1.0
+    return torch.where(big, (1.0 - inv_d) / torch.where(big, zeta[:, None], 1.0), var * inv_d)
+
+
+def _centred_sigmas(sigma: torch.Tensor, sigma_src: torch.Tensor, dtype: torch.dtype):
+    """Per-sample scalars (B,) in ``dtype``, with s and s_src clamped at GM_EPS: s, a = 1 - s,
+    rho = 1/s - 1/s_src as (s_src - s) / (s s_src) (exactly 0 at the source; the difference of the two
+    reciprocals loses 0.06 of each 1e6 at sigma 1e-6), zeta = (a/s)^2 - (a_src/s_src)^2 as
+    rho (a/s + a_src/s_src), and a_src / s_src^2."""
+    s = sigma.to(dtype).clamp(min=GM_EPS)
+    s_src = sigma_src.to(dtype).clamp(min=GM_EPS)
+    a, a_src = 1.0 - s, 1.0 - s_src
+    rho = (s_src - s) / (s * s_src)
+    return s, a, rho, rho * (a / s + a_src / s_src), a_src / s_src**2
+
+
 def gm_velocity_torch(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors) -> torch.Tensor:
-    """GM policy velocity u(x, sigma), differentiable (plain autograd).
+    """GM policy velocity u(x, sigma), differentiable (autograd), centred on x_src ([eq:gm-centred]).
 
     Args:
         x: (B, C, L) any float dtype; sigma: (B,) float32; policy: the flat GM policy.
     Returns:
-        u (B, C, L) in x.dtype, computed in float32.
+        u (B, C, L) in x.dtype, computed in float32 (the algebra: :func:`gm_velocity_centred`).
     """
-    mu, var, lw = _x0_space(policy)
-    s = sigma.float().clamp(min=GM_EPS)
-    a = 1.0 - s
-    cn_src, c_src = source_terms(policy.sigma_src)
-    zeta = (a / s) ** 2 - c_src
-    xf = x.float()
-    nu = (a / s**2)[:, None, None] * xf - cn_src[:, None, None] * policy.x_src.float()
-    # one evaluation: the logit contraction in its literal form mu . (nu - zeta mu / 2), which cancels less than
-    # mu . nu - zeta ||mu||^2 / 2 far from the source (sigma 0.05: logstds-gradient error 2e-4 -> the fp32
-    # reference's own 4e-5); the rollout keeps the split form, whose ||mu||^2 is computed once
-    d = (var * zeta[:, None] + 1.0).clamp(min=GM_EPS)
-    dot = (mu * (nu[:, None] - (0.5 * zeta)[:, None, None, None] * mu)).sum(2)
-    w = torch.softmax(lw + dot / d[:, :, None], dim=1)
-    c = w / d[:, :, None]
-    x0 = (c[:, :, None] * mu).sum(1) + nu * (c * var[:, :, None]).sum(1, keepdim=True)
-    return ((xf - x0) / s[:, None, None]).to(x.dtype)
+    return gm_velocity_centred(x, sigma, policy, torch.float32).to(x.dtype)
+
+
+def gm_velocity_centred(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors, dtype: torch.dtype) -> torch.Tensor:
+    """u(x, sigma) (B, C, L) computed in ``dtype``: float32 for the backend, float64 for the tests, which check
+    that this rewriting of [eq:gm-velocity] is exact (it agrees with the literal reference to float64 rounding).
+
+    With y_k = mu_k - x_src = -s_src means_k (formed directly, never as a difference), delta = x - x_src and
+    the scalars of :func:`_centred_sigmas`, exactly (d_k = 1 + var_k zeta >= 1 for sigma <= sigma_src):
+        nu' = nu - zeta x_src = (a/s^2) delta + rho x_src,       h = zeta x - nu = -rho x - (a_src/s_src^2) delta
+        logit_k = lw_k + (A_k + r) / d_k,   A_k = y_k . (nu' - zeta y_k / 2),   r = x_src . (nu' + zeta x_src / 2)
+        u = sum_k w_k (x - m_k) / s,        x - m_k = (delta - y_k + var_k h) / d_k
+    so u is formed without x0 (x - x0 is O(sigma) out of O(1) terms: 1e-1 of u lost at sigma 1e-6 against
+    sigma_src 0.3). With one std per sample d is one scalar, r drops out of the softmax and
+        u s = (delta - sum_k w_k y_k) / d + var h / d.
+    With per-component stds r stays, as r (1/d_k - 1/d_p), and x - m_k is split about a pivot component p:
+        logit_k = lw_k + (A_k + r zeta (var_p - var_k) / d_p) / d_k
+        u s = (delta + var_p h) / d_p - nu' sum_k w_k beta_k - sum_k w_k y_k / d_k,   beta_k = (var_k - var_p) / (d_k d_p)
+    which is exact for any p; p is the per-pixel argmax of the logits, so what rounds is relative to the
+    dominant component. A fixed reference (1/d_ref = 1, or the kernels' component 0) leaves its own r / d_ref,
+    rounded, in every logit, and towards sigma 0, where d_k ~ var_k / s^2, that is the whole logit; and dL/dw_k
+    keeps no O(|delta|) part common to all k for the softmax backward to cancel. u does not depend on p, which
+    is not differentiated. Outside the domain (sigma > sigma_src: zeta < 0) p is a virtual component of variance
+    0, and where d_k is clamped at GM_EPS, q_k = d_k - 1 - var_k zeta (0 in the domain) adds q_k x_src / d_k to
+    x - m_k (one std per sample: q x / d) and r (1/d_k - 1) carries it too.
+
+        >>> u64 = gm_velocity_centred(x, sigma, policy, torch.float64)   # (B, C, L) float64
+    """
+    means, lw, logstds, x_src, sigma_src = policy
+    s, a, rho, zeta, a_src_s2 = _centred_sigmas(sigma, sigma_src, dtype)
+    s_src_raw = sigma_src.to(dtype)  # mu and var take the raw sigma_src, as the reference
+    xf, xs = x.to(dtype), x_src.to(dtype)
+    delta = xf - xs
+    nup = (a / s**2)[:, None, None] * delta + rho[:, None, None] * xs
+    # -rho x - (a_src / s_src^2) delta, not -(a/s + c_src) delta - rho x_src: the latter's x_src gradient is the
+    # difference of two ~1/s coefficients (1e-2 of the x_src gradient lost at sigma 1e-6, sigma_src 0.3)
+    h = -rho[:, None, None] * xf - a_src_s2[:, None, None] * delta
+    y = -s_src_raw[:, None, None, None] * means.to(dtype)  # (B, K, C, L)
+    var = torch.exp(2.0 * logstds.to(dtype)) * s_src_raw[:, None] ** 2  # (B, K1)
+    vz = var * zeta[:, None]
+    d = (vz + 1.0).clamp(min=GM_EPS)
+    q = (GM_EPS - 1.0 - vz).clamp(min=0.0)  # d - 1 - var zeta, exactly 0 unless clamped
+    inv_d = 1.0 / d
+    # the literal contraction y . (nu' - zeta y / 2): it cancels less than y . nu' - zeta ||y||^2 / 2 far from the
+    # source (sigma 0.05: logstds-gradient error 2e-4 -> the fp32 reference's own 4e-5)
+    dot = (y * (nup[:, None] - (0.5 * zeta)[:, None, None, None] * y)).sum(2)  # A_k (B, K, L)
+    lw = lw.to(dtype)
+    if not policy.per_component_std:
+        w = _PivotedSoftmax.apply(lw + dot * inv_d[:, :, None])
+        ybar = (w[:, :, None] * y).sum(1)
+        num = (delta + q[:, :, None] * xf - ybar) * inv_d[:, :, None] + _var_over_d(var, zeta, inv_d)[:, :, None] * h
+        return num / s[:, None, None]
+    r = (xs * (nup + (0.5 * zeta)[:, None, None] * xs)).sum(1)  # (B, L)
+    with torch.no_grad():  # the pivot (see above)
+        var_p = _at_max(lw + (dot + r[:, None]) * inv_d[:, :, None], var[:, :, None])  # (B, L)
+        var_p = torch.where(zeta[:, None] >= 0, var_p, 0.0)
+        d_p = 1.0 + zeta[:, None] * var_p  # (B, L): d_k at k = p
+    # r (1/d_k - 1/d_p) = r (zeta var_p - (d_k - 1)) / (d_p d_k), d_k - 1 = var_k zeta + q_k
+    r_k = r[:, None] * ((zeta[:, None] * var_p)[:, None] - (vz + q)[:, :, None]) / d_p[:, None]
+    logits = lw + (dot + r_k) * inv_d[:, :, None]
+    w = _PivotedSoftmax.apply(logits)
+    # beta's value from the difference var_k - var_p, its derivative in var_k (1/d_k^2) from that of var_k / d_k
+    # (_var_over_d; beta = var_k / d_k - var_p / d_p exactly): autograd of the quotient cancels by d_k / d_p
+    pi = _var_over_d(var, zeta, inv_d)  # (B, K)
+    beta_d = ((var[:, :, None] - var_p[:, None]) * inv_d[:, :, None]).detach() + (pi - pi.detach())[:, :, None] * d_p[:, None]
+    ybar = ((w * inv_d[:, :, None])[:, :, None] * y).sum(1)
+    num = (delta + var_p[:, None] * h) / d_p[:, None] - ((w * beta_d).sum(1) / d_p)[:, None] * nup - ybar
+    num = num + (w * (q * inv_d)[:, :, None]).sum(1, keepdim=True) * xs
+    return num / s[:, None, None]
 
 
 def _gm_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src):

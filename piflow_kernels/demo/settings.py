@@ -26,8 +26,6 @@ class StudentSettings:
         window_substeps: pi-ID's window (DX: keeps the matched states away from sigma = 0, where the DX
             velocity ``(x - x0) / sigma`` amplifies any error of the grid).
         gm_dropout: GM dropout of pi-ID (GMFlow only).
-        time_skip: a sigma-dependent skip from ``x_t`` to the grid (DX only, see
-            :class:`~piflow_kernels.demo.training.SkipStudent`).
     """
 
     iters: dict[int, int]
@@ -37,7 +35,6 @@ class StudentSettings:
     train_substeps: int
     window_substeps: int = 0
     gm_dropout: float = 0.0
-    time_skip: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,9 +70,7 @@ class DemoSettings:
 
 FULL = DemoSettings(
     gm=StudentSettings(iters={4: 1500, 2: 500, 1: 500}, batch_size=256, lr=5e-3, size=8, train_substeps=32),
-    dx=StudentSettings(
-        iters={4: 1000, 2: 500, 1: 500}, batch_size=256, lr=3e-3, size=6, train_substeps=64, window_substeps=1, time_skip=True
-    ),
+    dx=StudentSettings(iters={4: 1000, 2: 500, 1: 500}, batch_size=256, lr=3e-3, size=6, train_substeps=64, window_substeps=1),
     hidden=256,
     warmup=50,
     grad_clip=1.0,
@@ -88,9 +83,7 @@ FULL = DemoSettings(
 
 QUICK = DemoSettings(
     gm=StudentSettings(iters={4: 150, 2: 60, 1: 60}, batch_size=128, lr=5e-3, size=8, train_substeps=32),
-    dx=StudentSettings(
-        iters={4: 150, 2: 60, 1: 60}, batch_size=128, lr=3e-3, size=6, train_substeps=64, window_substeps=1, time_skip=True
-    ),
+    dx=StudentSettings(iters={4: 150, 2: 60, 1: 60}, batch_size=128, lr=3e-3, size=6, train_substeps=64, window_substeps=1),
     hidden=256,
     warmup=20,
     grad_clip=1.0,

@@ -57,7 +57,7 @@ def test_quick_demo_writes_every_row_and_the_figure(tmp_path, capsys):
 def test_each_student_is_a_train_config():
     cfg = demo.train_config("DX", 2, demo.demo_data(), demo.FULL, seed=0, out_dir="unused")
     assert isinstance(cfg, TrainConfig) and cfg.name == "pi-ID DX 2-NFE" and not cfg.final_checkpoint
-    assert (cfg.max_iters, cfg.piid.nfe, cfg.piid.policy_type, cfg.piid.window_substeps) == (500, 2, "DX", 1)
+    assert (cfg.max_iters, cfg.piid.nfe, cfg.piid.policy_type, cfg.piid.window_substeps) == (500, 2, "DX", 3)
     assert (cfg.optim.lr, cfg.optim.lr_decay, cfg.optim.lr_min_ratio, cfg.optim.warmup_iters) == (3e-3, "cosine", 0.1, 50)
     d = cfg.data
     assert (d.mode, d.batch_size, d.channels, d.height, d.width) == ("data_dependent", 256, 1, 8, 8)

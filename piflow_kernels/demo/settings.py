@@ -23,9 +23,12 @@ class StudentSettings:
         lr: AdamW peak learning rate.
         size: K, the GM components (GMFlow), or N, the grid points (DX).
         train_substeps: policy substeps per unit time in training rollouts (sampling always uses 128).
-        window_substeps: pi-ID's window (DX: keeps the matched states away from sigma = 0, where the DX
-            velocity ``(x - x0) / sigma`` amplifies any error of the grid).
+        window_substeps: pi-ID's window (DX: 3, the official DX recipes' value, keeps the matched states away
+            from sigma = 0, where the DX velocity ``(x - x0) / sigma`` amplifies any error of the grid;
+            docs/design.md#pi-id-loss).
         gm_dropout: GM dropout of pi-ID (GMFlow only).
+        time_skip: a sigma-dependent skip from ``x_t`` to the grid (DX only, see
+            :class:`~piflow_kernels.demo.training.SkipStudent`).
     """
 
     iters: dict[int, int]
@@ -35,6 +38,7 @@ class StudentSettings:
     train_substeps: int
     window_substeps: int = 0
     gm_dropout: float = 0.0
+    time_skip: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ class DemoSettings:
 
 FULL = DemoSettings(
     gm=StudentSettings(iters={4: 1500, 2: 500, 1: 500}, batch_size=256, lr=5e-3, size=8, train_substeps=32),
-    dx=StudentSettings(iters={4: 1000, 2: 500, 1: 500}, batch_size=256, lr=3e-3, size=6, train_substeps=64, window_substeps=1),
+    dx=StudentSettings(
+        iters={4: 1000, 2: 500, 1: 500}, batch_size=256, lr=3e-3, size=6, train_substeps=64, window_substeps=3, time_skip=True
+    ),
     hidden=256,
     warmup=50,
     grad_clip=1.0,
@@ -83,7 +89,9 @@ FULL = DemoSettings(
 
 QUICK = DemoSettings(
     gm=StudentSettings(iters={4: 150, 2: 60, 1: 60}, batch_size=128, lr=5e-3, size=8, train_substeps=32),
-    dx=StudentSettings(iters={4: 150, 2: 60, 1: 60}, batch_size=128, lr=3e-3, size=6, train_substeps=64, window_substeps=1),
+    dx=StudentSettings(
+        iters={4: 150, 2: 60, 1: 60}, batch_size=128, lr=3e-3, size=6, train_substeps=64, window_substeps=3, time_skip=True
+    ),
     hidden=256,
     warmup=20,
     grad_clip=1.0,

@@ -21,10 +21,10 @@ from piflow_kernels.demo.settings import DemoSettings, StudentSettings
 from piflow_kernels.distill import ExactDataSource, ExactGMTeacher, GaussianMixtureData, PiIDConfig, Trainer
 from piflow_kernels.distill.config import TrainConfig
 from piflow_kernels.distill.config_sections import DataConfig, EMAConfig, OptimConfig
-from piflow_kernels.distill.toy import ToyDXStudent, ToyGMStudent
+from piflow_kernels.distill.toy import ToyDXStudent, ToyGMStudent, sinusoidal_embedding
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
 
-__all__ = ["SkipStudent", "student_name", "piid_config", "train_config", "distill_student"]
+__all__ = ["SkipStudent", "student_name", "build_student", "piid_config", "train_config", "distill_student"]
 
 
 class SkipStudent(nn.Module):
@@ -34,33 +34,56 @@ class SkipStudent(nn.Module):
     component log-weights up to a softmax); the shortcut lets the MLP learn only the rest, which cuts the
     iterations the demo needs several-fold.
 
+    A DX student may add ``a_n(sigma) * x_t`` to grid point n, with ``a`` a zero-initialised linear map of the
+    time embedding (``time_skip``). Within one mixture component the teacher's flow is linear, so the exact
+    DX grid is ``a_n(sigma_src) x_t`` plus a function of the component: the coefficient of ``x_t`` changes with
+    sigma (about 1.0 at sigma 1, 2.6 at sigma 0.25 on the demo's data), which a fixed linear map cannot follow
+    and an MLP that adds its time embedding to its input can only approximate. A GM policy needs no such term:
+    it recomputes its posterior from ``x`` at every substep, while a DX grid is fixed at the segment start.
+
     Args:
         inner: a :class:`ToyGMStudent` or :class:`ToyDXStudent`.
+        time_skip: the sigma-dependent skip (DX only).
     Returns from forward: the inner student's output with ``means``/``logweights`` (GMFlow) or ``grid`` (DX) shifted.
     """
 
-    def __init__(self, inner: ToyGMStudent | ToyDXStudent) -> None:
+    def __init__(self, inner: ToyGMStudent | ToyDXStudent, time_skip: bool = False) -> None:
         super().__init__()
         self.inner = inner
         dim = inner.channels * inner.height * inner.width
         if isinstance(inner, ToyGMStudent):
+            if time_skip:
+                raise ValueError("time_skip applies to DX students only")
             k = inner.num_components
             self.skip = nn.Linear(dim, k * dim + k * inner.height * inner.width)
         else:
             self.skip = nn.Linear(dim, inner.num_points * dim)
         nn.init.zeros_(self.skip.weight)
         nn.init.zeros_(self.skip.bias)
+        self.time_skip = None
+        if time_skip:
+            self.time_skip = nn.Linear(inner.time_dim, inner.num_points)
+            nn.init.zeros_(self.time_skip.weight)
+            nn.init.zeros_(self.time_skip.bias)
 
     def forward(self, x_t: torch.Tensor, timestep: torch.Tensor | float) -> GMFlowOutput | DXOutput:
         """x_t (B, C, H, W), timestep (B,) -> GMFlowOutput or DXOutput of the inner student's shapes."""
         out = self.inner(x_t, timestep)
-        lin = self.skip(x_t.reshape(x_t.shape[0], -1))
+        b = x_t.shape[0]
+        lin = self.skip(x_t.reshape(b, -1))
         if isinstance(out, GMFlowOutput):
             n_means = out.means[0].numel()
             means = out.means + lin[:, :n_means].reshape(out.means.shape)
             logits = out.logweights + lin[:, n_means:].reshape(out.logweights.shape)
             return GMFlowOutput(means=means, logweights=torch.log_softmax(logits, dim=1), logstds=out.logstds)
-        return DXOutput(grid=out.grid + lin.reshape(out.grid.shape))
+        grid = out.grid + lin.reshape(out.grid.shape)
+        if self.time_skip is not None:
+            t = torch.as_tensor(timestep, dtype=torch.float32, device=x_t.device)
+            t = t.expand(b) if t.dim() == 0 else t.reshape(b)
+            temb = sinusoidal_embedding(t * (1000.0 / self.inner.num_train_timesteps), self.inner.time_dim)
+            coef = self.time_skip(temb.to(x_t.dtype))  # (B, N)
+            grid = grid + coef[:, :, None, None, None] * x_t[:, None]
+        return DXOutput(grid=grid)
 
 
 def student_name(policy_type: str, nfe: int) -> str:
@@ -71,6 +94,16 @@ def student_name(policy_type: str, nfe: int) -> str:
 def _student_seed(seed: int, nfe: int, policy_type: str) -> int:
     """One seed per (demo seed, student): its initialisation and the trainer's random streams."""
     return int(seed) * 1000 + nfe * 10 + int(policy_type == "DX")
+
+
+def build_student(policy_type: str, nfe: int, data: GaussianMixtureData, settings: DemoSettings, seed: int) -> SkipStudent:
+    """A freshly initialised student of ``policy_type`` for the ``nfe`` run (seeded like its Trainer run)."""
+    sub = settings.student(policy_type)
+    c, h, w = data.shape
+    torch.manual_seed(_student_seed(seed, nfe, policy_type))
+    if policy_type == "GMFlow":
+        return SkipStudent(ToyGMStudent(c, h, w, num_components=sub.size, hidden=settings.hidden))
+    return SkipStudent(ToyDXStudent(c, h, w, num_points=sub.size, hidden=settings.hidden), time_skip=sub.time_skip)
 
 
 def piid_config(policy_type: str, nfe: int, settings: StudentSettings) -> PiIDConfig:
@@ -150,14 +183,7 @@ def distill_student(
         with tempfile.TemporaryDirectory() as tmp:
             return distill_student(policy_type, nfe, data, settings, seed, progress, init, tmp)
     cfg = train_config(policy_type, nfe, data, settings, seed, out_dir, progress)
-    sub = settings.student(policy_type)
-    c, h, w = data.shape
-    torch.manual_seed(_student_seed(seed, nfe, policy_type))
-    if policy_type == "GMFlow":
-        inner: ToyGMStudent | ToyDXStudent = ToyGMStudent(c, h, w, num_components=sub.size, hidden=settings.hidden)
-    else:
-        inner = ToyDXStudent(c, h, w, num_points=sub.size, hidden=settings.hidden)
-    student = SkipStudent(inner)
+    student = build_student(policy_type, nfe, data, settings, seed)
     if init is not None:
         student.load_state_dict(init.state_dict())
     teacher = ExactGMTeacher(data, num_train_timesteps=cfg.piid.num_train_timesteps)

@@ -17,7 +17,21 @@ from piflow_kernels.ops.dispatch import BACKENDS
 from piflow_kernels.outputs import POLICY_TYPES
 from piflow_kernels.timesteps import dynamic_shift
 
-__all__ = ["PiIDConfig", "teacher_ratio"]
+__all__ = ["DX_WINDOW_SUBSTEPS", "PiIDConfig", "teacher_ratio"]
+
+# The default pi-ID window of a DX policy, in substeps (docs/design.md#dx-policy). A DX velocity (x - x0) / sigma
+# read where a rollout of substep h ends, at sigma s, carries that substep's change of x0 divided by s: it grows as
+# h / s once s < h (a random unit-scale grid after 64 substeps per unit time: |u| = 115 at s = 1e-3, 1087 at 1e-4,
+# against a teacher velocity of order 1), and so do the loss's gradients, through d u / d grid = sigma_src / s.
+# The last matched state of a segment lies the window plus its own teacher interval (mean q * span / M) above the
+# segment's end; with a window of 0, as the teacher ratio q reaches 0 the states of the final segment reach sigma = 0:
+# the demo's DX student's gradient norm goes from 0.9 to 477 (window mean; max 9350) and its loss from 0.36 to 24
+# (bench/dx_stability.py). A window keeps every state at least that many substeps above sigma = 0, where the sampler
+# reads the policy (its last substep reads the velocity one substep above 0 and lands on x0 there). One substep
+# bounds the ratio but leaves sigma_src / sigma = 16 on the demo's final segment and a transient at the end of
+# mixing (loss x2, gradient norm x4); three, the official DX recipes' value (sigma >= 0.07, sigma_src / sigma <= 5 at
+# their shift 3.2 and 128 substeps), leave none.
+DX_WINDOW_SUBSTEPS = 3
 
 
 @dataclass
@@ -29,7 +43,9 @@ class PiIDConfig:
         policy_type: "GMFlow" or "DX".
         total_substeps: policy substeps per unit raw time for every rollout.
         num_intermediate_states: M, states per segment where the velocities are matched.
-        window_substeps: > 0 matches the policy's mean velocity over a window of that many substeps.
+        window_substeps: > 0 matches the policy's mean velocity over a window of that many substeps (of the
+            segment's own size) and keeps every matched state at least that far above the segment's end. None
+            (the default) resolves to 0 for GMFlow (the official default) and to :data:`DX_WINDOW_SUBSTEPS` for DX.
         gm_dropout: probability of dropping a component of the detached GM policy (GMFlow only).
         final_step_size_scale: f, the last segment is f times the others (segments 1 / (nfe - 1 + f)).
         shift: time shift of raw time -> sigma (ignored with ``use_dynamic_shifting``).
@@ -49,7 +65,7 @@ class PiIDConfig:
     policy_type: str = "GMFlow"
     total_substeps: int = 128
     num_intermediate_states: int = 2
-    window_substeps: int = 0
+    window_substeps: int | None = None
     gm_dropout: float = 0.0
     final_step_size_scale: float = 1.0
     shift: float = 1.0
@@ -89,12 +105,14 @@ class PiIDConfig:
         need_int("nfe", 1)
         need_int("total_substeps", 1)
         need_int("num_intermediate_states", 1)
-        need_int("window_substeps", 0)
         need_int("num_decay_iters", 0)
         need_int("base_seq_len", 1)
         need_int("max_seq_len", 1)
         if self.policy_type not in POLICY_TYPES:
             raise ValueError(f"PiIDConfig.policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}")
+        if self.window_substeps is None:  # resolved here: to_dict() and a resumed run see the value used
+            self.window_substeps = DX_WINDOW_SUBSTEPS if self.policy_type == "DX" else 0
+        need_int("window_substeps", 0)
         need_real("gm_dropout")
         if not 0.0 <= self.gm_dropout < 1.0:
             raise ValueError(f"PiIDConfig.gm_dropout must lie in [0, 1), got {self.gm_dropout}")

@@ -71,6 +71,42 @@ def test_dx_velocity_matches_reference(impl, case, poisoned):
         assert rel_err(g, g_ref) <= TOL["grad"][dtype], name
 
 
+EDGE_SIGMA_SRCS = (0.0, 1e-6, 1e-4, 1e-2, 1.0)
+EDGE_RATIOS = (1.0, 0.5, 1e-3, 0.0)  # sigma / sigma_src
+
+
+@pytest.mark.parametrize("ratio", EDGE_RATIOS, ids=lambda r: f"ratio{r:g}")
+@pytest.mark.parametrize("sigma_src", EDGE_SIGMA_SRCS, ids=lambda s: f"ssrc{s:g}")
+@pytest.mark.parametrize("mode", ["grid", "polynomial"])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
+def test_dx_velocity_exact_at_tiny_sigma_src(impl, mode, sigma_src, ratio, poisoned):
+    """sigma_src in [0, 1], sigma in [0, sigma_src], x within sigma_src of x_src (where the policy is read): the
+    fast paths hold the float64 answer to the plain tolerance, forward and gradients. They form
+    (x - x_src) - (sum_n w_n - 1) x_src + s_src sum_n w_n grid_n; x0 = (sum_n w_n) x_src - ... first, as the
+    literal float32 reference does, loses its rounding divided by sigma (the reference is off by 2e-2 to 5e-2
+    at sigma_src = 1e-6, the earlier twin by up to 6e-2 in polynomial mode)."""
+    dev = device_for(impl)
+    gen = torch.Generator().manual_seed(int(1e3 * EDGE_SIGMA_SRCS.index(sigma_src) + 10 * EDGE_RATIOS.index(ratio)))
+    b, n, c, length = 3, 5, 6, 7
+    grid, x_src = torch.randn(b, n, c, length, generator=gen), torch.randn(b, c, length, generator=gen)
+    x = x_src + max(sigma_src, 1e-3) * torch.randn(b, c, length, generator=gen)
+    s_src = torch.full((b,), sigma_src)
+    sigma = s_src * ratio
+    leaves = [t.to(dev).requires_grad_(True) for t in (x, grid, x_src)]
+    u = implementation("dx_velocity", impl)(leaves[0], sigma.to(dev), dx_flat(*leaves[1:], s_src.to(dev), 0.5, 3.0, mode))
+    leaves64 = [t.double().requires_grad_(True) for t in (x, grid, x_src)]
+    u64 = ref_dx_velocity(leaves64[0], sigma, leaves64[1], leaves64[2], s_src, 0.5, 3.0, mode)
+    assert rel_err(u, u64) <= TOL["velocity"][torch.float32]
+    grad_u = torch.randn(u.shape, generator=gen)
+    grads = torch.autograd.grad(u, leaves, grad_u.to(dev))
+    grads64 = torch.autograd.grad(u64, leaves64, grad_u.double())
+    for name, g, g64 in zip(("x", "grid", "x_src"), grads, grads64):
+        if float(g64.abs().max()) > 0:
+            assert rel_err(g, g64) <= TOL["grad"][torch.float32], name
+        else:  # sigma_src = 0: the grid does not move x0
+            assert float(g.abs().max()) == 0.0, name
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dx_velocity_grad_only_for_grid(impl, poisoned):
     """Only the grid requires grad: the backward computes that gradient alone and it is right."""

@@ -3,6 +3,8 @@
 At raw time r the policy's x0 is a weighted sum of the grid's x0 points, x0_n = x_src - s_src * grid_n
 (docs/design.md, [eq:dx-velocity]):
     x0 = (sum_n w_n) x_src - s_src * sum_n w_n grid_n
+evaluated as x - x0 = (x - x_src) - (sum_n w_n - 1) x_src + s_src * sum_n w_n grid_n, so that a tiny sigma_src
+does not turn the rounding of x0 into a velocity error,
 with hat weights w_n = max(0, 1 - |p - n|), p = clamp((r - r_dst) / seg, 0, 1) * (N - 1) (linear
 interpolation between floor(p) and floor(p) + 1), or w_n = (r_src - r)^n in polynomial mode
 ([eq:dx-polynomial]).
@@ -47,10 +49,15 @@ def dx_velocity_torch(x: torch.Tensor, sigma: torch.Tensor, policy: DXTensors) -
     grid, x_src, sigma_src, segment = policy
     s = sigma.float()
     w = dx_weights(s, grid.shape[1], _float_segment(segment, torch.float32))
-    xf = x.float()
-    x0 = w.sum(1)[:, None, None] * x_src.float()
-    x0 = x0 - sigma_src.float()[:, None, None] * torch.einsum("bn,bncl->bcl", w, grid.float())
-    return ((xf - x0) / s.clamp(min=DX_EPS)[:, None, None]).to(x.dtype)
+    xs = x_src.float()
+    # x - x0 = (x - x_src) - (sum_n w_n - 1) x_src + s_src sum_n w_n grid_n, formed in that order: x0 itself is
+    # within a rounding of x_src when sigma_src is tiny, and (x - x0) / sigma would then carry that rounding
+    # divided by sigma. The hat weights sum to exactly 1; the polynomial ones to 1 + sum_{n >= 1} (r_src - r)^n.
+    d = x.float() - xs
+    if segment.polynomial and grid.shape[1] > 1:
+        d = d - w[:, 1:].sum(1)[:, None, None] * xs
+    d = d + sigma_src.float()[:, None, None] * torch.einsum("bn,bncl->bcl", w, grid.float())
+    return (d / s.clamp(min=DX_EPS)[:, None, None]).to(x.dtype)
 
 
 @torch.no_grad()

@@ -40,19 +40,24 @@ def _dx_velocity_fwd_kernel(
     BLOCK_L: tl.constexpr,
 ):
     i_b, o_l, m_l, o_n = _dx_program(L, BLOCK_N, BLOCK_L)
-    s_src, s_c, b_w, w_sum = _dx_step_weights(p_sigma, p_ssrc, p_rsrc, p_rdst, p_seg, i_b, stride_sig, stride_ss, stride_rs,
+    s_src, s_c, b_w, _ = _dx_step_weights(p_sigma, p_ssrc, p_rsrc, p_rdst, p_seg, i_b, stride_sig, stride_ss, stride_rs,
                                               stride_rd, stride_seg, shift, o_n, N, POLYNOMIAL)  # fmt: skip
     # grid points with zero weight are never read: in grid mode only two rows of the tile move
     m_g = ((o_n < N) & (b_w != 0.0))[:, None] & m_l[None, :]
     o_g = o_n.to(tl.int64)[:, None] * stride_gn + o_l[None, :] * stride_gl
+    # x - x0 = (x - x_src) - (sum_n w_n - 1) x_src + s_src sum_n w_n grid_n (the torch twin's order): the hat
+    # weights sum to exactly 1, the polynomial ones to 1 + sum_{n >= 1} w_n, taken without the rounding of 1 + ...
+    if POLYNOMIAL:
+        w_rest = tl.sum(tl.where(o_n > 0, b_w, 0.0), axis=0)
+    else:
+        w_rest = 0.0
 
     for c in range(C):
         c64 = tl.cast(c, tl.int64)
         b_x = tl.load(p_x + i_b * stride_xb + c64 * stride_xc + o_l * stride_xl, mask=m_l, other=0.0).to(tl.float32)
         b_xs = tl.load(p_xs + i_b * stride_sb + c64 * stride_sc + o_l * stride_sl, mask=m_l, other=0.0).to(tl.float32)
         b_g = tl.load(p_grid + i_b * stride_gb + c64 * stride_gc + o_g, mask=m_g, other=0.0).to(tl.float32)
-        b_x0 = w_sum * b_xs - s_src * tl.sum(b_w[:, None] * b_g, axis=0)
-        b_u = (b_x - b_x0) / s_c
+        b_u = ((b_x - b_xs) - w_rest * b_xs + s_src * tl.sum(b_w[:, None] * b_g, axis=0)) / s_c
         tl.store(p_u + (i_b * C + c64) * L + o_l, b_u.to(p_u.dtype.element_ty), mask=m_l)
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +114,21 @@ def read_text(path: PathLike, what: str = "text file") -> str:
         raise _damaged(p, what, "not UTF-8 text", err) from err
 
 
-def read_json(path: PathLike, what: str = "JSON file") -> Any:
-    """The parsed JSON document (an empty file is a DamagedFileError)."""
+def _read_document(path: PathLike, what: str, parse: Callable[[str], Any], error: type[Exception], kind: str) -> Any:
+    """``parse`` of the file's text; an empty (or blank) file or an ``error`` of ``parse`` is a DamagedFileError."""
     p = Path(path)
     text = read_text(p, what)
     if not text.strip():
         raise _damaged(p, what, "empty file")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _damaged(p, what, "invalid JSON", err) from err
+        return parse(text)
+    except error as err:
+        raise _damaged(p, what, f"invalid {kind}", err) from err
+
+
+def read_json(path: PathLike, what: str = "JSON file") -> Any:
+    """The parsed JSON document (an empty file is a DamagedFileError)."""
+    return _read_document(path, what, json.loads, json.JSONDecodeError, "JSON")
 
 
 def read_toml(path: PathLike, what: str = "TOML file") -> dict[str, Any]:
@@ -138,14 +144,7 @@ def read_toml(path: PathLike, what: str = "TOML file") -> dict[str, Any]:
             import tomli as tomllib
         except ModuleNotFoundError:
             raise ModuleNotFoundError("reading TOML files on Python < 3.11 needs the tomli package") from None
-    p = Path(path)
-    text = read_text(p, what)
-    if not text.strip():
-        raise _damaged(p, what, "empty file")
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise _damaged(p, what, "invalid TOML", err) from err
+    return _read_document(path, what, tomllib.loads, tomllib.TOMLDecodeError, "TOML")
 
 
 def load_safetensors(

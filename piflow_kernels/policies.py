@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -48,6 +49,8 @@ __all__ = ["GMFlowPolicy", "DXPolicy"]
 # float32, a warp/unwarp round trip). There the GM posterior has d_k = 1 - 2e-6 * (1 - s) * exp(2 logstd_k) to
 # first order: still about 1 for stds up to the hundreds (students predict stds of order 1).
 SIGMA_SRC_RTOL = 1e-6
+
+_P = TypeVar("_P", bound="_PolicyBase")
 
 
 def _no_autocast(device: torch.device):
@@ -97,6 +100,26 @@ class _PolicyBase:
         if sigma.device.type != "cpu":  # as_sigma checked [0, 1] on CPU tensors already
             check_unit_interval(name, sigma)
         check_sigma_at_most(name, sigma, "sigma_src", self.sigma_src, SIGMA_SRC_RTOL)
+
+    @staticmethod
+    def _check_stacked(name: str, t: torch.Tensor, x_src: torch.Tensor, count: str) -> int:
+        """``t`` of shape (B, ``count``, C, *S) for ``x_src`` of shape (B, C, *S); returns its size along dim 1."""
+        b, c, *spatial = x_src.shape
+        check_shape(name, t, [b, None, c, *spatial], f"(B, {count}, C, *S) = ({b}, {count}, {c}, {', '.join(map(str, spatial))})")
+        return t.shape[1]
+
+    def _check_source(self) -> None:
+        """The data checks of x_src and sigma_src (as_sigma checked the range of a CPU sigma_src already)."""
+        check_finite("x_src", self.x_src)
+        if self.x_src.device.type != "cpu":
+            check_unit_interval("sigma_src", self.sigma_src)
+
+    def _replace(self: _P, **changes: torch.Tensor) -> _P:
+        """A copy of this policy (same backend and validation settings) with some attributes replaced."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
     def _plan(self, x_start, sigma_start, sigma_end, total_substeps, shift) -> tuple[torch.Tensor, RolloutPlan]:
         x_start = self._check_x("x_start", x_start)
@@ -209,14 +232,7 @@ class GMFlowPolicy(_PolicyBase):
         logstds = check_float_tensor("logstds", logstds)
         b, c, *spatial = x_src.shape
         nd = len(spatial)
-        if means.dim() != x_src.dim() + 1:
-            raise ValueError(
-                f"means must have shape (B, K, C, *S) = ({b}, K, {c}, {', '.join(map(str, spatial))}), "
-                f"got {tuple(means.shape)}"
-            )
-        k = means.shape[1]
-        what = f"(B, K, C, *S) = ({b}, K, {c}, {', '.join(map(str, spatial))})"
-        check_shape("means", means, [b, None, c, *spatial], what)
+        k = self._check_stacked("means", means, x_src, "K")
         if k < 1:
             raise ValueError("means must have at least one component (K >= 1)")
         sp = ", ".join(map(str, spatial))
@@ -241,20 +257,12 @@ class GMFlowPolicy(_PolicyBase):
             check_finite("means", means)
             check_logweights("logweights", logweights)
             check_finite("logstds", logstds)
-            check_finite("x_src", x_src)
-            if device.type != "cpu":
-                check_unit_interval("sigma_src", self.sigma_src)
+            self._check_source()
         self._resolve(backend, device)
 
     @property
     def num_components(self) -> int:
         return self.means.shape[1]
-
-    def _replace(self, **changes: torch.Tensor) -> GMFlowPolicy:
-        new = GMFlowPolicy.__new__(GMFlowPolicy)
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(changes)
-        return new
 
     def _tensors(self) -> GMTensors:
         """The policy in the flat layout of the ops (:mod:`piflow_kernels.ops.records`)."""
@@ -367,13 +375,8 @@ class DXPolicy(_PolicyBase):
         self.validate = check_validate(validate)
         x_src = check_latent("x_src", x_src)
         grid = check_float_tensor("grid", grid)
-        b, c, *spatial = x_src.shape
-        if grid.dim() != x_src.dim() + 1:
-            raise ValueError(
-                f"grid must have shape (B, N, C, *S) = ({b}, N, {c}, {', '.join(map(str, spatial))}), got {tuple(grid.shape)}"
-            )
-        check_shape("grid", grid, [b, None, c, *spatial], f"(B, N, C, *S) = ({b}, N, {c}, {', '.join(map(str, spatial))})")
-        if grid.shape[1] < 1:
+        b = x_src.shape[0]
+        if self._check_stacked("grid", grid, x_src, "N") < 1:
             raise ValueError("grid must have at least one point (N >= 1)")
         if mode not in ("grid", "polynomial"):
             raise ValueError(f"mode must be 'grid' or 'polynomial', got {mode!r}")
@@ -389,9 +392,7 @@ class DXPolicy(_PolicyBase):
         self.mode = mode
         if self._validating():
             check_finite("grid", grid)
-            check_finite("x_src", x_src)
-            if device.type != "cpu":
-                check_unit_interval("sigma_src", self.sigma_src)
+            self._check_source()
         self.r_src = unwarp(self.sigma_src, self.shift)
         self.r_dst = (self.r_src - segment_size).clamp(min=0.0)
         self.seg = (self.r_src - self.r_dst).clamp(min=DX_EPS)
@@ -405,12 +406,6 @@ class DXPolicy(_PolicyBase):
     def sigma_dst(self) -> torch.Tensor:
         """(B,) noise level at the end of the policy's segment."""
         return self.shift * self.r_dst / (1 + (self.shift - 1) * self.r_dst)
-
-    def _replace(self, **changes) -> DXPolicy:
-        new = DXPolicy.__new__(DXPolicy)
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(changes)
-        return new
 
     def _tensors(self) -> DXTensors:
         """The policy in the flat layout of the ops (:mod:`piflow_kernels.ops.records`)."""

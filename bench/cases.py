@@ -8,7 +8,7 @@ from which the roofline time is max(bytes / copy bandwidth, flops / fp32 peak).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -74,40 +74,51 @@ def cost(case: Case, element_size: int = 4) -> tuple[float, float]:
     raise ValueError(f"unknown case kind {case.kind!r}")
 
 
+def _table(train: Case, flux: Case, video: Case, dx_grid: int, velocity_tags: tuple[str, ...] = ()) -> list[Case]:
+    """A table's five workloads in its order: the GM rollouts at the training, FLUX and video shapes, then a DX
+    rollout (``dx_grid`` grid points) and a GM velocity forward+backward at the training shape."""
+    return [
+        train,
+        flux,
+        video,
+        replace(train, kind="dx_rollout", components=dx_grid, tags=()),
+        replace(train, kind="gm_velocity_fwd_bwd", substeps=1, tags=velocity_tags),
+    ]
+
+
 def case_list(device: str, quick: bool) -> list[Case]:
     """The benchmark table's cases for a device ("cpu" or "cuda"), full or quick."""
     if device == "cuda" and not quick:
-        return [
+        return _table(
             Case("imagenet-train", "gm_rollout", 512, 32, 4, (32, 32), 128, tags=("target-train",)),
             Case("flux-1024", "gm_rollout", 1, 8, 16, (128, 128), 32, shift=3.0, tags=("target-flux",)),
             Case("video-5d", "gm_rollout", 1, 8, 16, (8, 40, 40), 32, shift=3.0),
-            Case("imagenet-train", "dx_rollout", 512, 10, 4, (32, 32), 128),
-            Case("imagenet-train", "gm_velocity_fwd_bwd", 512, 32, 4, (32, 32), tags=("target-velocity",)),
-        ]
+            dx_grid=10,
+            velocity_tags=("target-velocity",),
+        )
     if device == "cuda":
-        return [
+        return _table(
             Case("imagenet-train-q", "gm_rollout", 64, 32, 4, (32, 32), 128),
             Case("flux-512", "gm_rollout", 1, 8, 16, (64, 64), 32, shift=3.0),
             Case("video-5d-q", "gm_rollout", 1, 8, 16, (4, 20, 20), 32, shift=3.0),
-            Case("imagenet-train-q", "dx_rollout", 64, 10, 4, (32, 32), 128),
-            Case("imagenet-train-q", "gm_velocity_fwd_bwd", 64, 32, 4, (32, 32)),
-        ]
+            dx_grid=10,
+        )
     if not quick:
         return [
             Case("cpu-target", "gm_rollout", 16, 32, 4, (32, 32), 128, tags=("target-cpu",)),
-            Case("imagenet-train", "gm_rollout", 64, 32, 4, (32, 32), 128),
-            Case("flux-1024", "gm_rollout", 1, 8, 16, (128, 128), 32, shift=3.0),
-            Case("video-5d", "gm_rollout", 1, 8, 16, (8, 40, 40), 32, shift=3.0),
-            Case("imagenet-train", "dx_rollout", 64, 10, 4, (32, 32), 128),
-            Case("imagenet-train", "gm_velocity_fwd_bwd", 64, 32, 4, (32, 32)),
+            *_table(
+                Case("imagenet-train", "gm_rollout", 64, 32, 4, (32, 32), 128),
+                Case("flux-1024", "gm_rollout", 1, 8, 16, (128, 128), 32, shift=3.0),
+                Case("video-5d", "gm_rollout", 1, 8, 16, (8, 40, 40), 32, shift=3.0),
+                dx_grid=10,
+            ),
         ]
-    return [
+    return _table(
         Case("tiny-train", "gm_rollout", 4, 8, 4, (16, 16), 32),
         Case("tiny-flux", "gm_rollout", 1, 8, 16, (24, 24), 8, shift=3.0),
         Case("tiny-video", "gm_rollout", 1, 4, 16, (2, 8, 8), 8, shift=3.0),
-        Case("tiny-train", "dx_rollout", 4, 5, 4, (16, 16), 32),
-        Case("tiny-train", "gm_velocity_fwd_bwd", 4, 8, 4, (16, 16)),
-    ]
+        dx_grid=5,
+    )
 
 
 def gm_inputs(case: Case, device: str | torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:

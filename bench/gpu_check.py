@@ -78,6 +78,13 @@ def part_pytest(state: dict, device: str, quick: bool, deadline: float, log) -> 
 # ------------------------------------------------------------------------------------------ benchmark
 
 
+def _kernel_rows(g, f, v, d) -> list:
+    """The rows every plan starts with: the training (g) and FLUX (f) GM rollouts, the GM velocity (v) and
+    the DX rollout (d), each in eager and Triton (the velocity also in the torch backend)."""
+    return [(g, "eager"), (g, "triton"), (f, "eager"), (f, "triton"), (v, "eager"), (v, "triton"), (v, "torch"),
+            (d, "eager"), (d, "triton")]  # fmt: skip
+
+
 def bench_plan(device: str, quick: bool):
     from bench.cases import Case, case_list
 
@@ -86,28 +93,14 @@ def bench_plan(device: str, quick: bool):
         f = Case("dry-flux", "gm_rollout", 1, 4, 8, (8, 8), 4, shift=3.0, tags=("target-flux",))
         d = Case("dry-train", "dx_rollout", 2, 4, 4, (8, 8), 8)
         v = Case("dry-train", "gm_velocity_fwd_bwd", 2, 4, 4, (8, 8), tags=("target-velocity",))
-        return [(g, "eager"), (g, "triton"), (f, "eager"), (f, "triton"), (v, "eager"), (v, "triton"), (v, "torch"),
-                (d, "eager"), (d, "triton"), (g, "compile")]  # fmt: skip
+        return [*_kernel_rows(g, f, v, d), (g, "compile")]
     cases = {(c.name, c.kind): c for c in case_list(device, quick)}
     names = [n for n, _ in cases]
     train, flux, video = names[0], names[1], names[2]
-    plan = [
-        (cases[(train, "gm_rollout")], "eager"),
-        (cases[(train, "gm_rollout")], "triton"),
-        (cases[(flux, "gm_rollout")], "eager"),
-        (cases[(flux, "gm_rollout")], "triton"),
-        (cases[(train, "gm_velocity_fwd_bwd")], "eager"),
-        (cases[(train, "gm_velocity_fwd_bwd")], "triton"),
-        (cases[(train, "gm_velocity_fwd_bwd")], "torch"),
-        (cases[(train, "dx_rollout")], "eager"),
-        (cases[(train, "dx_rollout")], "triton"),
-        (cases[(video, "gm_rollout")], "eager"),
-        (cases[(video, "gm_rollout")], "triton"),
-        # torch.compile costs tens of seconds per shape: last, while the budget lasts
-        (cases[(train, "gm_rollout")], "compile"),
-        (cases[(flux, "gm_rollout")], "compile"),
-    ]
-    return plan
+    g, f, vid = cases[(train, "gm_rollout")], cases[(flux, "gm_rollout")], cases[(video, "gm_rollout")]
+    v, d = cases[(train, "gm_velocity_fwd_bwd")], cases[(train, "dx_rollout")]
+    # torch.compile costs tens of seconds per shape: last, while the budget lasts
+    return [*_kernel_rows(g, f, v, d), (vid, "eager"), (vid, "triton"), (g, "compile"), (f, "compile")]
 
 
 def part_benchmark(state: dict, device: str, quick: bool, deadline: float, log) -> None:

@@ -41,14 +41,16 @@ import torch
 from bench import official_style
 from bench.step_timing import (
     Clock,
+    add_threads_flag,
     machine,
     median,
     median_index,
-    pick_device,
-    require_diffusers,
+    parse_step_args,
+    pick_variants,
+    step_main,
+    step_parser,
     target,
-    targets_text,
-    write_json,
+    targets_lines,
 )
 from bench.timing import time_fn
 
@@ -68,16 +70,13 @@ FLUX_DEV_CONFIG = dict(
 )
 #: the same architecture at toy size (runs in seconds on a CPU)
 TINY_CONFIG = dict(
-    patch_size=1,
-    in_channels=64,
-    out_channels=None,
+    FLUX_DEV_CONFIG,
     num_layers=1,
     num_single_layers=1,
     attention_head_dim=16,
     num_attention_heads=2,
     joint_attention_dim=32,
     pooled_projection_dim=16,
-    guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),
 )
 FULL_SHAPE = dict(latent=(16, 128, 128), text_len=512)
@@ -233,7 +232,9 @@ def _substeps(schedule: Any, total_substeps: int) -> list[int]:
     return out
 
 
-def run(args: argparse.Namespace, device: str, diffusers: Any, log: Callable[[str], None] = print) -> dict:
+def run(args: argparse.Namespace, device: str, log: Callable[[str], None] = print) -> dict:
+    import diffusers
+
     import piflow_kernels as pk
     from piflow_kernels.layouts import image_to_packed
     from piflow_kernels.sampling import flowmap_schedule, flowmap_step, policy_from_output
@@ -249,10 +250,7 @@ def run(args: argparse.Namespace, device: str, diffusers: Any, log: Callable[[st
     if hgt % 2:
         raise SystemExit(f"error: --latent-hw must be even (2x2 packed tokens), got {hgt}")
     tokens = (hgt // 2) * (wid // 2)
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    variants = pick_variants(args.variants, VARIANTS)
     skipped = {v: "CUDA graphs need a CUDA device" for v in variants if v.endswith("+graph") and device != "cuda"}
     variants = [v for v in variants if v not in skipped]
 
@@ -264,7 +262,7 @@ def run(args: argparse.Namespace, device: str, diffusers: Any, log: Callable[[st
             text_len=text_len, num_steps=NUM_STEPS, num_components=args.num_components, scheduler=SCHEDULER,
             guidance=GUIDANCE, repeats=args.repeats, compile_mode=args.compile_mode,
             compile_scope="each FluxTransformerBlock / FluxSingleTransformerBlock (regional)",
-            timer="CUDA events (device timeline)" if device == "cuda" else "time.perf_counter",
+            timer=clock.timer,
         ),  # fmt: skip
         variants={},
         skipped_variants=skipped,
@@ -487,16 +485,12 @@ def format_report(doc: dict) -> str:
                      f"share {100 * proj['policy_share']:.2f}%")  # fmt: skip
     checks = [f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in doc["checks"].items()]
     lines.append("checks: " + ", ".join(checks))
-    dry = " (dry run: CPU, the verdicts are not judged)" if doc["device"] != "cuda" else ""
-    lines += ["", "targets:" + dry, targets_text(doc["targets"], doc["device"])]
+    lines += targets_lines(doc)
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.sample_step", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=".", help="folder for sample_step.json (default: the current one)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
-    p.add_argument("--tiny", action="store_true", help="a toy FLUX config (1 + 1 blocks, 2 heads of 16, 8x8 latent)")
+    p = step_parser("sample_step", __doc__, "a toy FLUX config (1 + 1 blocks, 2 heads of 16, 8x8 latent)")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: eager,compiled,compiled+graph on "
                         "CUDA, eager on CPU)")  # fmt: skip
@@ -509,36 +503,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-teacher-baseline", dest="teacher_baseline", action="store_false",
                    help="skip the 4 bare calls of the stock transformer before the conversion")  # fmt: skip
     p.add_argument("--target-ms", type=float, default=None, help="time per isolated policy-step measurement")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --tiny on CPU, else torch's)")
+    add_threads_flag(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--commit", default=None, help="git commit to record (the copy may have no .git)")
-    return p.parse_args(argv)
+    return parse_step_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available (use --device cpu --tiny for a dry run)", file=sys.stderr)
-        return 2
-    if args.variants is None:
-        args.variants = "eager,compiled,compiled+graph" if device == "cuda" else "eager"
-    if args.repeats is None:
-        args.repeats = 5 if device == "cuda" else 3
-    if args.target_ms is None:
-        args.target_ms = 300.0 if device == "cuda" else 30.0
-    if args.threads is None and args.tiny and device == "cpu":
-        args.threads = 1  # toy shapes: threads only add synchronisation (and stall on a shared machine)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    diffusers = require_diffusers("bench.sample_step", "FluxTransformer2DModel and pk.build_student")
-    if diffusers is None:
-        return 2
-    doc = run(args, device, diffusers)
-    print(format_report(doc))
-    path = write_json(doc, args.out, "sample_step.json")
-    print(f"wrote {path}")
-    return 0
+    return step_main(parse_args(argv), "sample_step", "FluxTransformer2DModel and pk.build_student", run, format_report,
+                     variants=("eager,compiled,compiled+graph", "eager"), repeats=(5, 3), target_ms=(300.0, 30.0))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What ``bench.sample_step`` and ``bench.train_step`` share: the clock, timed spans, the diffusers check, the report.
+"""What ``bench.sample_step`` and ``bench.train_step`` share: the clock, timed spans, the command line, the
+diffusers check, the report.
 
 Timing: on CUDA every mark is a CUDA event recorded on the current stream, so an interval is device
 time between two points of the stream (device idle time while the host is behind included); on CPU a
@@ -13,6 +14,7 @@ mark is ``time.perf_counter()``. Intervals are read only after :meth:`Clock.sync
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -20,7 +22,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,6 +38,8 @@ class Clock:
     def __init__(self, device: str) -> None:
         self.device = device
         self.cuda = device == "cuda"
+        #: what the marks are, for the JSON document's config
+        self.timer = "CUDA events (device timeline)" if self.cuda else "time.perf_counter"
 
     def mark(self) -> Any:
         if self.cuda:
@@ -100,6 +104,72 @@ def pick_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def step_parser(script: str, doc: str, tiny_help: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m bench.<script>`` with the flags it takes first: --out, --device and --tiny."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{script}", description=doc.splitlines()[0])
+    p.add_argument("--out", default=".", help=f"folder for {script}.json (default: the current one)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--tiny", action="store_true", help=tiny_help)
+    return p
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --tiny on CPU, else torch's)")
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Adds the flag every step benchmark takes last (--commit), then parses ``argv``."""
+    p.add_argument("--commit", default=None, help="git commit to record (the copy may have no .git)")
+    return p.parse_args(argv)
+
+
+def step_main(
+    args: argparse.Namespace,
+    script: str,
+    what: str,
+    run: Callable[[argparse.Namespace, str], dict],
+    report: Callable[[dict], str],
+    **defaults: tuple[Any, Any],
+) -> int:
+    """A step benchmark's ``main`` once its flags are parsed; returns the exit status.
+
+    The device (``args.device``, :func:`pick_device`); each unset ``args.<name>`` of ``defaults`` set to its
+    (CUDA, CPU) value; the CPU threads (``args.threads``; 1 for ``args.tiny`` on CPU when unset); diffusers
+    (``what`` says what for); then ``doc = run(args, device)``, ``report(doc)`` printed and ``doc`` written to
+    ``args.out/<script>.json``. Status 2, after printing why, without CUDA for ``--device cuda`` or without diffusers.
+    """
+    device = pick_device(args.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available (use --device cpu --tiny for a dry run)", file=sys.stderr)
+        return 2
+    for name, (on_cuda, on_cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if device == "cuda" else on_cpu)
+    if args.threads is None and args.tiny and device == "cpu":
+        args.threads = 1  # toy shapes: threads only add synchronisation (and stall on a shared machine)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if require_diffusers(f"bench.{script}", what) is None:
+        return 2
+    doc = run(args, device)
+    print(report(doc))
+    path = write_json(doc, args.out, f"{script}.json")
+    print(f"wrote {path}")
+    return 0
+
+
+def pick_variants(text: str, known: tuple[str, ...]) -> list[str]:
+    """The comma-separated variant names of ``text``, each one of ``known`` (else exits with an error)."""
+    variants = [v for v in text.split(",") if v]
+    for v in variants:
+        if v not in known:
+            raise SystemExit(f"error: unknown variant {v!r}; choose from {', '.join(known)}")
+    return variants
+
+
 def require_diffusers(script: str, what: str) -> Any | None:
     """diffusers, or None after printing what to install (the GPU image has torch and triton only)."""
     if importlib.util.find_spec("diffusers") is None:
@@ -158,6 +228,12 @@ def targets_text(targets: list[dict], device: str) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:.3g}"
         lines.append(f"  [dry run] {t['name']}: {value} (threshold {t['threshold']})")
     return "\n".join(lines)
+
+
+def targets_lines(doc: dict) -> list[str]:
+    """The report's last lines: the targets of ``doc``, headed as a dry run off CUDA."""
+    dry = " (dry run: CPU, the verdicts are not judged)" if doc["device"] != "cuda" else ""
+    return ["", "targets:" + dry, targets_text(doc["targets"], doc["device"])]
 
 
 def median(values: list[float]) -> float | None:

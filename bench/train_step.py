@@ -47,13 +47,15 @@ from bench import official_style
 from bench.step_timing import (
     Clock,
     Spans,
+    add_threads_flag,
     machine,
     median_index,
-    pick_device,
-    require_diffusers,
+    parse_step_args,
+    pick_variants,
+    step_main,
+    step_parser,
     target,
-    targets_text,
-    write_json,
+    targets_lines,
 )
 
 #: DiT-XL/2 at ImageNet 256 (latents 4 x 32 x 32), as diffusers' DiTTransformer2DModel takes it
@@ -268,10 +270,7 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None] = prin
     from piflow_kernels.distill import Trainer
 
     clock = Clock(device)
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-        if v not in VARIANTS:
-            raise SystemExit(f"error: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    variants = pick_variants(args.variants, VARIANTS)
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:  # the trainer writes nothing here
         cfg = train_config(args, device, tmp)
         t0 = time.perf_counter()
@@ -287,7 +286,7 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None] = prin
                         num_components=cfg.student.num_components, piid=cfg.piid.to_dict(), mode=cfg.data.mode,
                         guidance_scale=cfg.teacher.guidance_scale, autocast_bf16=trainer.use_autocast,
                         warmup=args.warmup, iters=args.iters,
-                        timer="CUDA events (device timeline)" if device == "cuda" else "time.perf_counter"),  # fmt: skip
+                        timer=clock.timer),  # fmt: skip
             build_s=build_s,
             student_parameters=sum(p.numel() for p in student.parameters()),
             variants={},
@@ -359,16 +358,12 @@ def format_report(doc: dict) -> str:
         lines.append(row("peak MiB above start", "peak_mem_above_start_mib", "16.1f"))
     calls = doc["variants"][names[0]]["calls"] if names else {}
     lines.append(f"calls per iteration: {calls}")
-    dry = " (dry run: CPU, the verdicts are not judged)" if doc["device"] != "cuda" else ""
-    lines += ["", "targets:" + dry, targets_text(doc["targets"], doc["device"])]
+    lines += targets_lines(doc)
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=".", help="folder for train_step.json (default: the current one)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
-    p.add_argument("--tiny", action="store_true", help="a toy DiT (1 layer, 2 heads of 16, 4x8x8), B=4, K=4, 16 substeps")
+    p = step_parser("train_step", __doc__, "a toy DiT (1 layer, 2 heads of 16, 4x8x8), B=4, K=4, 16 substeps")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 3 on CUDA, 1 on CPU)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 5 on CUDA, 3 on CPU)")
@@ -381,32 +376,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gm-dropout", type=float, default=0.0)
     p.add_argument("--guidance-scale", type=float, default=1.0, help="!= 1: CFG teacher on timesteps [0, 600]")
     p.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto", help="auto: bf16 autocast on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --tiny on CPU, else torch's)")
-    p.add_argument("--commit", default=None, help="git commit to record (the copy may have no .git)")
-    return p.parse_args(argv)
+    add_threads_flag(p)
+    return parse_step_args(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available (use --device cpu --tiny for a dry run)", file=sys.stderr)
-        return 2
-    if args.warmup is None:
-        args.warmup = 3 if device == "cuda" else 1
-    if args.iters is None:
-        args.iters = 5 if device == "cuda" else 3
-    if args.threads is None and args.tiny and device == "cpu":
-        args.threads = 1  # toy shapes: threads only add synchronisation (and stall on a shared machine)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if require_diffusers("bench.train_step", "DiTTransformer2DModel and the students") is None:
-        return 2
-    doc = run(args, device)
-    print(format_report(doc))
-    path = write_json(doc, args.out, "train_step.json")
-    print(f"wrote {path}")
-    return 0
+    return step_main(parse_args(argv), "train_step", "DiTTransformer2DModel and the students", run, format_report,
+                     warmup=(3, 1), iters=(5, 3))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
   kernel module is imported, so it is set here, first (with a GPU the kernels are compiled).
 - ``cuda`` marker: tests that need a GPU are skipped when none is present (decided lazily, without
   CUDA calls at import time).
+- ``one_thread`` (per test) and ``one_thread_per_module`` run with one intra-op torch thread; ``eager_cpu`` also
+  turns torch.compile off (PIFLOW_COMPILE=0). Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``.
 - ``poison`` makes NaN-filled output buffers so an element a kernel never writes fails the test.
 - ``capture_cuda_graph`` records a callable into a CUDA graph after a warm-up call off the graph;
   ``compiled_step_error`` compiles a sampling step (velocity, then a rollout) with fullgraph=True.
@@ -41,6 +43,34 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+def _single_intra_op_thread():
+    """Tiny tensors: intra-op threads only add overhead, and stall badly on a busy machine (on a loaded 2-core
+    machine torch.softmax over a (2, 3, 1, 3, 3) tensor took 15 ms with two threads, 4 us with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (restored after it)."""
+    yield from _single_intra_op_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One intra-op torch thread for the whole module, its module-scoped fixtures included."""
+    yield from _single_intra_op_thread()
+
+
+@pytest.fixture
+def eager_cpu(monkeypatch, one_thread):
+    """torch.compile off (PIFLOW_COMPILE=0: what is tested does not depend on it, and a first compilation takes
+    about 30 s on a CPU) and one intra-op thread."""
+    monkeypatch.setenv("PIFLOW_COMPILE", "0")
 
 
 @pytest.fixture

@@ -14,31 +14,19 @@ import warnings
 
 import pytest
 import torch
-from test_trainer import small_config, state_of
+from test_trainer import make_trainer, state_of
 
 from piflow_kernels.distill import checkpoint as ckpt
-from piflow_kernels.distill.config import TrainConfig
-from piflow_kernels.distill.trainer import Trainer
 from piflow_kernels.files import DamagedFileError, sha256_file
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def trainer_for(out_dir, **changes) -> Trainer:
-    return Trainer(TrainConfig.from_dict(small_config(out_dir, **changes)))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def three_checkpoints(tmp_path_factory):
     """A run that stopped at iteration 3 after checkpointing iterations 1, 2 and 3."""
     out = tmp_path_factory.mktemp("run")
-    with trainer_for(out, max_iters=3, ckpt_every=1, keep_checkpoints=3) as trainer:
+    with make_trainer(out, max_iters=3, ckpt_every=1, keep_checkpoints=3) as trainer:
         trainer.train()
     return out
 
@@ -77,7 +65,7 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint_bit_exactly(tmp_path
     assert (damaged_run / "checkpoints" / "latest").read_text() == newest.name
     spoil(newest / name)
 
-    resumed = trainer_for(damaged_run, max_iters=5)
+    resumed = make_trainer(damaged_run, max_iters=5)
     with pytest.warns(UserWarning) as caught:
         assert resumed.resume()
     messages = [str(w.message) for w in caught]
@@ -85,7 +73,7 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint_bit_exactly(tmp_path
     assert resumed.iteration == 2
     resumed.train()
 
-    direct = trainer_for(direct_run, max_iters=5)
+    direct = make_trainer(direct_run, max_iters=5)
     direct.resume(direct_run / "checkpoints" / "iter_00000002")
     direct.train()
     a, b = state_of(resumed), state_of(direct)
@@ -116,7 +104,7 @@ def test_each_skipped_checkpoint_is_named_and_all_damaged_is_an_error(tmp_path, 
     assert str(info.value).startswith(f"{root}: no checkpoint under it verifies (")
     assert "iter_00000001" in str(info.value)
     with pytest.warns(UserWarning), pytest.raises(DamagedFileError):
-        trainer_for(run, max_iters=5).resume()  # rather than a fresh start that would overwrite them
+        make_trainer(run, max_iters=5).resume()  # rather than a fresh start that would overwrite them
 
 
 def test_a_garbled_latest_marker_is_ignored_with_a_warning(tmp_path, three_checkpoints):
@@ -136,7 +124,7 @@ def test_checkpoint_without_manifest_resumes_with_a_warning(tmp_path, three_chec
     root = run / "checkpoints"
     for folder in root.glob("iter_*"):
         (folder / ckpt.MANIFEST_NAME).unlink()
-    resumed = trainer_for(run, max_iters=4)
+    resumed = make_trainer(run, max_iters=4)
     with pytest.warns(UserWarning, match=r"iter_00000003 has no manifest\.json .* loaded without sha256 verification"):
         assert resumed.resume() and resumed.iteration == 3
     resumed.close()
@@ -172,7 +160,7 @@ def test_stale_partial_and_tmp_files_are_removed_by_the_next_save(tmp_path, thre
     keep = root / "notes.txt"
     keep.write_text("not ours to remove")
 
-    trainer = trainer_for(run, max_iters=4, ckpt_every=1, keep_checkpoints=3)
+    trainer = make_trainer(run, max_iters=4, ckpt_every=1, keep_checkpoints=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the stale files are no checkpoints: nothing to skip, nothing to say
         assert trainer.resume() and trainer.iteration == 3
@@ -192,7 +180,7 @@ def test_pruning_after_a_fallback_keeps_the_checkpoints_this_run_made(tmp_path, 
     shutil.copytree(root / "iter_00000003", root / "iter_00000006")  # a later checkpoint of an abandoned run
     truncate(root / "iter_00000006" / "state.pt")
     (root / "latest").write_text("iter_00000006")
-    trainer = trainer_for(run, max_iters=4, ckpt_every=1, keep_checkpoints=2)
+    trainer = make_trainer(run, max_iters=4, ckpt_every=1, keep_checkpoints=2)
     with pytest.warns(UserWarning, match="skipping checkpoint .*iter_00000006"):
         assert trainer.resume() and trainer.iteration == 3
     trainer.train()

@@ -23,13 +23,7 @@ from piflow_kernels.distill.lr_scheduler import lr_factor, warmup_factor
 from piflow_kernels.distill.seeding import stream_seed
 from piflow_kernels.distill.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(out_dir, **changes) -> dict:

@@ -25,13 +25,7 @@ from piflow_kernels.distill.optim import make_adamw, step_where
 from piflow_kernels.distill.run_log import RunLog
 from piflow_kernels.distill.trainer import NonFiniteError, Trainer, rollout_compile_pending
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inject_nan(monkeypatch, bad) -> None:

@@ -68,8 +68,11 @@ from piflow_kernels.ops.gm import native
 from piflow_kernels.ops.gm.torch_twin import gm_rollout_torch
 from piflow_kernels.ops.records import RolloutPlan
 
-# the Triton interpreter (numpy) warns where an fp16 output overflows, as the rule below allows
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+pytestmark = [
+    # the Triton interpreter (numpy) warns where an fp16 output overflows, as the rule below allows
+    pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread_per_module"),  # tiny tensors: one torch thread
+]
 
 _COMMON = dict(deadline=None, database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 # "ci": the same examples every run, and a failure reported as drawn: shrinking a Triton example (about 0.5 s each in
@@ -79,16 +82,6 @@ settings.register_profile("long", max_examples=3000, **_COMMON)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 CPU_SETTINGS = settings(PROFILE)
 TRITON_SETTINGS = settings(PROFILE, max_examples=max(1, PROFILE.max_examples // 5))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread for this module's tiny tensors: on a loaded 2-core machine torch.softmax over a (2, 3, 1, 3, 3)
-    tensor took 15 ms with two threads (intra-op parallelism waiting on a busy core), 4 us with one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,14 +8,7 @@ import torch
 
 from piflow_kernels.distill import CFGTeacher, DiffusersTeacher, ExactGMTeacher, GaussianMixtureData, as_velocity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and stall badly on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def gen(seed):

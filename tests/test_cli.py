@@ -9,18 +9,10 @@ import sys
 import types
 
 import pytest
-import torch
 
 from piflow_kernels.cli import main
 
-
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    monkeypatch.setenv("PIFLOW_COMPILE", "0")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("eager_cpu")
 
 
 def _records(out_dir) -> list[dict]:

@@ -68,13 +68,7 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def fast_cpu(monkeypatch):
-    monkeypatch.setenv("PIFLOW_COMPILE", "0")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("eager_cpu")
 
 
 def _free_port() -> int:

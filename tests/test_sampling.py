@@ -9,10 +9,10 @@ from piflow_kernels import DXOutput, GMFlowOutput
 from piflow_kernels import reference as R
 
 diffusers = pytest.importorskip("diffusers")  # the scheduler is a diffusers scheduler
-from test_scheduler import _eager_cpu_path  # noqa: E402, F401  (autouse: eager CPU path, one thread)
-
 from piflow_kernels.sampling import sample  # noqa: E402
 from piflow_kernels.scheduler import PiFlowScheduler  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("eager_cpu")  # as in test_scheduler: eager CPU path, one intra-op thread
 
 
 class TinyStudent:

@@ -18,16 +18,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput  # noqa: 
 
 from piflow_kernels.scheduler import PiFlowScheduler, PiFlowSchedulerOutput  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _eager_cpu_path(monkeypatch):
-    # the scheduler's semantics do not depend on torch.compile; skip its 30 s first compilation here
-    monkeypatch.setenv("PIFLOW_COMPILE", "0")
-    # tiny tensors: one intra-op thread (on a loaded machine, 2 threads made a (1, 3, 16) softmax 2000x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the scheduler's semantics do not depend on torch.compile: eager (no 30 s first compilation), one intra-op thread
+pytestmark = pytest.mark.usefixtures("eager_cpu")
 
 
 def gm_output(batch, k, c, spatial, per_component=False, seed=0):

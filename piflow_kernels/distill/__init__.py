@@ -13,40 +13,17 @@ Modules, one concern each: ``piid`` (the loss), ``teachers``, ``toy`` (students)
 
 from __future__ import annotations
 
+from piflow_kernels.distill import piid
 from piflow_kernels.distill.config import TrainConfig
 from piflow_kernels.distill.data import ExactDataSource, TensorDataSource
 from piflow_kernels.distill.metrics import energy_distance, knn_precision_recall, sliced_w2
-from piflow_kernels.distill.piid import (
-    PiIDConfig,
-    SegmentDraws,
-    draw_segment,
-    piid_data_free_segments,
-    piid_loss_data_dependent,
-    piid_segment_loss,
-    piid_segment_loss_from_draws,
-    policy_mean_velocity,
-    sample_segment_start,
-    segment_window,
-    student_policy,
-    teacher_ratio,
-)
+from piflow_kernels.distill.piid import *  # noqa: F403  (the names of piid.__all__, re-exported below)
 from piflow_kernels.distill.teachers import CFGTeacher, DiffusersTeacher, ExactGMTeacher, GaussianMixtureData, as_velocity
 from piflow_kernels.distill.toy import ToyDXStudent, ToyGMStudent, sinusoidal_embedding
 from piflow_kernels.distill.trainer import Trainer
 
 __all__ = [
-    "PiIDConfig",
-    "SegmentDraws",
-    "teacher_ratio",
-    "sample_segment_start",
-    "segment_window",
-    "draw_segment",
-    "student_policy",
-    "policy_mean_velocity",
-    "piid_segment_loss",
-    "piid_segment_loss_from_draws",
-    "piid_loss_data_dependent",
-    "piid_data_free_segments",
+    *piid.__all__,
     "GaussianMixtureData",
     "ExactGMTeacher",
     "CFGTeacher",

@@ -390,3 +390,22 @@ def test_int8_weight_only_base_takes_the_adapter(tmp_path):
             error = (got - want).norm() / want.norm()
             assert error < 2e-2, error
         assert torch.equal(student.trunk.norm_out.linear.weight, reference.trunk.norm_out.linear.weight)
+
+
+# ---------------------------------------------------------------------------- packaging
+
+
+def test_peft_comes_with_the_diffusers_extra_and_the_setup_probe():
+    """fuse=False is the default, so ``pip install piflow_kernels[diffusers]`` brings peft, and run.sh reinstalls the
+    test extras when it is missing."""
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.replace(" ", "").startswith("peft>=") for req in extras["diffusers"])
+    probe = (root / "run.sh").read_text().split("TEST_EXTRA_PROBE='", 1)[1].split("'", 1)[0]
+    assert "peft" in [name.strip() for line in probe.splitlines() if line.startswith("import ") for name in line[7:].split(",")]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import small_config, state_of
+from test_trainer import make_trainer, small_config, state_of
 
 from piflow_kernels.distill import checkpoint as ckpt
 from piflow_kernels.distill.config import TrainConfig
@@ -78,19 +78,14 @@ POINTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The final state of the same run, never killed."""
     out = tmp_path_factory.mktemp("whole")
-    with Trainer(TrainConfig.from_dict(small_config(out, max_iters=MAX_ITERS, ckpt_every=1))) as trainer:
+    with make_trainer(out, max_iters=MAX_ITERS, ckpt_every=1) as trainer:
         trainer.train()
         return state_of(trainer)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_trainer import make_trainer, record_host_reads, small_config, state_of
 
+import piflow_kernels.distill.startup as startup_mod
 import piflow_kernels.distill.trainer as trainer_mod
 from piflow_kernels.distill import checkpoint as ckpt
 from piflow_kernels.distill.config import ConfigError, OptimConfig, TrainConfig, run_changes
@@ -404,9 +405,9 @@ def test_the_automatic_backend_is_not_refused(tmp_path, monkeypatch):
 def test_the_compile_notice_is_logged_once_when_the_substep_will_compile(tmp_path, monkeypatch, capsys):
     # the trainer's view: no native loop, compilation on and not yet done (the rollouts themselves keep the real
     # dispatch, so nothing compiles for 30 s here)
-    monkeypatch.setattr(trainer_mod, "gm_native", types.SimpleNamespace(available=lambda: False))
+    monkeypatch.setattr(startup_mod, "gm_native", types.SimpleNamespace(available=lambda: False))
     monkeypatch.setattr(
-        trainer_mod, "gm_twin", types.SimpleNamespace(compile_enabled=lambda: True, last_compile_seconds=lambda: None)
+        startup_mod, "gm_twin", types.SimpleNamespace(compile_enabled=lambda: True, last_compile_seconds=lambda: None)
     )
     monkeypatch.setattr(trainer_mod, "_NOTICED", set())
     cfg = TrainConfig.from_dict(small_config(tmp_path, max_iters=2))
@@ -425,9 +426,9 @@ def test_the_compile_notice_is_logged_once_when_the_substep_will_compile(tmp_pat
 
 def test_no_compile_notice_with_the_native_loop_or_compilation_off(tmp_path, monkeypatch):
     cfg = TrainConfig.from_dict(small_config(tmp_path))
-    monkeypatch.setattr(trainer_mod, "gm_native", types.SimpleNamespace(available=lambda: True))
+    monkeypatch.setattr(startup_mod, "gm_native", types.SimpleNamespace(available=lambda: True))
     assert not rollout_compile_pending(cfg, torch.device("cpu"))
-    monkeypatch.setattr(trainer_mod, "gm_native", types.SimpleNamespace(available=lambda: False))
+    monkeypatch.setattr(startup_mod, "gm_native", types.SimpleNamespace(available=lambda: False))
     monkeypatch.setenv("PIFLOW_COMPILE", "0")
     assert not rollout_compile_pending(cfg, torch.device("cpu"))
 

@@ -22,29 +22,17 @@ Host syncs. A training step reads nothing back from the device: losses and the g
 0-d tensors in the step's logs, and :class:`~.run_log.MetricsWindow` brings a window of them to the
 host in one transfer every ``log_every`` steps, at every checkpoint and at the end.
 
-Non-finite steps. A step whose loss or gradient norm is not finite (on any rank) is skipped, decided on
-the device: the fused AdamW step gets the flag ``torch.amp.GradScaler`` hands it (:func:`~.optim.step_where`),
-so parameters, moments and the step count stay exactly as they were, and the EMA update gets weight 0.
-The iteration still advances, and with it the data stream and the LR schedule: the host cannot know a
-step was skipped without waiting for the device, and a resumed run must draw what an uninterrupted one
-would. Counters of skipped steps stay on the device and travel with the log window's transfer: each log
-line (and checkpoint) with skipped steps warns once, naming how many; ``optim.max_nonfinite_steps`` in
-a row stop the run with :class:`NonFiniteError` and no checkpoint. Being read only there, the stop may
-come up to ``log_every`` steps after the limit was reached. A checkpoint is never written with
-non-finite student or EMA weights (:class:`NonFiniteError` instead).
-
-Start-up checks, before any model is built: ``device`` (``cuda`` without CUDA, a missing GPU index) and
-an explicit ``piid.backend = "triton"`` that cannot run here raise :class:`ConfigError`; a run whose first
-GM rollout will ``torch.compile`` its substep says so in one line. :meth:`resume` refuses a checkpoint
-whose saved config differs in keys that change the run (:func:`~.config.run_changes`) unless
-``allow_config_change`` (``--force-resume``) is set.
+Non-finite steps are skipped on the device and counted there (:mod:`.guards`); ``optim.max_nonfinite_steps``
+in a row stop the run with :class:`NonFiniteError`, and no checkpoint is written with non-finite weights. Start-up
+checks (:mod:`.startup`), before any model is built: ``device``, an explicit ``piid.backend``, the notice before a
+long ``torch.compile``; :meth:`resume` refuses a checkpoint whose saved config differs in keys that change the run
+unless ``allow_config_change`` (``--force-resume``) is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,27 +44,34 @@ from torch import nn
 
 from piflow_kernels.distill import checkpoint as ckpt
 from piflow_kernels.distill.builders import build_teacher, build_training_student
-from piflow_kernels.distill.config import RESUME_FREE_KEYS, ConfigError, TrainConfig, run_changes
+from piflow_kernels.distill.config import ConfigError, TrainConfig
 from piflow_kernels.distill.data import DataSource, build_data_source
 from piflow_kernels.distill.ddp import DistContext, grad_sync, init_distributed, unwrap_model, wrap_model
 from piflow_kernels.distill.ema import EMA
 from piflow_kernels.distill.evaluation import sample_metrics, sample_with
+from piflow_kernels.distill.guards import (
+    NonFiniteError,
+    StepHealth,
+    named_weights,
+    nonfinite_weight_flags,
+    nonfinite_weights_listing,
+)
 from piflow_kernels.distill.lr_scheduler import build_lr_scheduler
 from piflow_kernels.distill.optim import make_adamw, step_where
 from piflow_kernels.distill.piid import piid_data_free_segments, piid_loss_data_dependent
 from piflow_kernels.distill.run_log import MetricsWindow, ProgressBar, RunLog, format_record
 from piflow_kernels.distill.seeding import PURPOSE_EVAL_BATCH, seed_global_rngs, seeded_generator, stream_seed
-from piflow_kernels.ops import dispatch
-from piflow_kernels.ops.gm import native as gm_native
-from piflow_kernels.ops.gm import torch_twin as gm_twin
+from piflow_kernels.distill.startup import (
+    check_backend,
+    check_device,
+    check_resumed_config,
+    device_type,
+    rollout_compile_pending,
+)
 
 __all__ = ["Trainer", "NonFiniteError", "check_device", "check_backend", "rollout_compile_pending"]
 
 Logs = dict[str, torch.Tensor | float]
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped: too many non-finite steps in a row, or a checkpoint refused for non-finite weights."""
 
 
 # notices printed once per process (the substep compiles once per process)
@@ -109,7 +104,7 @@ class Trainer:
         self.cfg = cfg = config
         # before any process group, model or data: a device or backend that cannot run fails here, by its key
         check_device(cfg.device)
-        check_backend(cfg, _device_type(cfg.device))
+        check_backend(cfg, device_type(cfg.device))
         self.ctx: DistContext = init_distributed(cfg.distributed, cfg.device)
         self.device = self.ctx.device
         self.out_dir = Path(cfg.out_dir)
@@ -151,9 +146,8 @@ class Trainer:
         self._run_log: RunLog | None = None
         # skipped (non-finite) steps, counted on the device: the current run of them, the longest run and the
         # total; the host reads them with the log window only (see the module docstring)
-        self._nonfinite = {key: torch.zeros((), dtype=torch.int64, device=self.device) for key in ("run", "longest", "total")}
-        self._nonfinite_seen = 0  # the total at the last host check
-        self._checked_at = 0  # the iteration of that check
+        self.health = StepHealth(self.device, cfg.optim.max_nonfinite_steps, self.ctx.is_main)
+        self._nonfinite = self.health.counters  # the same dict
 
     # ------------------------------------------------------------------ properties
     @property
@@ -278,7 +272,7 @@ class Trainer:
         ok = step_where(self.optimizer, ok)
         self.lr_scheduler.step()
         logs["ema_decay"] = self.ema.update(self.student, self.iteration, ok=ok)
-        self._count_nonfinite(ok)
+        self.health.count(ok)
         self.iteration += 1
         return logs
 
@@ -290,16 +284,6 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             ok = bad == 0
         return ok
-
-    def _count_nonfinite(self, ok: torch.Tensor | bool) -> None:
-        c = self._nonfinite
-        if isinstance(ok, torch.Tensor):
-            bad = ~ok
-        else:  # decided on the host (an optimizer without a device skip flag)
-            bad = torch.full((), not ok, dtype=torch.bool, device=self.device)
-        c["run"] = torch.where(bad, c["run"] + 1, 0)
-        torch.maximum(c["longest"], c["run"], out=c["longest"])
-        c["total"] += bad
 
     # ------------------------------------------------------------------ the loop
     def train(self, max_iters: int | None = None) -> dict[str, float]:
@@ -336,7 +320,7 @@ class Trainer:
         the same transfer, the window's one host read; raises :class:`NonFiniteError` after logging."""
         record = window.reduce(self.ctx, done, latest=self._health_tensors(weights))
         health = {key: record.pop(key) for key in list(record) if key.startswith("nonfinite_")}
-        skipped = self._skipped_since_check(health, done)
+        skipped = self.health.skipped_since_check(health, done)
         if skipped:
             record["skipped_steps"] = skipped
         self.run_log.log(record, format_record(record, target), bar.tqdm)
@@ -367,60 +351,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ non-finite steps and weights
     def _weights(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, local tensor) of every floating-point parameter of the student and the EMA (shards under FSDP2)."""
-        out = []
-        for prefix, module in (("student", self.student), ("ema", self.ema.module)):
-            for name, p in module.named_parameters():
-                if p.is_floating_point():
-                    out.append((f"{prefix}.{name}", (p.to_local() if hasattr(p, "to_local") else p).detach()))
-        return out
-
-    def _nonfinite_weight_flags(self) -> tuple[list[str], torch.Tensor]:
-        """The names of :meth:`_weights` and a (N,) bool device tensor: True where that tensor holds inf or NaN."""
-        names, tensors = zip(*self._weights())
-        return list(names), torch.stack([~torch.isfinite(t).all() for t in tensors])
+        return named_weights({"student": self.student, "ema": self.ema.module})
 
     def _health_tensors(self, weights: bool) -> dict[str, torch.Tensor]:
         """The skipped-step counters and, with ``weights``, how many weight tensors are not finite (0-d, on the device)."""
-        out = {f"nonfinite_{key}": value for key, value in self._nonfinite.items()}
-        if weights:
-            out["nonfinite_weights"] = self._nonfinite_weight_flags()[1].sum()
-        return out
-
-    def _skipped_since_check(self, health: Mapping[str, float], done: int) -> int:
-        """Steps skipped since the last check; warns (rank 0) when there were any."""
-        total = int(round(health["nonfinite_total"]))
-        skipped, self._nonfinite_seen = total - self._nonfinite_seen, total
-        since, self._checked_at = self._checked_at, done
-        if skipped and self.ctx.is_main:
-            limit = self.cfg.optim.max_nonfinite_steps
-            warnings.warn(
-                f"{skipped} of the steps from iteration {since} to {done} had a non-finite loss or gradient norm and were "
-                f"skipped (weights, AdamW state and EMA left as they were); {int(round(health['nonfinite_run']))} in a row "
-                f"now, the run stops at optim.max_nonfinite_steps = {limit}" + (" (0: never)" if not limit else ""),
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return skipped
+        return self.health.tensors(nonfinite_weight_flags(self._weights())[1] if weights else None)
 
     def _check_health(self, health: Mapping[str, float], done: int) -> None:
-        """:class:`NonFiniteError` for ``max_nonfinite_steps`` skipped steps in a row, or (if checked) non-finite weights."""
-        limit, longest = self.cfg.optim.max_nonfinite_steps, int(round(health["nonfinite_longest"]))
-        if limit and longest >= limit:
-            raise NonFiniteError(
-                f"training stopped at iteration {done}: {longest} steps in a row had a non-finite loss or gradient norm "
-                f"(optim.max_nonfinite_steps = {limit}; read at log lines and checkpoints only, so up to log_every - 1 "
-                "more may have run). Nothing was saved. Lower optim.lr, set optim.grad_clip, check the data or the "
-                "teacher, or resume from an earlier checkpoint"
-            )
-        if health.get("nonfinite_weights", 0) > 0:
-            raise NonFiniteError(f"refusing to save a checkpoint at iteration {done}: {self._nonfinite_weights_listing()}")
-
-    def _nonfinite_weights_listing(self) -> str:
-        names, flags = self._nonfinite_weight_flags()
-        bad = [name for name, flag in zip(names, flags.tolist()) if flag]
-        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-        return f"{len(bad)} weight tensor(s) hold inf or NaN: {', '.join(bad[:4])}{more}"
+        self.health.check(health, done, lambda: nonfinite_weights_listing(self._weights()))
 
     def _read_health(self) -> dict[str, float]:
         """:meth:`_health_tensors` with the weights, read on the host (outside the loop: one transfer)."""
@@ -496,7 +434,7 @@ class Trainer:
         ``optim.max_nonfinite_steps`` steps in a row have been skipped.
         """
         health = self._read_health()
-        self._skipped_since_check(health, self.iteration)
+        self.health.skipped_since_check(health, self.iteration)
         self._check_health(health, self.iteration)
         return self._write_checkpoint()
 
@@ -520,7 +458,7 @@ class Trainer:
                 return False
         loaded = ckpt.load_training_checkpoint(path, self._training_state(), self.ctx)
         self.iteration = loaded.iteration
-        self._checked_at = self.iteration
+        self.health.checked_at = self.iteration
         self._check_resumed_config(loaded.state.get("config"), loaded.path)
         self._warn_nonfinite_weights(loaded.path)
         saved_shards = int(loaded.state.get("num_shards", self.num_shards))
@@ -538,22 +476,9 @@ class Trainer:
         return True
 
     def _check_resumed_config(self, saved: Any, path: Path) -> None:
-        """Refuse (ConfigError) a checkpoint saved with other values of keys that change the run, unless
-        ``allow_config_change``; then warn. Checkpoints without a saved config are not compared."""
-        if not isinstance(saved, Mapping):
-            return
-        changes = run_changes(saved, self.cfg.to_dict())
-        if not changes:
-            return
-        listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
-        if not self.cfg.allow_config_change:
-            free = ", ".join(key.rstrip(".") + ("[...]" if key.endswith(".") else "") for key in RESUME_FREE_KEYS)
-            raise ConfigError(
-                f"{path} was saved with other values of keys that change the run: {listing}. Resume with the saved "
-                f"values, or pass --force-resume (config key allow_config_change = true) to go on with the new ones "
-                f"(these may change freely: {free})"
-            )
-        if self.ctx.is_main:
+        changes = check_resumed_config(saved, self.cfg, path)
+        if changes and self.ctx.is_main:
+            listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
             warnings.warn(f"resuming {path} with config changes (allow_config_change): {listing}", stacklevel=3)
             self.run_log.log(
                 {"iteration": self.iteration, "event": "config_change", "keys": [key for key, _, _ in changes]},
@@ -562,9 +487,9 @@ class Trainer:
 
     def _warn_nonfinite_weights(self, path: Path) -> None:
         """A resumed checkpoint holding inf or NaN weights gets one warning (one host read, at resume)."""
-        if self.ctx.is_main and bool(self._nonfinite_weight_flags()[1].any()):
+        if self.ctx.is_main and bool(nonfinite_weight_flags(self._weights())[1].any()):
             warnings.warn(
-                f"{path} is damaged: {self._nonfinite_weights_listing()}. Steps with a non-finite loss are skipped "
+                f"{path} is damaged: {nonfinite_weights_listing(self._weights())}. Steps with a non-finite loss are skipped "
                 "and no checkpoint will be saved from these weights",
                 RuntimeWarning,
                 stacklevel=3,
@@ -586,74 +511,3 @@ class Trainer:
 def _every(period: int, iteration: int) -> bool:
     """Whether ``iteration`` is a multiple of ``period`` (a period of 0 never is)."""
     return bool(period) and iteration % period == 0
-
-
-# ---------------------------------------------------------------------------------------------- start-up checks
-
-
-def _device_type(device: str) -> torch.device:
-    """The kind of device the config's ``device`` resolves to ("auto": CUDA when available), without touching CUDA."""
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if cuda else "cpu")
-
-
-def check_device(device: str) -> None:
-    """A ConfigError naming ``device`` when it asks for CUDA that this machine lacks (or a GPU index beyond the
-    visible ones; "cuda" means cuda:LOCAL_RANK). The string's form is checked by the config itself."""
-    if not device.startswith("cuda"):
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"config key device = {device!r}, but CUDA is not available on this machine (torch.cuda.is_available() is "
-            "False: no GPU, no driver, or a CPU-only build of torch); use device = 'cpu' or 'auto'"
-        )
-    index = int(device.split(":", 1)[1]) if ":" in device else int(os.environ.get("LOCAL_RANK", "0"))
-    visible = torch.cuda.device_count()
-    if index >= visible:
-        raise ConfigError(f"config key device = {device!r} means GPU {index}, but {visible} GPU(s) are visible here")
-
-
-def _triton_problem(cfg: TrainConfig, device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run this run's policies on ``device`` (None when they can); shapes only."""
-    s = cfg.student
-    extra = s.kwargs if s.kind == "diffusers" else {}
-    if cfg.piid.policy_type == "GMFlow":
-        from piflow_kernels.ops.gm import triton_common as gm_triton
-
-        return gm_triton.range_problem(int(extra.get("num_components", s.num_components)), cfg.data.channels, device)
-    from piflow_kernels.ops.dx import triton_common as dx_triton
-
-    return dx_triton.range_problem(int(extra.get("num_points", s.num_points)), device, 1)
-
-
-def check_backend(cfg: TrainConfig, device: torch.device) -> None:
-    """A ConfigError naming ``piid.backend`` when it is "triton" and the Triton kernels cannot run the run's
-    policies on ``device``: asked for by name, a backend runs or refuses (the automatic choice falls back)."""
-    if cfg.piid.backend != "triton":
-        return
-    if not dispatch.triton_available():
-        raise ConfigError(
-            "config key piid.backend = 'triton' needs the triton package, which does not import here (the "
-            "piflow_kernels[triton] extra); use piid.backend = 'torch', or leave it unset for the automatic choice"
-        )
-    problem = _triton_problem(cfg, device)
-    if problem is not None:
-        raise ConfigError(
-            f"config key piid.backend = 'triton' cannot run this run's policies on {device.type}: {problem}; use "
-            "piid.backend = 'torch', or leave it unset (the automatic choice falls back to the torch path)"
-        )
-
-
-def rollout_compile_pending(cfg: TrainConfig, device: torch.device) -> bool:
-    """Whether the run's first GM rollout will ``torch.compile`` the substep in this process: a GMFlow policy on the
-    torch path (CUDA without the Triton kernels, or the CPU without the native loop) with compilation enabled
-    (``PIFLOW_COMPILE``) and no substep compiled yet."""
-    if cfg.piid.policy_type != "GMFlow" or not gm_twin.compile_enabled() or gm_twin.last_compile_seconds() is not None:
-        return False
-    try:
-        backend = dispatch.resolve_backend(cfg.piid.backend, device)
-    except (RuntimeError, ValueError):  # a PIFLOW_BACKEND that cannot run: the first rollout says so
-        return False
-    if backend == "reference" or (backend == "triton" and _triton_problem(cfg, device) is None):
-        return False
-    return device.type != "cpu" or not gm_native.available()

@@ -102,7 +102,7 @@ def test_gm_adapter_heads_lora_and_layout(tmp_path, name):
         tensors[f"{prefix}{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = a, b
     folder = write_checkpoint(tmp_path / "gm_k3", tensors, class_name, {"type": "GMFlow"}, num_gaussians=k, logweights_channels=4)
 
-    student, policy_config = load_official_adapter(folder, teacher, return_policy_config=True)
+    student, policy_config = load_official_adapter(folder, teacher, return_policy_config=True, fuse=True)
     assert policy_config == {"type": "GMFlow"} and student.num_components == k and not student.training
     head = student.trunk.proj_out
     assert torch.equal(head.means.weight, tensors["proj_out_means.weight"])
@@ -147,7 +147,7 @@ def test_dx_flux_adapter(tmp_path):
     policy = {"type": "DX", "segment_size": 1 / 3.5, "shift": 3.2}
     folder = write_checkpoint(tmp_path / "dx", tensors, "FluxTransformer2DModel", policy, out_channels=n * 4 * c)
     assert read_policy_config(folder) == policy
-    student = load_official_adapter(folder, teacher, lora_scale=0.5)
+    student = load_official_adapter(folder, teacher, lora_scale=0.5, fuse=True)
     assert student.policy_type == "DX" and student.num_components == n
     fused = student.trunk.single_transformer_blocks[0].proj_out.weight
     torch.testing.assert_close(fused, teacher.single_transformer_blocks[0].proj_out.weight + 0.5 * b @ a, atol=1e-6, rtol=0)

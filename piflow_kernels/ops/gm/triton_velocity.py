@@ -168,6 +168,7 @@ def _gm_velocity_bwd_kernel(
     if PER_K_STD:
         b_vbar = tl.load(p_stats + o_s + L, mask=m_l, other=0.0)
         b_hbar = tl.load(p_stats + o_s + 2 * L, mask=m_l, other=0.0)
+        b_gxnup = tl.sum(b_gx0 * b_nup, axis=0)  # gx0 . nu'
     else:
         b_gxybar = tl.sum(b_gx0 * b_ybar, axis=0)
 
@@ -177,7 +178,23 @@ def _gm_velocity_bwd_kernel(
     g0 = LOG2E_K / tl.maximum(_gm_var0(p_ls_b, s_src_raw) * zeta + 1.0, EPS_K)
     b_zero = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
 
-    b_dnu = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    # Three terms are rewritten so that no two ~1/s or ~1/d quantities cancel; the identities hold wherever no
+    # d_k = 1 + var_k zeta is clamped at eps, which includes the whole domain (sigma <= sigma_src: zeta >= 0):
+    #   dL/dx = g / s + (a / s^2) dL/dnu: the part of a / s^2 dL/dnu along g is -(a / s^3) g sum_k w_k var_k / d_k,
+    #     so dL/dx = g sum_k w_k h_k + (a / s^2) sum_k gl_k mu_k / d_k [+ c sum_k gl_k / d_k] with
+    #     h_k = 1 / s - a var_k / (s^3 d_k) = (s - var_k (a + s c_src)) / (s^2 d_k), c_src = (a_src / s_src)^2
+    #     (s^2 d_k = s^2 + var_k (a^2 - s^2 c_src) and a^2 - a = -a s);
+    #   with per-component stds, var_k / d_k - vbar = (var_k hbar - vbar) / d_k and 1 / d_k - hbar =
+    #     -zeta (var_k hbar - vbar) / d_k (as 1 - zeta vbar = hbar when sum_k w_k = 1), so the logit gradient's
+    #     two variance terms are (var_k hbar - vbar) / d_k gx0 . nu', nu' = nu - zeta c: far from the source
+    #     every var_k / d_k is ~1 / zeta and their differences ~1 / zeta^2, and gx0 . nu and zeta gx0 . c cancel;
+    #     likewise dL/dlogstd_k = 2 var_k (w_k / d_k gx0 . nu + zeta dL/dd_k) is
+    #     2 var_k (w_k gx0 . (nu' - zeta mu'_k) - zeta gl_k (A_k + r)) / d_k^2.
+    # Far outside the domain, where a d_k is clamped, the gradients are those of these unclamped forms.
+    c_src = a_src * a_src * inv_ssrc * inv_ssrc
+    b_dnu = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)  # sum_k gl_k mu_k / d_k: the part of dL/dnu not along gx0
+    b_wvd = tl.zeros((BLOCK_L,), tl.float32)  # sum_k w_k var_k / d_k: dL/dnu = b_dnu + gx0 b_wvd
+    b_hsum = tl.zeros((BLOCK_L,), tl.float32)  # sum_k w_k h_k
     b_dmusum = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
     b_gldsum = tl.zeros((BLOCK_L,), tl.float32)
     o_dmeans = i_b64 * K * C * L + o_c[None, :, None] * L + o_l[None, None, :]
@@ -199,8 +216,7 @@ def _gm_velocity_bwd_kernel(
         if PER_K_STD:
             b_de = (
                 tl.sum(b_gx0[None, :, :] * (b_mu * b_invd[:, None, :] - b_ybar[None, :, :]), axis=1)
-                + b_gxnu[None, :] * (b_var * b_invd - b_vbar[None, :])
-                + b_gxc[None, :] * (b_invd - b_hbar[None, :])
+                + (b_var * b_hbar[None, :] - b_vbar[None, :]) * b_invd * b_gxnup[None, :]
             )
         else:
             b_de = (b_gxmu - b_gxybar[None, :]) * b_invd
@@ -218,37 +234,42 @@ def _gm_velocity_bwd_kernel(
         b_dmusum += tl.sum(b_dmu, axis=0)
         # sum_k gl_k mu_k / d_k = sum_k gl_k (mu_k - c) / d_k + c sum_k gl_k / d_k; with one d the last sum
         # is (sum_k gl_k) / d = 0 exactly and is left out
+        b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0)
+        b_h = (s - b_var * (a + s * c_src)) * (inv_s * inv_s) * b_invd
         if PER_K_STD:
-            b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0) + b_gx0 * tl.sum(b_wd * b_var, axis=0)[None, :]
+            b_wvd += tl.sum(b_wd * b_var, axis=0)
+            b_hsum += tl.sum(b_w * b_h, axis=0)
             b_gldsum += tl.sum(b_gld, axis=0)
         else:
-            b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0) + b_gx0 * (tl.sum(b_wd, axis=0) * b_var)[None, :]
+            b_wvd += tl.sum(b_wd, axis=0) * b_var
+            b_hsum += tl.sum(b_w, axis=0) * b_h
 
-        # d = max(var zeta + 1, eps): no gradient through the clamp (torch.clamp passes it at >= eps)
-        if PER_K_STD:
-            b_dd = -(b_w * b_e + b_gl * ((b_a + b_r[None, :]) * b_invd)) * b_invd
-        else:
-            # one d for all k: only sum_k dL/dd_k is used, and sum_k gl_k = 0, so q_k may be shifted by any
-            # per-pixel constant; q_k - r/d - lse = log(w_k) - lw_k is O(1) for the components that carry
-            # weight instead of O(zeta ||mu||^2), which cuts the float32 cancellation in the logstds gradient
-            b_dd = -(b_w * b_e + b_gl * (b_a * b_invd - b_lse[None, :] * 0.6931471805599453)) * b_invd
-        b_dd = tl.where(b_dpre >= EPS_K, b_dd, 0.0)
-        # dL/dlogstd_k = 2 var_k dL/dvar_k, summed over this tile's pixels (masked pixels contribute 0)
-        b_dls = 2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd)
-        if PER_K_STD:  # one gradient per component: reduced over this tile's pixels chunk by chunk
+        # dL/dlogstd_k = 2 var_k dL/dvar_k = 2 var_k (w_k / d_k gx0 . nu + zeta dL/dd_k), summed over this tile's
+        # pixels (masked pixels contribute 0)
+        if PER_K_STD:  # one gradient per component (the form of the comment above the loop), chunk by chunk
+            b_dls = (2.0 * b_var * b_invd * b_invd) * (
+                b_w * (b_gxnup[None, :] - zeta * b_gxmu) - zeta * b_gl * (b_a + b_r[None, :])
+            )
             tl.store(p_dls + o_dls + o_k64, tl.sum(b_dls, axis=1), mask=m_k)
-        else:  # summed over k within each thread; one reduction over the pixels after the last chunk
-            b_dls_px += tl.sum(b_dls, axis=0)
+        else:
+            # d = max(var zeta + 1, eps): no gradient through the clamp (torch.clamp passes it at >= eps). One d
+            # for all k: only sum_k dL/dd_k is used, and sum_k gl_k = 0, so q_k may be shifted by any per-pixel
+            # constant; q_k - r/d - lse = log(w_k) - lw_k is O(1) for the components that carry weight instead
+            # of O(zeta ||mu||^2), which cuts the float32 cancellation in the logstds gradient
+            b_dd = -(b_w * b_e + b_gl * (b_a * b_invd - b_lse[None, :] * 0.6931471805599453)) * b_invd
+            b_dd = tl.where(b_dpre >= EPS_K, b_dd, 0.0)
+            # summed over k within each thread; one reduction over the pixels after the last chunk
+            b_dls_px += tl.sum(2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd), axis=0)
 
     if PER_K_STD:
         b_dnu += b_xs * b_gldsum[None, :]
     else:
         tl.store(p_dls + o_dls, tl.sum(b_dls_px, axis=0))
     if NEED_DX:
-        b_dx = b_g * inv_s + (a * inv_s * inv_s) * b_dnu
+        b_dx = b_g * b_hsum[None, :] + (a * inv_s * inv_s) * b_dnu
         tl.store(p_dx + o_out, b_dx.to(p_dx.dtype.element_ty), mask=m_cl)
     if NEED_DXS:
-        b_dxs = b_dmusum - (a_src * inv_ssrc * inv_ssrc) * b_dnu
+        b_dxs = b_dmusum - (a_src * inv_ssrc * inv_ssrc) * (b_dnu + b_gx0 * b_wvd[None, :])
         tl.store(p_dxs + o_out, b_dxs.to(p_dxs.dtype.element_ty), mask=m_cl)
 
 

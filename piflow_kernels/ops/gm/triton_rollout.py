@@ -32,6 +32,19 @@ from piflow_kernels.ops.gm.triton_common import (
 from piflow_kernels.ops.records import GMTensors, RolloutPlan
 
 
+@triton.jit
+def _gm_substep_start(r, h, s, shift, c_src, b_x, b_nusrc, FAST_RCP: tl.constexpr):
+    """One substep's scalars at raw time r (before the step) and noise level s: the raw time and sigma after it,
+    1 / s, zeta and nu (BC, BL) at x = b_x (b_nusrc = (a_src / s_src^2) x_src)."""
+    r = tl.maximum(r - h, 0.0)
+    s_next = shift * r * _rcp(1.0 + (shift - 1.0) * r, FAST_RCP)
+    s_c = tl.maximum(s, EPS_K)
+    inv_s = _rcp(s_c, FAST_RCP)
+    a = 1.0 - s_c
+    zeta = a * a * inv_s * inv_s - c_src
+    return r, s_next, inv_s, zeta, (a * inv_s * inv_s) * b_x - b_nusrc
+
+
 @triton.jit(do_not_specialize_on_alignment=UNALIGNED)
 def _gm_rollout_kernel(
     p_x,  # x_start (B, C, L), any float dtype, strided
@@ -107,13 +120,7 @@ def _gm_rollout_kernel(
         o_k2 = tl.arange(0, BLOCK_K)[:, None]
         o_c2 = tl.arange(0, BLOCK_C)[:, None]
         for _ in range(n_sub):
-            r = tl.maximum(r - h, 0.0)
-            s_next = shift * r * _rcp(1.0 + (shift - 1.0) * r, FAST_RCP)
-            s_c = tl.maximum(s, EPS_K)
-            inv_s = _rcp(s_c, FAST_RCP)
-            a = 1.0 - s_c
-            zeta = a * a * inv_s * inv_s - c_src
-            b_nu = (a * inv_s * inv_s) * b_x - b_nusrc
+            r, s_next, inv_s, zeta, b_nu = _gm_substep_start(r, h, s, shift, c_src, b_x, b_nusrc, FAST_RCP)
             if PER_K_STD:
                 b_dot = tl.sum(b_mu * (b_nu - zeta * b_c)[None, :, :], axis=1)
                 # only g_k = log2(e) / d_k is kept per component (registers: the tile already holds ~200)
@@ -171,13 +178,7 @@ def _gm_rollout_kernel(
         b_c = b_xs + b_cxs
         b_csq = tl.sum(b_c * b_c, axis=0)
         for _ in range(n_sub):
-            r = tl.maximum(r - h, 0.0)
-            s_next = shift * r * _rcp(1.0 + (shift - 1.0) * r, FAST_RCP)
-            s_c = tl.maximum(s, EPS_K)
-            inv_s = _rcp(s_c, FAST_RCP)
-            a = 1.0 - s_c
-            zeta = a * a * inv_s * inv_s - c_src
-            b_nu = (a * inv_s * inv_s) * b_x - b_nusrc
+            r, s_next, inv_s, zeta, b_nu = _gm_substep_start(r, h, s, shift, c_src, b_x, b_nusrc, FAST_RCP)
             b_x0, _, _, _, _, _ = _gm_posterior_x0(
                 p_means_b, p_lw_b, p_ls_b, K, o_c, o_l, m_cl, m_l, s_src_raw, -b_cxs, b_c, b_csq, b_nu, zeta,
                 var0, stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,

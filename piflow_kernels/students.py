@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any
 
 import torch
@@ -348,6 +349,20 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             main.bias.copy_(b_rep.reshape(-1))
 
     # ------------------------------------------------------------------ forward
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, refusing a trunk that still carries PEFT adapter layers (a student from
+        ``load_official_adapter(fuse=False)``, or one given ``load_lora_adapter``): their weights would be written
+        under ``base_layer`` / ``lora_*`` keys that :meth:`from_pretrained` cannot place."""
+        layers = [name for name, m in self.trunk.named_modules() if type(m).__module__.startswith("peft.")]
+        if layers:
+            names = sorted(getattr(self.trunk, "peft_config", None) or {})
+            raise ValueError(
+                f"the student's trunk carries PEFT adapter layers (adapters {names or 'unnamed'}, e.g. on "
+                f"trunk.{layers[0]}): fuse them into the weights first, student.trunk.fuse_lora(adapter_names={names}); "
+                "student.trunk.unload_lora(), or save an adapter on its own with student.trunk.save_lora_adapter(...)"
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _check_latents(self, x_t: object) -> torch.Tensor:
         c, p = self._channels, self._patch

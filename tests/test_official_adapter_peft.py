@@ -226,6 +226,17 @@ def test_custom_name_next_to_a_teacher_lora_and_fuse_to_save(tmp_path):
     assert_outputs_close(run(again, kind), run(student, kind), exact=True)
 
 
+def test_save_pretrained_refuses_adapter_layers_and_names_the_fix(tmp_path):
+    """An unfused student would be written under base_layer / lora_* keys from_pretrained cannot place: refused, with
+    nothing written, naming the adapter and the calls that fuse it."""
+    kind = "gm-flux"
+    teacher, _, folder = make_adapter(tmp_path, kind)
+    student = load_official_adapter(folder, teacher)
+    with pytest.raises(ValueError, match=rf"adapters \['{DEFAULT_ADAPTER_NAME}'\].*fuse_lora.*unload_lora"):
+        student.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_sharded_adapter_loads_unfused(tmp_path):
     kind = "gm-flux"
     teacher, tensors, folder = make_adapter(tmp_path, kind)

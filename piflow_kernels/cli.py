@@ -2,6 +2,7 @@
 
     python -m piflow_kernels distill examples/distill_exact_teacher.toml --max-iters 200
     torchrun --nproc_per_node=4 -m piflow_kernels distill my_config.toml --resume
+    python -m piflow_kernels export my_student/ my_gmflux_adapter/ --policy-config '{"shift": 3.2}'
     python -m piflow_kernels demo --help
 
 A user error found before training starts (a bad config, a missing, damaged or misplaced file, a
@@ -39,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:N' or 'auto' (overrides device)")
     distill.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     distill.add_argument("--eval", action="store_true", help="evaluate the EMA student once more after training")
+
+    export = sub.add_parser(
+        "export",
+        help="write a saved student in the official pi-Flow layout (LakonLab / ComfyUI-piFlow)",
+        description="Write a PiFlowStudent folder (PiFlowStudent.save_pretrained) as an official pi-Flow checkpoint: "
+        "config.json with the official class name and diffusion_pytorch_model.safetensors with policy_config metadata.",
+    )
+    export.add_argument("student", help="a PiFlowStudent.save_pretrained folder")
+    export.add_argument("out", help="the folder to write (must not exist, or be empty, unless --overwrite)")
+    export.add_argument("--policy-config", default=None, metavar="JSON", help="sampling settings for the metadata")
+    export.add_argument("--max-shard-size", default=None, metavar="SIZE", help="e.g. 5GB: split into shards past it")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
     # 'demo' hands all its arguments to piflow_kernels.demo.main (main() routes it before parsing)
     sub.add_parser("demo", help="the demo (arguments are passed on; see 'demo --help')", add_help=False)
@@ -89,6 +102,29 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        policy_config = json.loads(args.policy_config) if args.policy_config is not None else None
+        if policy_config is not None and not isinstance(policy_config, dict):
+            raise ValueError(f"--policy-config must be a JSON object, got {args.policy_config!r}")
+        from piflow_kernels.files import require_file
+        from piflow_kernels.official_export import export_official
+        from piflow_kernels.students import PiFlowStudent
+
+        require_file(f"{args.student}/config.json", "student config")
+        student = PiFlowStudent.from_pretrained(args.student)
+        out = export_official(student, args.out, policy_config=policy_config, max_shard_size=args.max_shard_size,
+                              overwrite=args.overwrite)  # fmt: skip
+    except json.JSONDecodeError as err:
+        return _user_error(ValueError(f"--policy-config is not JSON: {err}"))
+    except _USER_ERRORS as err:
+        return _user_error(err)
+    print(f"wrote {out}")
+    return 0
+
+
 def _user_error(err: BaseException) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -114,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "distill":
         return _distill(args)
+    if args.command == "export":
+        return _export(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

@@ -27,6 +27,7 @@ _LAZY = {
     "build_student": "piflow_kernels.students",
     "PiFlowStudent": "piflow_kernels.students",
     "load_official_adapter": "piflow_kernels.official_weights",
+    "export_official": "piflow_kernels.official_export",
     "to_piflow": "piflow_kernels.pipelines",
     "PiIDConfig": "piflow_kernels.distill",
     "ExactGMTeacher": "piflow_kernels.distill",

@@ -25,8 +25,7 @@ from test_official_adapter_peft import LORA_TARGETS, adapter_tensors, assert_out
 from test_official_weights import write_checkpoint  # noqa: E402
 from test_students import tiny_teacher  # noqa: E402
 
-from piflow_kernels import build_student, load_official_adapter  # noqa: E402
-from piflow_kernels.official_export import export_official  # noqa: E402
+from piflow_kernels import build_student, export_official, load_official_adapter  # noqa: E402
 
 # the official head of a GM class with gm_num_logstd_layers = 2 (SiLU, Linear, SiLU, Linear) and norm_out
 GM_HEAD_KEYS = {

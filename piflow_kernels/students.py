@@ -179,6 +179,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             1000 for FLUX / Qwen-Image (they take sigma) and 1 for the others (they take sigma * 1000).
         timestep_freq_shift: if set, the ``downscale_freq_shift`` of every sinusoidal timestep embedding
             of the trunk (the official GM-DiT uses 0 where diffusers' DiT uses 1).
+        num_inference_steps: the number of sampling steps the student was distilled for (None: not recorded);
+            a pipeline converted with :func:`~piflow_kernels.to_piflow` samples with it by default.
         trunk: an already built trunk (the teacher or its copy) instead of building one from the config.
 
     Shapes: ``forward(x_t (B, C, H, W), timestep)`` returns a :class:`GMFlowOutput` with means
@@ -201,6 +203,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         num_logstd_layers: int = 2,
         timestep_divisor: float | None = None,
         timestep_freq_shift: float | None = None,
+        num_inference_steps: int | None = None,
         trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -215,6 +218,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         positive_int("num_logstd_layers", num_logstd_layers)
         if timestep_divisor is not None and not (is_real(timestep_divisor) and timestep_divisor > 0):
             raise ValueError(f"timestep_divisor must be a positive number or None, got {timestep_divisor!r}")
+        if num_inference_steps is not None:
+            positive_int("num_inference_steps", num_inference_steps)
         if trunk is None:
             trunk = getattr(diffusers, teacher_class).from_config(teacher_config)
         elif type(trunk).__name__ != teacher_class:
@@ -290,6 +295,11 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
     @property
     def teacher_class(self) -> str:
         return self.config.teacher_class
+
+    @property
+    def num_inference_steps(self) -> int | None:
+        """The sampling steps the student was distilled for, None when not recorded."""
+        return self.config.get("num_inference_steps")
 
     # ------------------------------------------------------------------ initialisation
 
@@ -489,6 +499,7 @@ def build_student(
     copy_teacher: bool = True,
     timestep_divisor: float | None = None,
     timestep_freq_shift: float | None = None,
+    num_inference_steps: int | None = None,
     generator: torch.Generator | None = None,
 ) -> PiFlowStudent:
     """Build a GMFlow (K components) or DX (N grid points) student from a diffusers teacher.
@@ -505,7 +516,7 @@ def build_student(
         logstd_inner_dim, num_logstd_layers: the log-std MLP on the detached time embedding.
         copy_teacher: deep-copy the teacher (default); False turns the teacher module itself into the
             student's trunk (no second copy in memory; the teacher is then no longer usable as a teacher).
-        timestep_divisor, timestep_freq_shift: see :class:`PiFlowStudent`.
+        timestep_divisor, timestep_freq_shift, num_inference_steps: see :class:`PiFlowStudent`.
         generator: for the init noise and the log-std MLP init.
 
     Returns:
@@ -534,6 +545,7 @@ def build_student(
         num_logstd_layers=num_logstd_layers,
         timestep_divisor=timestep_divisor,
         timestep_freq_shift=timestep_freq_shift,
+        num_inference_steps=num_inference_steps,
         trunk=trunk,
     )
     student.init_from_teacher_layer(weight, bias, init_noise=init_noise, init_logstd=init_logstd, generator=generator)

@@ -29,6 +29,7 @@ _LAZY = {
     "load_official_adapter": "piflow_kernels.official_weights",
     "export_official": "piflow_kernels.official_export",
     "to_piflow": "piflow_kernels.pipelines",
+    "load_piflow_pipeline": "piflow_kernels.pipelines",
     "PiIDConfig": "piflow_kernels.distill",
     "ExactGMTeacher": "piflow_kernels.distill",
     "TrainConfig": "piflow_kernels.distill",

@@ -29,32 +29,60 @@ with an error: call SD3 pipelines with ``guidance_scale=1.0``.
 
 Re-noising noise (``h > 0``). Stock pipelines do not pass their generator to ``scheduler.step``; the
 noise then comes from ``pipe.scheduler.generator`` when set, else from torch's global RNG.
+
+Default steps. A converted pipeline called without ``num_inference_steps`` (or ``sigmas`` / ``timesteps``)
+samples with the student's distilled step count, kept in the scheduler config as
+``default_num_inference_steps``.
+
+Saving and loading. ``pipe.save_pretrained(folder)`` writes the student under ``transformer/`` and the
+scheduler under ``scheduler/``; ``model_index.json`` names them ``["piflow_kernels.pipelines",
+"PiFlowTransformer"]`` and ``["piflow_kernels.pipelines", "PiFlowPipelineScheduler"]``. diffusers resolves
+such a library from the modules already imported, so ``FluxPipeline.from_pretrained(folder)`` loads it once
+this module is imported; :func:`load_piflow_pipeline` also checks the student's files and restores the
+default step count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
+import os
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+# diffusers loads a component named ["piflow_kernels.pipelines", class] with the load method of the first of its
+# base classes (ModelMixin, SchedulerMixin, ...) that it finds *in this module*: both names must be importable here
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+from piflow_kernels.checks import positive_int
+from piflow_kernels.files import DamagedFileError, check_torch_file, read_json, require_file, safetensors_metadata
 from piflow_kernels.layouts import packed_to_tokens, tokens_to_packed
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
 from piflow_kernels.scheduler import PiFlowScheduler
 from piflow_kernels.students import PiFlowStudent
 
-__all__ = ["to_piflow", "PiFlowTransformer", "PiFlowPipelineScheduler"]
+__all__ = ["to_piflow", "load_piflow_pipeline", "PiFlowTransformer", "PiFlowPipelineScheduler"]
 
 logger = logging.getLogger(__name__)
 
 # pipelines whose denoising loop this module is tested against (others with the same loop may work)
 TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline")
+
+# sampling steps of a converted pipeline called without num_inference_steps when the student does not record
+# its distilled step count: that of the released pi-FLUX / pi-Qwen-Image students and of PiIDConfig's nfe
+DEFAULT_NUM_INFERENCE_STEPS = 4
+_DEFAULT_STEPS_KEY = "default_num_inference_steps"
+# frames between PiFlowTransformer.forward and the pipeline's __call__ (nn.Module's call wrappers, hooks)
+_PIPELINE_FRAME_DEPTH = 8
 
 # our dynamic-shift keys under the names stock pipelines read to compute ``mu``
 _FLOW_MATCH_ALIASES = {
@@ -87,19 +115,29 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
       pipelines always pass) uses this scheduler's own grid instead, so ``final_step_size_scale`` holds.
     - the config also carries our dynamic-shift constants under the FlowMatch names the pipelines read
       to compute ``mu`` (``base_image_seq_len``, ``max_image_seq_len``, ``base_shift``, ``max_shift``).
+    - one more config key, ``default_num_inference_steps`` (None: unset): the steps of ``set_timesteps()``
+      without a step count, and of a converted pipeline called without ``num_inference_steps``
+      (:func:`to_piflow` records the student's distilled step count there).
 
     Set ``generator`` for the re-noising noise (``h > 0``): stock pipelines do not pass theirs to ``step``.
     """
 
-    @functools.wraps(PiFlowScheduler.__init__)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, default_num_inference_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if default_num_inference_steps is not None:
+            default_num_inference_steps = positive_int(_DEFAULT_STEPS_KEY, default_num_inference_steps)
         cfg = self.config
-        self.register_to_config(**{theirs: cfg[ours] for theirs, ours in _FLOW_MATCH_ALIASES.items()})
+        self.register_to_config(
+            **{theirs: cfg[ours] for theirs, ours in _FLOW_MATCH_ALIASES.items()},
+            default_num_inference_steps=default_num_inference_steps,
+        )
 
     def _interpret_sigmas(self, num_inference_steps: int | None, sigmas: object) -> tuple[int | None, object]:
         """The stock default ``sigmas = linspace(1, 1/n, n)`` means n steps of this scheduler's own grid (they
-        agree when ``final_step_size_scale == 1``); other sigmas are used as given."""
+        agree when ``final_step_size_scale == 1``); other sigmas are used as given. Neither a step count nor
+        sigmas: ``default_num_inference_steps`` steps when set."""
+        if sigmas is None and num_inference_steps is None:
+            return self.config.get(_DEFAULT_STEPS_KEY), None
         if sigmas is None or isinstance(sigmas, torch.Tensor):
             return num_inference_steps, sigmas
         values = np.asarray(sigmas, dtype=np.float64)
@@ -140,21 +178,114 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
         return packed_to_tokens(sample, p2), noise, tokens_to_packed
 
 
-class PiFlowTransformer(nn.Module):
+def _with_default_steps_parameter(signature: inspect.Signature) -> inspect.Signature:
+    """The parent's ``__init__`` signature plus ``default_num_inference_steps`` (diffusers' ``from_config`` passes
+    only the keys it finds there)."""
+    extra = inspect.Parameter(_DEFAULT_STEPS_KEY, inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None")
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    tail = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=[*params, extra, *tail])
+
+
+PiFlowPipelineScheduler.__init__.__signature__ = _with_default_steps_parameter(inspect.signature(PiFlowScheduler.__init__))
+
+
+def _trunk_attribute(name: str) -> property:
+    """A ModelMixin class attribute (checkpointing support, no-split modules, ...) read from the wrapped trunk."""
+    return property(lambda self: getattr(self.student.trunk, name, getattr(ModelMixin, name, None)))
+
+
+def _weights_name(name: str, variant: str | None) -> str:
+    """diffusers' variant file name: ``diffusion_pytorch_model.fp16.safetensors``, ``....index.fp16.json``."""
+    if not variant:
+        return name
+    head, _, ext = name.rpartition(".")
+    return f"{head}.{variant}.{ext}"
+
+
+def check_student_folder(folder: str | os.PathLike, variant: str | None = None) -> None:
+    """Check a saved student's files (config.json and weights, shards included) before diffusers reads them.
+
+    A missing file is a ``FileNotFoundError`` naming it; a file that does not read as what it should be a
+    :class:`~piflow_kernels.files.DamagedFileError` naming it (truncated weights, garbled JSON, another
+    model's config).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    config = read_json(config_path, "pi-Flow student config")
+    if not isinstance(config, dict) or config.get("_class_name") != PiFlowStudent.__name__:
+        got = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
+        raise DamagedFileError(config_path, f"pi-Flow student config: _class_name is {got!r}, expected 'PiFlowStudent'")
+    single = [(SAFETENSORS_WEIGHTS_NAME, safetensors_metadata), (WEIGHTS_NAME, check_torch_file)]
+    for name, check in single:
+        path = folder / _weights_name(name, variant)
+        if path.is_file():
+            check(path, "pi-Flow student weights")
+            return
+    for name, check in ((SAFE_WEIGHTS_INDEX_NAME, safetensors_metadata), (WEIGHTS_INDEX_NAME, check_torch_file)):
+        index_path = folder / _weights_name(name, variant)
+        if not index_path.is_file():
+            continue
+        index = read_json(index_path, "pi-Flow student weights index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DamagedFileError(index_path, "pi-Flow student weights index: no weight_map")
+        for shard in sorted(set(weight_map.values())):
+            check(require_file(folder / str(shard), f"pi-Flow student weights shard named in {index_path.name}"),
+                  "pi-Flow student weights shard")  # fmt: skip
+        return
+    require_file(folder / _weights_name(SAFETENSORS_WEIGHTS_NAME, variant), "pi-Flow student weights")
+
+
+class PiFlowTransformer(ModelMixin):
     """A :class:`~piflow_kernels.PiFlowStudent` in the place of a pipeline's transformer.
 
     Called exactly like the teacher (``hidden_states``, ``timestep``, conditioning, ``return_dict``); returns
     the policy output (``return_dict=False``: a 1-tuple holding it) from
     :meth:`PiFlowStudent.forward_native`. ``config`` is the teacher's config (pipelines read
     ``in_channels``, ``patch_size``, ``guidance_embeds``); other attributes fall through to the trunk.
+
+    A diffusers model for the pipeline's ``save_pretrained`` / ``from_pretrained``: it saves the student
+    (``PiFlowStudent.save_pretrained``, a folder ``PiFlowStudent.from_pretrained`` reads too) and loads one.
     """
+
+    _supports_gradient_checkpointing = _trunk_attribute("_supports_gradient_checkpointing")
+    _no_split_modules = _trunk_attribute("_no_split_modules")
+    _keep_in_fp32_modules = _trunk_attribute("_keep_in_fp32_modules")
+    _skip_layerwise_casting_patterns = _trunk_attribute("_skip_layerwise_casting_patterns")
+    _repeated_blocks = _trunk_attribute("_repeated_blocks")
 
     def __init__(self, student: PiFlowStudent, pipeline: object | None = None) -> None:
         super().__init__()
         if not isinstance(student, PiFlowStudent):
             raise TypeError(f"student must be a PiFlowStudent (see build_student), got {type(student).__name__}")
         self.student = student
+        self.training = student.training
         self._pipeline_ref = weakref.ref(pipeline) if pipeline is not None else None
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """The student's ``save_pretrained`` (config.json with the teacher's config, and the weights)."""
+        if max_shard_size is not None:
+            kwargs["max_shard_size"] = max_shard_size
+        self.student.save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> PiFlowTransformer:
+        """A saved student (``PiFlowStudent.from_pretrained`` with the same arguments), wrapped. A local folder's
+        files are checked first: a missing or damaged config or weights file is an error naming it."""
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        if folder.is_dir():
+            check_student_folder(folder, kwargs.get("variant"))
+        return cls(PiFlowStudent.from_pretrained(pretrained_model_name_or_path, **kwargs))
 
     @property
     def config(self) -> Any:
@@ -184,8 +315,25 @@ class PiFlowTransformer(nn.Module):
         with inner(name):
             yield
 
-    def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> GMFlowOutput | DXOutput | tuple:
+    def _pipeline(self) -> object | None:
+        """The pipeline this transformer belongs to: the one given at conversion, else (a pipeline built by
+        diffusers' ``from_pretrained``) the calling pipeline, found once on the call stack."""
         pipe = self._pipeline_ref() if self._pipeline_ref is not None else None
+        if pipe is not None:
+            return pipe
+        frame = sys._getframe(2)
+        for _ in range(_PIPELINE_FRAME_DEPTH):
+            if frame is None:
+                break
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, DiffusionPipeline) and getattr(caller, "transformer", None) is self:
+                self._pipeline_ref = weakref.ref(caller)
+                return caller
+            frame = frame.f_back
+        return None
+
+    def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> GMFlowOutput | DXOutput | tuple:
+        pipe = self._pipeline()
         if pipe is not None and getattr(type(pipe), "do_classifier_free_guidance", None) is not None:
             if pipe.do_classifier_free_guidance:
                 raise ValueError(
@@ -206,7 +354,54 @@ class PiFlowTransformer(nn.Module):
             return getattr(student.trunk, name)
 
 
-def to_piflow(pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | None = None) -> Any:
+def _fill_default_steps(pipe: Any, signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` plus ``num_inference_steps`` = the scheduler's ``default_num_inference_steps`` when the call gives
+    no step count, sigmas or timesteps."""
+    scheduler = getattr(pipe, "scheduler", None)
+    steps = scheduler.config.get(_DEFAULT_STEPS_KEY) if isinstance(scheduler, PiFlowPipelineScheduler) else None
+    if steps is None or "num_inference_steps" not in signature.parameters:
+        return kwargs
+    try:
+        given = signature.bind_partial(pipe, *args, **kwargs).arguments
+    except TypeError:  # the pipeline's own call raises it, with its own message
+        return kwargs
+    if "num_inference_steps" in given or any(given.get(k) is not None for k in ("sigmas", "timesteps")):
+        return kwargs
+    return {**kwargs, "num_inference_steps": steps}
+
+
+@functools.cache
+def _piflow_pipeline_class(cls: type) -> type:
+    """``cls`` with a ``__call__`` whose default step count is the scheduler's ``default_num_inference_steps``.
+
+    Same name, module and everything else: ``save_pretrained`` records ``cls``'s name, and ``cls.from_pretrained``
+    loads the folder.
+    """
+    base_call = cls.__call__
+    signature = inspect.signature(base_call)
+
+    @functools.wraps(base_call)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return base_call(self, *args, **_fill_default_steps(self, signature, args, kwargs))
+
+    namespace = {"__call__": __call__, "_piflow_base_class": cls, "__module__": cls.__module__,
+                 "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}  # fmt: skip
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _adopt(pipe: Any) -> Any:
+    """Make ``pipe`` (a DiffusionPipeline with a PiFlowTransformer) sample with the default step count."""
+    if isinstance(pipe, DiffusionPipeline):
+        cls = type(pipe)
+        pipe.__class__ = _piflow_pipeline_class(cls.__dict__.get("_piflow_base_class", cls))
+    if isinstance(pipe.transformer, PiFlowTransformer):
+        pipe.transformer._pipeline_ref = weakref.ref(pipe)
+    return pipe
+
+
+def to_piflow(
+    pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | None = None, *, num_inference_steps: int | None = None
+) -> Any:
     """Turn a stock diffusers pipeline into a few-step pi-Flow sampler (in place; returns ``pipe``).
 
     Args:
@@ -217,10 +412,17 @@ def to_piflow(pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | No
         scheduler: a :class:`~piflow_kernels.PiFlowScheduler` with the student's policy type (its config is
             copied into a :class:`PiFlowPipelineScheduler`); None converts the pipeline's current scheduler
             config (shift, dynamic shifting) with ``policy_type`` set to the student's.
+        num_inference_steps: the pipeline's step count when called without one; None takes the student's
+            distilled step count (``student.config.num_inference_steps``), else that of a given
+            :class:`PiFlowPipelineScheduler` (``default_num_inference_steps``), else
+            :data:`DEFAULT_NUM_INFERENCE_STEPS` (4). Recorded in the scheduler config, so it is saved with it.
 
     Returns:
         ``pipe``, whose ``transformer`` is a :class:`PiFlowTransformer` and ``scheduler`` a
-        :class:`PiFlowPipelineScheduler`.
+        :class:`PiFlowPipelineScheduler`. A diffusers pipeline also gets its own subclass of its class (same
+        name) whose ``__call__`` defaults ``num_inference_steps`` to the scheduler's
+        ``default_num_inference_steps``; ``save_pretrained`` writes a folder that :func:`load_piflow_pipeline`
+        (or the pipeline class's ``from_pretrained``) reads back.
 
     Example:
         >>> pipe = to_piflow(FluxPipeline.from_pretrained(...), student, PiFlowScheduler(shift=3.2))
@@ -248,6 +450,8 @@ def to_piflow(pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | No
                 f"the student's teacher has {key}={ours} but {pipe_name}.transformer has {key}={theirs}: "
                 "build the student from this pipeline's transformer"
             )
+    if num_inference_steps is not None:
+        num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
     if pipe_name not in TESTED_PIPELINES:
         logger.warning("to_piflow: %s is not among the tested pipelines %s", pipe_name, TESTED_PIPELINES)
 
@@ -275,6 +479,81 @@ def to_piflow(pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | No
             "num_train_timesteps=%s changes what the student sees",
             new_scheduler.config.num_train_timesteps,
         )
+    steps = num_inference_steps if num_inference_steps is not None else student.num_inference_steps
+    if steps is None and scheduler is not None:
+        steps = new_scheduler.config.get(_DEFAULT_STEPS_KEY)
+    if steps is None:
+        steps = DEFAULT_NUM_INFERENCE_STEPS
+        logger.info(
+            "to_piflow: the student does not record its distilled step count; calls without num_inference_steps "
+            "take %d steps (pass to_piflow(..., num_inference_steps=n) to change it)",
+            steps,
+        )
+    new_scheduler.register_to_config(**{_DEFAULT_STEPS_KEY: steps})
     pipe.transformer = PiFlowTransformer(student, pipe)
     pipe.scheduler = new_scheduler
-    return pipe
+    return _adopt(pipe)
+
+
+class _DropExpectedTypeWarning(logging.Filter):
+    """diffusers' from_pretrained warns that the transformer is not the class the pipeline's __init__ names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Expected types for transformer") and PiFlowTransformer.__name__ in message)
+
+
+def check_saved_pipeline(folder: str | os.PathLike, variant: str | None = None) -> dict:
+    """Check the files of a folder written by a converted pipeline's ``save_pretrained``; return its model index.
+
+    ``model_index.json``, the scheduler config and the student's files (:func:`check_student_folder`) must be there
+    and readable: a missing one is a ``FileNotFoundError``, a damaged one a
+    :class:`~piflow_kernels.files.DamagedFileError`, each naming the file.
+    """
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    index = read_json(index_path, "pipeline index")
+    if not isinstance(index, dict):
+        raise DamagedFileError(index_path, f"pipeline index: a JSON object expected, got {type(index).__name__}")
+    expected = {"transformer": PiFlowTransformer, "scheduler": PiFlowPipelineScheduler}
+    for name, cls in expected.items():
+        entry = index.get(name)
+        if entry != [cls.__module__, cls.__name__]:
+            raise ValueError(
+                f"{index_path}: {name} is {entry!r}, not [{cls.__module__!r}, {cls.__name__!r}]: not a folder saved from "
+                "a pipeline converted with to_piflow (convert a stock pipeline with to_piflow(pipe, student))"
+            )
+    read_json(folder / "scheduler" / "scheduler_config.json", "pi-Flow scheduler config")
+    check_student_folder(folder / "transformer", variant)
+    return index
+
+
+def load_piflow_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Load a pipeline saved by a converted pipeline's ``save_pretrained``: the same pipeline, bit for bit.
+
+    diffusers' ``DiffusionPipeline.from_pretrained`` with the same keyword arguments (``torch_dtype``,
+    ``device_map``, components to use instead of the saved ones, ...), after checking the folder's files
+    (:func:`check_saved_pipeline`; errors name the missing or damaged file). Components the folder records as
+    absent (``[null, null]`` in ``model_index.json``, e.g. text encoders left out) load as None unless given. The
+    result samples with the saved default step count when called without ``num_inference_steps``.
+
+    Example:
+        >>> pipe = to_piflow(FluxPipeline.from_pretrained(...), student, PiFlowScheduler(shift=3.2))
+        >>> pipe.save_pretrained("pi-flux")
+        >>> pipe = load_piflow_pipeline("pi-flux", torch_dtype=torch.bfloat16)
+    """
+    folder = Path(pretrained_model_name_or_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder (a pipeline saved with save_pretrained)")
+    index = check_saved_pipeline(folder, kwargs.get("variant"))
+    for name, entry in index.items():
+        if not name.startswith("_") and isinstance(entry, list) and entry == [None, None]:
+            kwargs.setdefault(name, None)
+    quiet = _DropExpectedTypeWarning()
+    pipeline_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    pipeline_logger.addFilter(quiet)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    finally:
+        pipeline_logger.removeFilter(quiet)
+    return _adopt(pipe)

@@ -531,7 +531,7 @@ def check_saved_pipeline(folder: str | os.PathLike, variant: str | None = None) 
 def load_piflow_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load a pipeline saved by a converted pipeline's ``save_pretrained``: the same pipeline, bit for bit.
 
-    diffusers' ``DiffusionPipeline.from_pretrained`` with the same keyword arguments (``torch_dtype``,
+    diffusers' ``DiffusionPipeline.from_pretrained`` with the same keyword arguments (``dtype``,
     ``device_map``, components to use instead of the saved ones, ...), after checking the folder's files
     (:func:`check_saved_pipeline`; errors name the missing or damaged file). Components the folder records as
     absent (``[null, null]`` in ``model_index.json``, e.g. text encoders left out) load as None unless given. The
@@ -540,7 +540,7 @@ def load_piflow_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwa
     Example:
         >>> pipe = to_piflow(FluxPipeline.from_pretrained(...), student, PiFlowScheduler(shift=3.2))
         >>> pipe.save_pretrained("pi-flux")
-        >>> pipe = load_piflow_pipeline("pi-flux", torch_dtype=torch.bfloat16)
+        >>> pipe = load_piflow_pipeline("pi-flux", dtype=torch.bfloat16)
     """
     folder = Path(pretrained_model_name_or_path)
     if not folder.is_dir():

@@ -58,10 +58,13 @@ from typing import Any
 import numpy as np
 import torch
 
-# diffusers loads a component named ["piflow_kernels.pipelines", class] with the load method of the first of its
-# base classes (ModelMixin, SchedulerMixin, ...) that it finds *in this module*: both names must be importable here
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
-from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+try:
+    # diffusers loads a component named ["piflow_kernels.pipelines", class] with the load method of the first of its
+    # base classes (ModelMixin, SchedulerMixin, ...) that it finds *in this module*: both names must be importable here
+    from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+except ImportError as err:
+    raise ImportError("piflow_kernels pipelines need diffusers: pip install 'piflow_kernels[diffusers]'") from err
 
 from piflow_kernels.checks import positive_int
 from piflow_kernels.files import DamagedFileError, check_torch_file, read_json, require_file, safetensors_metadata

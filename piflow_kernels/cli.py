@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=4 -m piflow_kernels distill my_config.toml --resume
     python -m piflow_kernels export my_student/ my_gmflux_adapter/ --policy-config '{"shift": 3.2}'
     python -m piflow_kernels demo --help
+    torchrun --nproc_per_node=8 -m piflow_kernels encode-prompts prompts.toml
 
 A user error found before training starts (a bad config, a missing, damaged or misplaced file, a
 checkpoint that does not verify) prints one ``error: ...`` line naming the key or the file and exits 2.
@@ -52,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--policy-config", default=None, metavar="JSON", help="sampling settings for the metadata")
     export.add_argument("--max-shard-size", default=None, metavar="SIZE", help="e.g. 5GB: split into shards past it")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+    encode = sub.add_parser(
+        "encode-prompts",
+        help="cache a pipeline's prompt embeddings (text encoders only; one process, or under torchrun)",
+        description="Encode a prompt file with the text encoders of a diffusers folder into a resumable cache of "
+        "safetensors shards, as configured by a TOML file (keys: pipeline, prompts, out, batch_size, dtype, "
+        "max_sequence_length, column, negative_column). Rank and world size come from RANK / WORLD_SIZE.",
+    )
+    encode.add_argument("config", help="encoding config (.toml)")
+    encode.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
     # 'demo' hands all its arguments to piflow_kernels.demo.main (main() routes it before parsing)
     sub.add_parser("demo", help="the demo (arguments are passed on; see 'demo --help')", add_help=False)
@@ -125,6 +136,46 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+_ENCODE_KEYS = {"pipeline", "prompts", "out", "batch_size", "dtype", "max_sequence_length", "column", "negative_column"}
+
+
+def _encode_prompts(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from piflow_kernels.files import read_toml
+
+        cfg = read_toml(args.config, "encode-prompts config")
+        unknown = sorted(set(cfg) - _ENCODE_KEYS)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown key(s) {unknown} (known: {sorted(_ENCODE_KEYS)})")
+        missing = [k for k in ("pipeline", "prompts", "out") if k not in cfg]
+        if missing:
+            raise ValueError(f"{args.config}: missing key(s) {missing}")
+        for key in ("pipeline", "prompts", "out", "dtype", "column", "negative_column"):
+            if key in cfg and not isinstance(cfg[key], str):
+                raise ValueError(f"{args.config}: {key} must be a string, got {cfg[key]!r}")
+        for key in ("batch_size", "max_sequence_length"):
+            if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1):
+                raise ValueError(f"{args.config}: {key} must be a positive integer, got {cfg[key]!r}")
+        # relative paths are taken from the working directory, as the training configs' out_dir is
+        path = {k: os.path.expanduser(cfg[k]) for k in ("pipeline", "prompts", "out")}
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+        from piflow_kernels.distill.prompt_cache import encode_prompts
+        from piflow_kernels.distill.prompts import read_prompts
+
+        prompts = read_prompts(path["prompts"], column=cfg.get("column", "prompt"),
+                               negative_column=cfg.get("negative_column", "negative_prompt"))  # fmt: skip
+        out = encode_prompts(path["pipeline"], prompts, path["out"], batch_size=cfg.get("batch_size", 16), rank=rank,
+                             world_size=world_size, dtype=cfg.get("dtype", "bfloat16"), progress=not args.no_progress,
+                             max_sequence_length=cfg.get("max_sequence_length"))  # fmt: skip
+    except _USER_ERRORS as err:
+        return _user_error(err)
+    print(f"rank {rank} of {world_size}: {len(range(rank, len(prompts), world_size))} of {len(prompts)} prompts cached in {out}")
+    return 0
+
+
 def _user_error(err: BaseException) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -152,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _distill(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "encode-prompts":
+        return _encode_prompts(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

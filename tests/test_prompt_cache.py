@@ -312,6 +312,56 @@ def test_sd3_cache_holds_the_negatives_for_guidance(tmp_path):
     assert cache[0]["prompt_embeds"].shape == (32 + MSL, 12)  # CLIP tokens, then T5 tokens
 
 
+# ---------------------------------------------------------------------------- Qwen-Image: prompts of their own lengths
+
+
+def byte_level_vocab() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table as a vocabulary: every string tokenizes, one token per byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars = printable + [256 + n for n in range(256 - len(printable))]
+    return {chr(c): i for i, c in enumerate(chars)}
+
+
+def test_qwen_image_cache_keeps_each_prompts_length_and_pads_like_the_pipeline(tmp_path):
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    text = {"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "bos_token_id": None,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16, "patch_size": 2,
+              "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4, "fullatt_block_indexes": [0]}  # fmt: skip
+    torch.manual_seed(3)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # fmt: skip
+    pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), vae, encoder, tok, tiny_teacher("qwen"))
+    pipe.save_pretrained(tmp_path / "qwen")
+    prompts = [Prompt("a cat", "dark"), Prompt("a much longer prompt about a dog", ""), Prompt("sky", "blurry, low quality")]
+    cache = PromptCache(encode_prompts(tmp_path / "qwen", prompts, tmp_path / "cache", batch_size=3, dtype="float32",
+                                       progress=False))  # fmt: skip
+    assert cache.index["shards"][0]["tensors"]["prompt_embeds"]["shape"] == [None, 16]  # lengths differ
+    loaded = QwenImagePipeline.from_pretrained(tmp_path / "qwen", dtype=torch.float32)
+    lengths = {}
+    for name, strings in (("prompt_embeds", [p.prompt for p in prompts]), ("negative_prompt_embeds", [p[1] for p in prompts])):
+        embeds, mask = pipe_encode(loaded, strings)
+        assert mask is not None and mask.sum(1).unique().numel() == 3
+        lengths[name] = mask.shape[1]
+        rows = [cache[i] for i in range(3)]
+        for j, row in enumerate(rows):
+            n = int(mask[j].sum())
+            assert row[name].shape == (n, 16) and torch.equal(row[name], embeds[j, :n])
+            assert row[name + "_mask"].dtype == torch.long and row[name + "_mask"].eq(1).all()
+        # a batch of them, padded at the end, is what the pipeline returns for the batch
+        assert torch.equal(prompt_cache._stack([r[name] for r in rows]), embeds)
+        assert torch.equal(prompt_cache._stack([r[name + "_mask"] for r in rows]), mask)
+    batch = next(cache.iter_batches(3, seed=0))
+    assert batch["prompt_embeds"].shape == (3, lengths["prompt_embeds"], 16)
+    assert batch["negative_prompt_embeds_mask"].shape == (3, lengths["negative_prompt_embeds"])
+
+
 # ---------------------------------------------------------------------------- prompt files
 
 

@@ -205,11 +205,13 @@ def test_a_killed_encode_resumes_without_duplicates_or_gaps(flux_dir, flux_cache
     for i in range(16):
         assert_same(resumed[i], whole[i])
 
-    # the last shard lost (or cut short): only it is encoded again
+    # the last shard lost (or cut short), a temporary file left behind: only that shard is encoded again
+    (out / "shard-00000-of-00001-00002.safetensors.tmp123").write_bytes(b"\0")
     (out / "shard-00000-of-00001-00002.safetensors").write_bytes(b"\0" * 10)
     calls.clear()
     encode(flux_dir, out)
     assert [p.prompt for b in calls for p in b] == PROMPTS[12:]
+    assert not list(out.glob("*.tmp*"))
     assert PromptCache(out).index["shards"] == whole.index["shards"]
     calls.clear()
     encode(flux_dir, out)  # complete: nothing to do, the text encoders are not even loaded

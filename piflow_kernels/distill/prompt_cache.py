@@ -300,6 +300,9 @@ def encode_prompts(
     _check_existing(out, header, world_size)
 
     part_path = out / _part_name(rank, world_size)
+    # leftovers of a killed run of this rank: only this rank writes these names
+    for stale in (*out.glob(f"shard-{rank:05d}-of-{world_size:05d}-*.tmp*"), *out.glob(part_path.name + ".tmp*")):
+        stale.unlink(missing_ok=True)
     done: dict[str, dict[str, Any]] = {}
     if part_path.is_file():
         for entry in read_json(part_path, "prompt cache index").get("shards", []):

@@ -231,6 +231,13 @@ def test_a_cache_of_other_encoders_or_prompts_is_refused(flux_dir, flux_cache, t
     with pytest.raises(ValueError, match=r"world_size 1 vs 2 \(resume with the same number of processes\)"):
         encode(flux_dir, flux_cache, world_size=2)
     assert sorted(p.name for p in flux_cache.iterdir()) == before
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype"):
+        encode(flux_dir, tmp_path / "x", dtype="int8")
+    unsupported = tmp_path / "unsupported"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ValueError, match="StableDiffusionPipeline is not supported"):
+        encode(unsupported, tmp_path / "x")
 
 
 def test_a_damaged_or_missing_shard_is_an_error_naming_the_file(flux_cache, tmp_path):

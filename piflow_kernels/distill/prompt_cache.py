@@ -142,9 +142,12 @@ def _as_prompts(prompts: Sequence[str | Prompt]) -> list[Prompt]:
     return out
 
 
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
 def _dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
+        resolved = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None)
         if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as 'bfloat16', got {dtype!r}")
         dtype = resolved
@@ -176,6 +179,17 @@ def _shard_is_complete(out: Path, entry: dict[str, Any]) -> bool:
     if not path.is_file() or path.stat().st_size != entry["size"]:
         return False
     return sha256_file(path, "prompt cache shard") == entry["sha256"]
+
+
+def _check_pipeline_class(pipeline_dir: Path) -> None:
+    name = read_json(pipeline_dir / "model_index.json", "pipeline index").get("_class_name")
+    try:
+        import diffusers
+    except ImportError:
+        return  # _load_text_pipeline names the missing package
+    cls = getattr(diffusers, str(name), None)
+    if not isinstance(cls, type) or not any(c.__name__ in _SUPPORTED for c in cls.__mro__):
+        raise ValueError(f"{pipeline_dir}: encoding prompts of a {name} is not supported (supported: {', '.join(_SUPPORTED)})")
 
 
 def _load_text_pipeline(pipeline_dir: Path, dtype: torch.dtype, device: torch.device) -> Any:
@@ -284,6 +298,7 @@ def encode_prompts(
     require_file(root / "model_index.json", "pipeline index")
     items = _as_prompts(prompts)
     dtype_name = _dtype_name(dtype)
+    _check_pipeline_class(root)  # before hashing gigabytes of weights
     identity = encoder_identity(root)
     if negatives is None:
         negatives = identity["pipeline"] == "StableDiffusion3Pipeline" or any(p.negative_prompt is not None for p in items)

@@ -8,7 +8,8 @@
 
 Every prompt must be non-empty: an empty line, an empty cell or a missing column is a ``ValueError`` naming
 the file and the line / row; bytes that are not UTF-8 are a :class:`~piflow_kernels.files.DamagedFileError`.
-A negative prompt may be empty (the usual unconditional branch of classifier-free guidance).
+A negative prompt may be empty (the usual unconditional branch of classifier-free guidance). Leading and
+trailing whitespace is stripped from every prompt; blank lines at the end of a text file are ignored.
 """
 
 from __future__ import annotations

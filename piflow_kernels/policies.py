@@ -40,7 +40,7 @@ from piflow_kernels.checks import (
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS, DX_EPS
 from piflow_kernels.ops.dispatch import load_triton_ops, require_runnable, resolve_backend
 from piflow_kernels.ops.records import DXSegment, DXTensors, GMTensors, RolloutPlan
-from piflow_kernels.timesteps import unwarp
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, check_substep_rule, unwarp
 
 __all__ = ["GMFlowPolicy", "DXPolicy"]
 
@@ -121,10 +121,18 @@ class _PolicyBase:
         new.__dict__.update(changes)
         return new
 
-    def _plan(self, x_start, sigma_start, sigma_end, total_substeps, shift) -> tuple[torch.Tensor, RolloutPlan]:
+    def _plan(self, x_start, sigma_start, sigma_end, total_substeps, shift, substep_rule) -> tuple[torch.Tensor, RolloutPlan]:
         x_start = self._check_x("x_start", x_start)
         total_substeps = check_total_substeps(total_substeps)
         shift = as_float("shift", shift, positive=True)
+        substep_rule = check_substep_rule(substep_rule)
+        if self.backend == "reference" and substep_rule != DEFAULT_SUBSTEP_RULE:
+            # the oracle backend (ops/utils.py reference_rollout) passes no rule to the reference: refuse
+            # rather than integrate with another count than asked for
+            raise ValueError(
+                f"substep_rule={substep_rule!r}: the 'reference' backend's rollout follows the default rule "
+                f"{DEFAULT_SUBSTEP_RULE!r} only; use backend 'torch' or 'triton' (or piflow_kernels.reference.rollout)"
+            )
         s0 = as_sigma("sigma_start", sigma_start, self.batch_size, x_start.device)
         s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
         if self._validating():
@@ -134,7 +142,7 @@ class _PolicyBase:
                 raise ValueError("sigma_end must not exceed sigma_start: a rollout runs from noise towards data")
             self._check_sigma("sigma_start", s0)
             check_finite("x_start", x_start)
-        return x_start, RolloutPlan.build(s0, s1, total_substeps, shift)
+        return x_start, RolloutPlan.build(s0, s1, total_substeps, shift, substep_rule)
 
     def _resolve(self, backend: str | None, device: torch.device) -> None:
         """Pick the backend; one passed explicitly must be able to run this policy (the automatic choice falls back)."""
@@ -173,10 +181,13 @@ class _PolicyBase:
         sigma_end: SigmaLike,
         total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
         shift: float = 1.0,
+        substep_rule: str = DEFAULT_SUBSTEP_RULE,
     ) -> torch.Tensor:
         """Integrate the policy from sigma_start down to sigma_end with Euler substeps uniform in raw time under
-        ``shift`` ([eq:rollout]), no grad. Sample b takes max(1, round((r_start - r_end) * total_substeps))
-        substeps ([eq:substeps]). Returns x_end like ``x_start``.
+        ``shift`` ([eq:rollout]), no grad. Sample b takes max(1, ceil((r_start - r_end) * total_substeps))
+        substeps (``substep_rule="ceil"``, LakonLab v0.2.0; a product within 1e-5 raw time above an integer counts
+        as that integer) or max(1, round(...)) (``"round"``, earlier versions), [eq:substeps].
+        Returns x_end like ``x_start``.
 
         Args:
             x_start: (B, C, *S) like ``x_src``, finite.
@@ -184,8 +195,9 @@ class _PolicyBase:
             sigma_end: likewise, in [0, sigma_start].
             total_substeps: an int >= 1 (Python or numpy).
             shift: the rollout's time shift, a positive finite number.
+            substep_rule: "ceil" (default) or "round".
         """
-        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift)
+        x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift, substep_rule)
         with _no_autocast(x_start.device):
             x_end = self._rollout_op(self.backend, self._flat(x_start), self._tensors(), plan)
         return x_end.reshape(x_start.shape)

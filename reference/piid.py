@@ -15,7 +15,7 @@ import torch
 
 from .dx import dx_velocity
 from .gm import gm_apply_dropout, gm_velocity
-from .rollout import rollout
+from .rollout import num_substeps, rollout
 from .timesteps import warp
 
 
@@ -47,11 +47,12 @@ def _policy_velocity(policy_type, output, x_src, sigma_src, keep_mask, dx_segmen
     return velocity
 
 
-def _mean_velocity(velocity_of_sample, x_a, raw_a, sigma_a, raw_end, total_substeps, shift, eps):
+def _mean_velocity(velocity_of_sample, x_a, raw_a, sigma_a, raw_end, total_substeps, shift, eps, substep_rule="ceil"):
     """Mean policy velocity over [raw_end, raw_a], one sample at a time (the official ``policy_average_u``).
 
-    Fewer than 2 substeps: the local velocity at the start. Otherwise an Euler rollout in raw time,
-    n = round(length * total_substeps) substeps, and (x_a - x_end) / max(sigma_a - sigma_end, eps).
+    round(length * total_substeps) < 2 (round under either rule): the local velocity at the start. Otherwise an
+    Euler rollout in raw time of n = num_substeps(length) substeps under ``substep_rule`` (a rollout's count),
+    and (x_a - x_end) / max(sigma_a - sigma_end, eps).
     Implements [eq:mean-velocity] (docs/design.md#pi-id-loss).
     """
     rows = []
@@ -60,10 +61,10 @@ def _mean_velocity(velocity_of_sample, x_a, raw_a, sigma_a, raw_end, total_subst
         x_start = x_a[b : b + 1]
         s_start = sigma_a[b : b + 1]
         length = raw_a[b] - raw_end[b]
-        n = int(torch.round(length * total_substeps))
-        if n < 2:
+        if int(torch.round(length * total_substeps)) < 2:
             rows.append(velocity(x_start, s_start)[0])
             continue
+        n = int(num_substeps(length, total_substeps, substep_rule))
         h = length / n
         x, r, s = x_start, raw_a[b], s_start
         for _ in range(n):
@@ -96,6 +97,7 @@ def piid_segment_loss(
     dx_mode="grid",
     eps=1e-4,
     return_x_dst=False,
+    substep_rule="ceil",
 ):
     """The loss of one pi-ID segment; returns (loss, x_dst or None, raw_dst).
 
@@ -104,6 +106,7 @@ def piid_segment_loss(
         raw_src, segment_size: (B,) raw times.
         teacher_fn: ``teacher_fn(x_t, timestep) -> velocity`` with timestep = sigma * num_train_timesteps.
         shift: the raw-time -> sigma shift of the rollouts (the dynamic one, if any, already applied).
+        substep_rule: how the rollouts count substeps ("ceil" or "round"); the window rounds under either.
 
     Implements [eq:piid-window], [eq:piid-states] and [eq:piid-loss] (docs/design.md#pi-id-loss); the draws of
     [eq:piid-draws] are given.
@@ -138,9 +141,11 @@ def piid_segment_loss(
         raw_b = torch.clamp(raw_a - teacher_intervals[:, i], min=0)
         sigma_a = warp(raw_a, shift)
         with torch.no_grad():
-            x_a = rollout(detached_velocity, x_last, sigma_last, sigma_a, total_substeps, shift)
+            x_a = rollout(detached_velocity, x_last, sigma_last, sigma_a, total_substeps, shift, substep_rule)
             target = teacher_fn(x_a, sigma_a * num_train_timesteps)
-        pred = _mean_velocity(live_velocity_of_sample, x_a, raw_a, sigma_a, raw_b - window, total_substeps, shift, eps)
+        pred = _mean_velocity(
+            live_velocity_of_sample, x_a, raw_a, sigma_a, raw_b - window, total_substeps, shift, eps, substep_rule
+        )
         squared_errors.append((pred - target) ** 2)
         sigma_b = warp(raw_b, shift)
         x_last = x_a + target * (sigma_b - sigma_a).reshape(batch, *([1] * (x_a.dim() - 1)))
@@ -153,5 +158,5 @@ def piid_segment_loss(
     x_dst = None
     if return_x_dst:
         with torch.no_grad():
-            x_dst = rollout(detached_velocity, x_last, sigma_last, warp(raw_dst, shift), total_substeps, shift)
+            x_dst = rollout(detached_velocity, x_last, sigma_last, warp(raw_dst, shift), total_substeps, shift, substep_rule)
     return loss, x_dst, raw_dst

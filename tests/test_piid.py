@@ -63,6 +63,8 @@ CASES = [
         dict(window_substeps=2, use_dynamic_shifting=True, gm_dropout=0.3, num_intermediate_states=1),
     ),
     ("DX-q0-w0-s1-f1", "DX", 0.0, {}),
+    ("GM-q0.5-w2-s3-f0.5-round", "GMFlow", 0.5, dict(window_substeps=2, shift=3.0, final_step_size_scale=0.5, substep_rule="round")),  # noqa: E501
+    ("DX-q0.5-w2-s3-f0.5-round", "DX", 0.5, dict(window_substeps=2, shift=3.0, final_step_size_scale=0.5, substep_rule="round")),
     ("DX-q0.5-w0-s3-f0.5", "DX", 0.5, dict(shift=3.0, final_step_size_scale=0.5)),
     ("DX-q0-w2-s3-dxshift2", "DX", 0.0, dict(window_substeps=2, shift=3.0, dx_shift=2.0)),
     (
@@ -116,6 +118,7 @@ def reference_segment(student, teacher, x_src, raw_src, segment_size, sigma_src,
         dx_mode=dx["mode"],
         eps=cfg.eps,
         return_x_dst=True,
+        substep_rule=cfg.substep_rule,
     )
     return loss, x_dst, raw_dst, g
 
@@ -186,10 +189,12 @@ MEAN_VELOCITY_BOUND_CASES = [
 
 @pytest.mark.parametrize("overrides", [c[1] for c in MEAN_VELOCITY_BOUND_CASES], ids=[c[0] for c in MEAN_VELOCITY_BOUND_CASES])
 @pytest.mark.parametrize("q", [0.0, 0.3, 1.0])
-def test_mean_velocity_substep_bound_covers_every_draw(overrides, q):
+@pytest.mark.parametrize("rule", ["ceil", "round"])
+def test_mean_velocity_substep_bound_covers_every_draw(overrides, q, rule):
     """The host-side bound of the mean velocities' substeps (no read-back) holds for every drawn state, and is tight:
-    at most one substep above the largest count of a large batch (exactly the window's count when q = 0)."""
-    cfg = PiIDConfig(**overrides)
+    at most one substep above the largest count of a large batch (exactly the window's count when q = 0), under
+    either substep rule (ceil with its 1e-5 raw-time slack, round)."""
+    cfg = PiIDConfig(**overrides, substep_rule=rule)
     g = torch.Generator().manual_seed(3)
     raw_last, segment_size = sample_segment_start(cfg, 4096, g)
     draws = draw_segment(cfg, segment_size, q, generator=g)
@@ -198,7 +203,11 @@ def test_mean_velocity_substep_bound_covers_every_draw(overrides, q):
     for i in range(cfg.num_intermediate_states):  # the intervals of piid_segment_loss_from_draws
         raw_a = (raw_last - draws.student_intervals[:, i]).clamp(min=0.0)
         raw_b = (raw_a - draws.teacher_intervals[:, i]).clamp(min=0.0)
-        counts.append(torch.round((raw_a - (raw_b - window)) * cfg.total_substeps))
+        interval = raw_a - (raw_b - window)
+        if rule == "ceil":
+            counts.append(torch.ceil((interval - 1e-5) * cfg.total_substeps))
+        else:
+            counts.append(torch.round(interval * cfg.total_substeps))
         raw_last = raw_b
     largest = int(torch.stack(counts).max())
     bound = _mean_velocity_max_steps(cfg, sorted(set(cfg.segment_sizes())), q)

@@ -107,7 +107,11 @@ def build_student(policy_type: str, nfe: int, data: GaussianMixtureData, setting
 
 
 def piid_config(policy_type: str, nfe: int, settings: StudentSettings) -> PiIDConfig:
-    """The pi-ID settings of one student (shift 1, 2 intermediate states, DX segment = the NFE segment)."""
+    """The pi-ID settings of one student (shift 1, 2 intermediate states, DX segment = the NFE segment).
+
+    The demo's students were trained and measured with the ``round`` substep rule (LakonLab before v0.2.0): it
+    keeps it, and :func:`~piflow_kernels.distill.evaluation.scheduler_for` samples with the same rule.
+    """
     return PiIDConfig(
         nfe=nfe,
         policy_type=policy_type,
@@ -116,6 +120,7 @@ def piid_config(policy_type: str, nfe: int, settings: StudentSettings) -> PiIDCo
         window_substeps=settings.window_substeps,
         gm_dropout=settings.gm_dropout if policy_type == "GMFlow" else 0.0,
         backend="torch",
+        substep_rule="round",
     )
 
 

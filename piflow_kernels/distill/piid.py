@@ -46,7 +46,7 @@ from piflow_kernels.distill.piid_draws import (
 )
 from piflow_kernels.outputs import make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
-from piflow_kernels.timesteps import warp
+from piflow_kernels.timesteps import SUBSTEP_CEIL_TOL, substep_count, warp
 
 __all__ = [
     "PiIDConfig",
@@ -121,33 +121,36 @@ def policy_mean_velocity(
     total_substeps: int,
     eps: float = 1e-4,
     max_steps: int | None = None,
+    substep_rule: str = "ceil",
 ) -> torch.Tensor:
     """Mean policy velocity from raw_start to raw_end, differentiable (the official ``policy_average_u``).
 
-    Samples whose interval rounds to fewer than 2 substeps get the local velocity at the start;
-    the others ``(x_start - x_end) / max(sigma_start - sigma_end, eps)`` through an Euler rollout
-    written in torch ops on ``policy.velocity`` (gradients reach the policy tensors through every
-    substep).
+    Samples whose interval rounds to fewer than 2 substeps (``round``, whatever the rule, as the official
+    code) get the local velocity at the start; the others ``(x_start - x_end) / max(sigma_start - sigma_end, eps)``
+    through an Euler rollout written in torch ops on ``policy.velocity`` (gradients reach the policy tensors
+    through every substep), of as many substeps as a rollout counts under ``substep_rule`` ([eq:substeps]:
+    LakonLab v0.2.0 integrates with ceil here).
 
     Args:
         x_start: (B, C, *S); raw_start, sigma_start, raw_end: (B,).
-        max_steps: an upper bound, known on the host, of every sample's substep count
-            ``round((raw_start - raw_end) * total_substeps)``: the rollout runs that many substeps (a
-            sample past its own count stays put, so the result is the same) and nothing is read back
-            from the device; a count above it fails a device-side assert. None: the counts are read
-            (a host sync on a GPU).
+        max_steps: an upper bound, known on the host, of every sample's substep count under ``substep_rule``:
+            the rollout runs that many substeps (a sample past its own count stays put, so the result is the
+            same) and nothing is read back from the device; a count above it fails a device-side assert.
+            None: the counts are read (a host sync on a GPU).
+        substep_rule: "ceil" (default) or "round".
     Returns:
         (B, C, *S) in the dtype of ``x_start``.
     """
     delta = raw_start - raw_end
-    rounded = torch.round(delta * total_substeps)
-    small = rounded < 2
-    n = rounded.clamp(min=1)
+    small = torch.round(delta * total_substeps) < 2
+    n = substep_count(delta, total_substeps, substep_rule)
     if max_steps is None:
         need_mean, need_local = not bool(small.all()), bool(small.any())
         steps = int(n.max()) if need_mean else 0
     else:
-        torch._assert_async(rounded.max() <= max_steps, "policy_mean_velocity: a substep count exceeds max_steps")
+        # the count before its floor of 1: a zero-length interval (local velocity) needs no substep
+        counted = torch.where(small, torch.zeros_like(n), n)
+        torch._assert_async(counted.max() <= max_steps, "policy_mean_velocity: a substep count exceeds max_steps")
         need_mean, need_local, steps = max_steps >= 2, True, max_steps
     mean_u = local_u = None
     if need_mean:
@@ -177,8 +180,9 @@ def _mean_velocity_max_steps(cfg: PiIDConfig, segment_sizes: list[float], teache
 
     A matched state's interval is its teacher step plus the window, at most ``q (size - window) + window``
     (:func:`draw_segment`), and :func:`policy_mean_velocity` takes ``round(interval * total_substeps)``
-    substeps. float32 rounding moves raw times (<= 1) by a few 2^-24: the margin of 1e-6 substeps per
-    unit of ``total_substeps`` covers it. With q = 0 the bound is the window's own count (0 without one).
+    substeps (``ceil((interval - SUBSTEP_CEIL_TOL) * total_substeps)`` under the ceil rule). float32 rounding
+    moves raw times (<= 1) by a few 2^-24: the margin of 1e-6 substeps per unit of ``total_substeps`` covers it.
+    With q = 0 the bound is the window's own count (0 without one).
     """
     t = cfg.total_substeps
     margin = 1e-6 * t
@@ -188,7 +192,10 @@ def _mean_velocity_max_steps(cfg: PiIDConfig, segment_sizes: list[float], teache
         n = max(math.ceil(size * t - 0.5 - margin), 1)
         window = min(cfg.window_substeps * size / n, size)
         interval = teacher_ratio * max(size - window, 0.0) + window
-        bound = max(bound, math.floor(interval * t + margin + 0.5))
+        if cfg.substep_rule == "ceil":
+            bound = max(bound, math.ceil((interval - SUBSTEP_CEIL_TOL) * t + margin))
+        else:
+            bound = max(bound, math.floor(interval * t + margin + 0.5))
     return bound
 
 
@@ -250,15 +257,18 @@ def piid_segment_loss_from_draws(
         sigma_a = torch.minimum(_sigma(raw_a, shift), sigma_last)
         with torch.no_grad():
             with _float32_policy_math(device):
-                x_a = detached.rollout(x_last, sigma_last, sigma_a, total_substeps=cfg.total_substeps, shift=shift)
+                x_a = detached.rollout(
+                    x_last, sigma_last, sigma_a, cfg.total_substeps, shift=shift, substep_rule=cfg.substep_rule
+                )
             with _eval_mode(teacher):  # under the caller's autocast, if any
                 target = _velocity_of(teacher(x_a, sigma_a * cfg.num_train_timesteps, **teacher_kwargs)).detach()
         if target.shape != x_a.shape:
             raise ValueError(f"the teacher returned shape {tuple(target.shape)}, expected {tuple(x_a.shape)}")
         with _float32_policy_math(device):
             pred = policy_mean_velocity(
-                policy, x_a, raw_a, sigma_a, raw_b - window, shift, cfg.total_substeps, cfg.eps, max_steps=max_steps
-            )
+                policy, x_a, raw_a, sigma_a, raw_b - window, shift, cfg.total_substeps, cfg.eps,
+                max_steps=max_steps, substep_rule=cfg.substep_rule,
+            )  # fmt: skip
             sq_errors.append((pred.float() - target.float()).square().mean())
             sigma_b = torch.minimum(_sigma(raw_b, shift), sigma_a)
             x_last = x_a + target.to(x_a.dtype) * _bcast(sigma_b - sigma_a, x_a).to(x_a.dtype)
@@ -271,7 +281,9 @@ def piid_segment_loss_from_draws(
     if return_x_dst:
         sigma_dst = torch.minimum(_sigma(raw_dst, shift), sigma_last)
         with _float32_policy_math(device):
-            x_dst = detached.rollout(x_last, sigma_last, sigma_dst, total_substeps=cfg.total_substeps, shift=shift)
+            x_dst = detached.rollout(
+                x_last, sigma_last, sigma_dst, cfg.total_substeps, shift=shift, substep_rule=cfg.substep_rule
+            )
     return loss, x_dst, raw_dst
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from piflow_kernels.checks import is_int, is_real
 from piflow_kernels.ops.dispatch import BACKENDS
 from piflow_kernels.outputs import POLICY_TYPES
-from piflow_kernels.timesteps import dynamic_shift
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, SUBSTEP_RULES, dynamic_shift
 
 __all__ = ["DX_WINDOW_SUBSTEPS", "PiIDConfig", "teacher_ratio"]
 
@@ -42,6 +42,9 @@ class PiIDConfig:
         nfe: number of student evaluations (segments) at sampling time.
         policy_type: "GMFlow" or "DX".
         total_substeps: policy substeps per unit raw time for every rollout.
+        substep_rule: how the rollouts (the detached policy's, and the mean velocities') count their substeps:
+            "ceil" (default, LakonLab v0.2.0) or "round" (earlier versions). The window's substep size and the
+            "fewer than 2 substeps" test of the mean velocity round under either rule, as the official code.
         num_intermediate_states: M, states per segment where the velocities are matched.
         window_substeps: > 0 matches the policy's mean velocity over a window of that many substeps (of the
             segment's own size) and keeps every matched state at least that far above the segment's end. None
@@ -82,6 +85,7 @@ class PiIDConfig:
     dx_mode: str = "grid"
     eps: float = 1e-4
     backend: str | None = None
+    substep_rule: str = DEFAULT_SUBSTEP_RULE
 
     def __post_init__(self) -> None:
         def need_int(name: str, low: int) -> None:
@@ -135,6 +139,8 @@ class PiIDConfig:
         need_real("eps", positive=True)
         if not self.eps < 0.1:
             raise ValueError(f"PiIDConfig.eps must be small (< 0.1), got {self.eps}")
+        if self.substep_rule not in SUBSTEP_RULES:
+            raise ValueError(f"PiIDConfig.substep_rule must be 'ceil' or 'round', got {self.substep_rule!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"PiIDConfig.backend must be None or one of {BACKENDS}, got {self.backend!r}")
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from piflow_kernels.timesteps import substep_schedule
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, substep_schedule
 
 
 class GMTensors(NamedTuple):
@@ -68,8 +68,9 @@ class DXTensors(NamedTuple):
 class RolloutPlan(NamedTuple):
     """Per-sample substep plan of a rollout from sigma_start to sigma_end (docs/design.md, [eq:substeps]).
 
-    The fused paths read ``sigma_start``, ``n_substeps``, ``substep_size``, ``r_start`` and ``shift``; the
-    reference oracle integrates from ``sigma_start`` to ``sigma_end`` with ``total_substeps`` itself.
+    The fused paths read ``sigma_start``, ``n_substeps``, ``substep_size``, ``r_start`` and ``shift``: the per-sample
+    counts come from here (:func:`~piflow_kernels.timesteps.substep_schedule`) under ``substep_rule``. The reference
+    oracle integrates from ``sigma_start`` to ``sigma_end`` with ``total_substeps`` itself.
     """
 
     sigma_start: torch.Tensor  # (B,) float32
@@ -79,12 +80,20 @@ class RolloutPlan(NamedTuple):
     shift: float  # time shift of the substep grid
     sigma_end: torch.Tensor  # (B,) float32
     total_substeps: int  # substeps per unit raw time
+    substep_rule: str = DEFAULT_SUBSTEP_RULE  # how n_substeps was counted: "ceil" or "round"
 
     @classmethod
-    def build(cls, sigma_start: torch.Tensor, sigma_end: torch.Tensor, total_substeps: int, shift: float) -> RolloutPlan:
-        """The plan of [eq:substeps], computed on the device without host synchronisation."""
-        n, h, r0 = substep_schedule(sigma_start, sigma_end, total_substeps, shift)
-        return cls(sigma_start, n, h, r0, float(shift), sigma_end, int(total_substeps))
+    def build(
+        cls,
+        sigma_start: torch.Tensor,
+        sigma_end: torch.Tensor,
+        total_substeps: int,
+        shift: float,
+        substep_rule: str = DEFAULT_SUBSTEP_RULE,
+    ) -> RolloutPlan:
+        """The plan of [eq:substeps] under ``substep_rule``, computed on the device without host synchronisation."""
+        n, h, r0 = substep_schedule(sigma_start, sigma_end, total_substeps, shift, substep_rule)
+        return cls(sigma_start, n, h, r0, float(shift), sigma_end, int(total_substeps), substep_rule)
 
     @property
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:

@@ -29,7 +29,7 @@ from piflow_kernels.checks import count
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
 from piflow_kernels.outputs import make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
-from piflow_kernels.timesteps import warp
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, warp
 
 if TYPE_CHECKING:
     from piflow_kernels.scheduler import PiFlowScheduler
@@ -38,6 +38,8 @@ __all__ = [
     "FlowMapSchedule",
     "check_h",
     "check_num_steps",
+    "check_raw_sigmas",
+    "check_raw_t_range",
     "flowmap_schedule",
     "flowmap_step",
     "policy_from_output",
@@ -66,15 +68,54 @@ def check_num_steps(num_inference_steps: object) -> int:
     return count("num_inference_steps", num_inference_steps)
 
 
-def raw_sigma_grid(num_inference_steps: int, final_step_size_scale: float = 1.0) -> list[float]:
-    """The default raw-time grid (before the shift): n floats from 1, the last step ``f`` times the others.
+def check_raw_t_range(min_raw_t: object, max_raw_t: object) -> tuple[float, float]:
+    """(min_raw_t, max_raw_t) as floats with 0 <= min_raw_t < max_raw_t <= 1 (a ``ValueError`` naming them)."""
+    for name, v in (("min_raw_t", min_raw_t), ("max_raw_t", max_raw_t)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number in [0, 1], got {v!r}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v!r}")
+    if not min_raw_t < max_raw_t:
+        raise ValueError(f"min_raw_t must be < max_raw_t, got min_raw_t={min_raw_t!r} and max_raw_t={max_raw_t!r}")
+    return float(min_raw_t), float(max_raw_t)
 
-    ``linspace(1, (f - 1) / (n + f - 1), n, endpoint=False)`` with f = ``final_step_size_scale``.
+
+def raw_sigma_grid(
+    num_inference_steps: int, final_step_size_scale: float = 1.0, min_raw_t: float = 0.0, max_raw_t: float = 1.0
+) -> list[float]:
+    """The default raw-time grid (before the shift): n floats from ``max_raw_t``, the last step ``f`` times the
+    others, the grid ending (after the last step) at ``min_raw_t``; [eq:flowmap-sigmas].
+
+    ``linspace(max_raw_t, (max_raw_t - min_raw_t) * f / (n - 1 + f) + min_raw_t, n)`` with f =
+    ``final_step_size_scale``, as LakonLab v0.2.0's FlowMapSDE (with 0 and 1: ``linspace(1, (f - 1) / (n + f - 1),
+    n, endpoint=False)``). The sampler still ends at sigma 0: with ``min_raw_t > 0`` the last step is longer.
     """
     n = check_num_steps(num_inference_steps)
     f = float(final_step_size_scale)
-    raw = np.linspace(1.0, (f - 1.0) / (n + f - 1.0), n, endpoint=False).clip(min=0.0)
+    lo, hi = check_raw_t_range(min_raw_t, max_raw_t)
+    raw = np.linspace(hi, (hi - lo) * f / (n - 1 + f) + lo, n).clip(min=0.0)
     return [float(r) for r in raw]
+
+
+def check_raw_sigmas(sigmas: object) -> list[float]:
+    """Custom raw (unshifted) noise levels as floats: 1-D, non-empty, in (0, 1], strictly decreasing."""
+    if isinstance(sigmas, torch.Tensor):
+        values = sigmas.detach().double().cpu().reshape(-1).tolist() if sigmas.dim() <= 1 else None
+    else:
+        try:
+            values = np.asarray(sigmas, dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sigmas must be a 1-D sequence of raw noise levels, got {sigmas!r}") from err
+        values = values.tolist() if values.ndim == 1 else None
+    if values is None:
+        raise ValueError("sigmas must be a 1-D sequence of raw noise levels")
+    if len(values) == 0:
+        raise ValueError("sigmas must not be empty")
+    if not all(math.isfinite(v) and 0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"sigmas must lie in (0, 1] (raw, unshifted; the final 0 is appended), got {values}")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing, got {values}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -102,7 +143,29 @@ class FlowMapSchedule:
         return len(self.sigmas_dst)
 
 
-def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str = 0.0) -> FlowMapSchedule:
+def _float32_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str) -> FlowMapSchedule:
+    """The schedule in float32 tensor arithmetic, in the order of LakonLab v0.2.0's FlowMapSDE (``use_fp64=False``):
+    the raw levels cast to float32, ``warp``, then m, sigma_dst and the re-noising coefficients."""
+    raw = torch.tensor(list(raw_sigmas), dtype=torch.float64).float().clamp(min=0)
+    sig = torch.cat([warp(raw, shift), torch.zeros(1)])
+    alphas = 1 - sig
+    s_src, s_to, a_src, a_to = sig[:-1], sig[1:], alphas[:-1], alphas[1:]
+    if h == "inf":
+        m = torch.zeros_like(s_src)
+    elif h == 0.0:
+        m = torch.ones_like(s_src)
+    else:
+        m = (s_to * a_src / (s_src * a_to).clamp(min=_RENOISE_EPS)) ** (h * h)
+    s_to_m = s_to * m
+    sigmas_dst = s_to_m / (a_to + s_to_m).clamp(min=_RENOISE_EPS)
+    scales = a_to + s_to_m
+    noise_scales = s_to * (1 - m.square()).clamp(min=0).sqrt()
+    if h == 0.0:  # deterministic: exactly the next sigma, no re-noising (as the float64 schedule)
+        sigmas_dst, scales, noise_scales = s_to, torch.ones_like(m), torch.zeros_like(m)
+    return FlowMapSchedule(sig.tolist(), sigmas_dst.tolist(), scales.tolist(), noise_scales.tolist(), float(shift))
+
+
+def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str = 0.0, use_fp64: bool = False) -> FlowMapSchedule:
     """The schedule of raw (unshifted) noise levels ``raw_sigmas`` (n floats in (0, 1], decreasing):
     [eq:flowmap-sigmas] and the per-step numbers of [eq:flowmap-sde] in docs/design.md.
 
@@ -110,8 +173,14 @@ def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str =
         raw_sigmas: e.g. :func:`raw_sigma_grid`; shifted by ``warp(r, shift)``, then a final 0 is appended.
         shift: the time shift (> 0).
         h: re-noising strength: 0 deterministic, > 0 stochastic, ``"inf"`` full re-noising.
+        use_fp64: compute the schedule in float64 (Python floats, the default); False computes it in float32 tensor
+            arithmetic in the order of LakonLab v0.2.0's FlowMapSDE (its default ``use_fp64=False``), so the
+            sigmas, destinations and re-noising coefficients are the official float32 values bit for bit. Either
+            way the numbers are returned as Python floats.
     """
     h = check_h(h)
+    if not use_fp64:
+        return _float32_schedule(raw_sigmas, shift, h)
     s = [warp(r, shift) for r in raw_sigmas] + [0.0]
     sigmas_dst, scales, noise_scales = [], [], []
     for s_src, s_to in zip(s[:-1], s[1:]):
@@ -186,6 +255,7 @@ def flowmap_step(
     total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
     temperature: float = 1.0,
     noise: torch.Tensor | None = None,
+    substep_rule: str = DEFAULT_SUBSTEP_RULE,
 ) -> torch.Tensor:
     """Step ``index`` of ``schedule``: roll ``policy`` out from x at ``sigmas[index]`` to ``sigmas_dst[index]``,
     then re-noise.
@@ -196,13 +266,16 @@ def flowmap_step(
         x: (B, C, *S) float32 latents.
         total_substeps: policy substeps per unit raw time.
         noise: (B, C, *S) re-noising noise; needed when ``schedule.noise_scales[index] > 0``.
+        substep_rule: how the rollout counts its substeps, "ceil" (default) or "round" ([eq:substeps]).
 
     Returns:
         (B, C, *S) float32 latents at ``schedule.sigmas[index + 1]``.
     """
     if isinstance(policy, GMFlowPolicy):
         policy = policy.temperature(temperature)
-    x_dst = policy.rollout(x, schedule.sigmas[index], schedule.sigmas_dst[index], total_substeps, shift=schedule.shift)
+    x_dst = policy.rollout(
+        x, schedule.sigmas[index], schedule.sigmas_dst[index], total_substeps, shift=schedule.shift, substep_rule=substep_rule
+    )
     scale, noise_scale = schedule.scales[index], schedule.noise_scales[index]
     if noise_scale > 0.0:
         if noise is None:
@@ -213,10 +286,21 @@ def flowmap_step(
     return x_dst
 
 
-def _default_steps(num_inference_steps: int, device: torch.device) -> tuple[torch.Tensor, Callable]:
-    """The timesteps and the step function of ``PiFlowScheduler()``'s defaults, without diffusers: shift 1,
-    h = 0, uniform steps, GMFlow policies, ``DEFAULT_TOTAL_SUBSTEPS``, timesteps ``sigma * 1000``."""
-    schedule = flowmap_schedule(raw_sigma_grid(num_inference_steps), shift=1.0, h=0.0)
+def _default_steps(
+    num_inference_steps: int | None, device: torch.device, sigmas: object = None
+) -> tuple[torch.Tensor, Callable, float]:
+    """The timesteps, the step function and the first sigma of ``PiFlowScheduler()``'s defaults, without diffusers: shift 1,
+    h = 0, uniform steps (or the raw ``sigmas``), GMFlow policies, ``DEFAULT_TOTAL_SUBSTEPS``, the ``"ceil"``
+    substep rule, a float64 schedule, timesteps ``sigma * 1000``."""
+    if sigmas is not None:
+        raw = check_raw_sigmas(sigmas)
+        if num_inference_steps is not None and check_num_steps(num_inference_steps) != len(raw):
+            raise ValueError(f"num_inference_steps={num_inference_steps} but {len(raw)} sigmas were given")
+    elif num_inference_steps is None:
+        raise ValueError("sample needs num_inference_steps or sigmas")
+    else:
+        raw = raw_sigma_grid(num_inference_steps)
+    schedule = flowmap_schedule(raw, shift=1.0, h=0.0)
     timesteps = torch.tensor(schedule.sigmas[:-1], dtype=torch.float32, device=device) * 1000
 
     def step(output: object, index: int, timestep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -224,18 +308,19 @@ def _default_steps(num_inference_steps: int, device: torch.device) -> tuple[torc
         policy = policy_from_output(output, x32, schedule.sigmas[index], "GMFlow", where="sample")
         return flowmap_step(policy, x32, index, schedule).to(x.dtype)
 
-    return timesteps, step
+    return timesteps, step, schedule.sigmas[0]
 
 
 @torch.no_grad()
 def sample(
     student: Callable[..., object],
     noise: torch.Tensor,
-    num_inference_steps: int,
+    num_inference_steps: int | None,
     scheduler: PiFlowScheduler | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
     seq_len: int | None = None,
+    sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     **model_kwargs,
 ) -> torch.Tensor:
     """Run the few-step sampler from ``noise`` to the final latents.
@@ -244,8 +329,10 @@ def sample(
         student: callable ``student(x_t, timestep, **model_kwargs)``: x_t (B, C, *S) in the dtype of ``noise``,
             timestep (B,) float32 tensor on the device of ``noise`` (``sigma * num_train_timesteps``);
             returns the policy output the scheduler's ``policy_type`` expects.
-        noise: (B, C, H, W) or (B, C, T, H, W) the initial sample at sigma = 1.
-        num_inference_steps: number of student calls (any number >= 1).
+        noise: (B, C, H, W) or (B, C, T, H, W) unit Gaussian noise. The loop starts from ``sigma_0 * noise`` at the
+            schedule's first noise level ``sigma_0`` (1 unless ``max_raw_t < 1`` or custom ``sigmas`` start
+            below 1), as LakonLab v0.2.0's sampler does.
+        num_inference_steps: number of student calls (any number >= 1); may be None when ``sigmas`` is given.
         scheduler: a :class:`~piflow_kernels.PiFlowScheduler` (its schedule is reset here). None runs the
             defaults of ``PiFlowScheduler()`` (GMFlow, shift 1, h = 0, 128 substeps per unit time) without
             diffusers. With ``use_dynamic_shifting`` the shift follows ``seq_len`` (below).
@@ -253,6 +340,8 @@ def sample(
         progress: show a tqdm bar advancing once per student call.
         seq_len: sequence length for the dynamic shift; default ``prod(S)`` (latent pixels). FLUX-style
             transformers count packed 2x2 tokens: pass ``H * W // 4`` to match their pipelines' shift.
+        sigmas: custom raw (unshifted) noise levels, strictly decreasing in (0, 1], without the final 0 (see
+            :meth:`PiFlowScheduler.set_timesteps`).
         **model_kwargs: passed to every student call (e.g. text embeddings).
 
     Returns:
@@ -265,7 +354,7 @@ def sample(
     if not callable(student):
         raise TypeError(f"student must be callable as student(x_t, timestep, **kwargs), got {type(student).__name__}")
     if scheduler is None:
-        timesteps, step = _default_steps(num_inference_steps, noise.device)
+        timesteps, step, sigma_0 = _default_steps(num_inference_steps, noise.device, sigmas)
     else:
         from piflow_kernels.scheduler import PiFlowScheduler  # a scheduler was given: diffusers is installed
 
@@ -276,13 +365,15 @@ def sample(
             )
         if seq_len is None:
             seq_len = noise.shape[2:].numel()
-        scheduler.set_timesteps(num_inference_steps, device=noise.device, seq_len=seq_len)
+        scheduler.set_timesteps(num_inference_steps, device=noise.device, sigmas=sigmas, seq_len=seq_len)
         scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps
+        sigma_0 = scheduler.init_noise_sigma
         step = lambda output, index, t, x: scheduler.step(output, t, x, generator=generator).prev_sample  # noqa: E731
 
     batch = noise.shape[0]
-    x = noise
+    # start at the first noise level: sigma_0 * noise (LakonLab's samplers scale the noise by timesteps[0] / T)
+    x = noise if sigma_0 == 1.0 else (noise.float() * sigma_0).to(noise.dtype)
     with tqdm(total=len(timesteps), disable=not progress, desc="pi-Flow sampling") as bar:
         for index, t in enumerate(timesteps):  # 0-d device tensors: no host synchronisation
             output = student(x, t.expand(batch), **model_kwargs)

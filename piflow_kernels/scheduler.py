@@ -42,8 +42,17 @@ except ImportError as err:
 from piflow_kernels.checks import is_int, positive_float, positive_int
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
 from piflow_kernels.outputs import POLICY_TYPES
-from piflow_kernels.sampling import check_h, check_num_steps, flowmap_schedule, flowmap_step, policy_from_output, raw_sigma_grid
-from piflow_kernels.timesteps import dynamic_shift, warp
+from piflow_kernels.sampling import (
+    check_h,
+    check_num_steps,
+    check_raw_sigmas,
+    check_raw_t_range,
+    flowmap_schedule,
+    flowmap_step,
+    policy_from_output,
+    raw_sigma_grid,
+)
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, DYNAMIC_SHIFT_TYPES, check_substep_rule, dynamic_shift, warp
 
 __all__ = ["PiFlowScheduler", "PiFlowSchedulerOutput"]
 
@@ -93,11 +102,25 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps: timestep scale, ``timesteps = sigmas * num_train_timesteps``.
         shift: fixed time shift of the schedule and of the rollout substeps.
         use_dynamic_shifting: take the shift from ``mu`` (``shift = exp(mu)``, diffusers' convention) or from
-            ``seq_len`` (``log(shift)`` linear between base_logshift at base_seq_len and max_logshift at max_seq_len).
+            ``seq_len`` (by ``dynamic_shifting_type``).
+        dynamic_shifting_type: ``"exp"`` (``log(shift)`` linear between base_logshift at base_seq_len and
+            max_logshift at max_seq_len, FLUX) or ``"sqrt"`` (``shift`` linear in ``sqrt(seq_len)`` between
+            ``exp(base_logshift)`` and ``exp(max_logshift)``), as LakonLab v0.2.0's FlowMapSDE. ``mu``, when given,
+            is the log-shift whatever the type.
         base_seq_len, max_seq_len, base_logshift, max_logshift: the dynamic-shift line.
         final_step_size_scale: relative size of the last step in raw time (1 = uniform).
+        max_raw_t, min_raw_t: the raw-time range of the default grid, ``0 <= min_raw_t < max_raw_t <= 1``: the first
+            step starts at ``warp(max_raw_t)`` (``init_noise_sigma``; :func:`~piflow_kernels.sample` starts from
+            ``init_noise_sigma * noise``), the steps are laid out as if the run ended at ``min_raw_t``; the
+            last step still ends at sigma 0.
         h: re-noising strength: 0 deterministic, > 0 stochastic, ``"inf"`` full re-noising.
+        use_fp64: compute the host-side schedule (sigmas, rollout destinations, re-noising coefficients) in
+            float64 (default); False computes it in float32 in the order of LakonLab v0.2.0's FlowMapSDE, whose
+            default that is (its values bit for bit). The re-noising itself runs in float32 either way.
         total_substeps: policy substeps per unit raw time (e.g. 128: a half-unit step takes 64).
+        substep_rule: how a step's rollout counts its substeps from its raw length ``dr``: ``"ceil"`` (default,
+            ``ceil(dr * total_substeps)`` as LakonLab v0.2.0) or ``"round"`` (earlier versions; for students and
+            results made with that rule).
         policy_type: ``"GMFlow"`` or ``"DX"``, what the student outputs.
         temperature: GM temperature applied on every step but the last (< 1 sharpens; ``"auto"`` picks
             ``min(0.1 * (num_inference_steps - 1), 1)`` as the official FLUX pipeline does).
@@ -114,7 +137,6 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
 
     _compatibles = ["FlowMatchEulerDiscreteScheduler"]
     order = 1
-    init_noise_sigma = 1.0  # sampling starts from unit Gaussian noise at sigma = 1
 
     @register_to_config
     def __init__(
@@ -135,8 +157,19 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         dx_shift: float = 1.0,
         dx_mode: str = "grid",
         backend: str | None = None,
+        substep_rule: str = DEFAULT_SUBSTEP_RULE,
+        dynamic_shifting_type: str = "exp",
+        max_raw_t: float = 1.0,
+        min_raw_t: float = 0.0,
+        use_fp64: bool = True,
     ) -> None:
         positive_int("num_train_timesteps", num_train_timesteps)
+        check_substep_rule(substep_rule)
+        if dynamic_shifting_type not in DYNAMIC_SHIFT_TYPES:
+            raise ValueError(f"dynamic_shifting_type must be one of {DYNAMIC_SHIFT_TYPES}, got {dynamic_shifting_type!r}")
+        check_raw_t_range(min_raw_t, max_raw_t)
+        if not isinstance(use_fp64, (bool, np.bool_)):
+            raise ValueError(f"use_fp64 must be a bool, got {use_fp64!r}")
         positive_float("shift", shift)
         positive_float("final_step_size_scale", final_step_size_scale)
         positive_float("dx_segment_size", dx_segment_size)
@@ -160,6 +193,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = sigmas * num_train_timesteps
         self.sigma_min = float(sigmas[-1])
         self.sigma_max = float(sigmas[0])
+        self.init_noise_sigma = 1.0  # sampling starts from unit noise scaled by the first sigma (set_timesteps)
         self.num_inference_steps: int | None = None
         self._shift = float(shift)
         self._step_index: int | None = None
@@ -243,36 +277,30 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         if seq_len is not None:
             if isinstance(seq_len, bool) or int(seq_len) != seq_len or seq_len < 1:
                 raise ValueError(f"seq_len must be a positive int (latent positions, H*W or T*H*W), got {seq_len!r}")
-            return dynamic_shift(int(seq_len), cfg.base_seq_len, cfg.max_seq_len, cfg.base_logshift, cfg.max_logshift)
+            return dynamic_shift(
+                int(seq_len), cfg.base_seq_len, cfg.max_seq_len, cfg.base_logshift, cfg.max_logshift,
+                shift_type=cfg.get("dynamic_shifting_type", "exp"),
+            )  # fmt: skip
         raise ValueError(
             "use_dynamic_shifting=True: set_timesteps needs mu (log-shift, as diffusers pipelines pass) or seq_len "
             "(number of latent positions)"
         )
 
     def raw_sigmas(self, num_inference_steps: int) -> list[float]:
-        """The default raw-time grid of ``num_inference_steps`` steps (before the shift), n floats from 1.
+        """The default raw-time grid of ``num_inference_steps`` steps (before the shift), n floats from max_raw_t.
 
-        ``linspace(1, (f - 1) / (n + f - 1), n, endpoint=False)`` with f = final_step_size_scale. Passing it
+        ``linspace(max_raw_t, (max_raw_t - min_raw_t) * f / (n - 1 + f) + min_raw_t, n)`` with f =
+        final_step_size_scale (``linspace(1, (f - 1) / (n + f - 1), n, endpoint=False)`` at the defaults). Passing it
         as ``sigmas=`` to a stock pipeline keeps the final step scale (their default is ``linspace(1, 1/n, n)``).
         """
-        return raw_sigma_grid(num_inference_steps, self.config.final_step_size_scale)
+        cfg = self.config
+        return raw_sigma_grid(
+            num_inference_steps, cfg.final_step_size_scale, cfg.get("min_raw_t", 0.0), cfg.get("max_raw_t", 1.0)
+        )
 
     @staticmethod
     def _check_raw_sigmas(sigmas: object) -> list[float]:
-        if isinstance(sigmas, torch.Tensor):
-            values = sigmas.detach().double().cpu().reshape(-1).tolist() if sigmas.dim() <= 1 else None
-        else:
-            values = np.asarray(sigmas, dtype=np.float64)
-            values = values.tolist() if values.ndim == 1 else None
-        if values is None:
-            raise ValueError("sigmas must be a 1-D sequence of raw noise levels")
-        if len(values) == 0:
-            raise ValueError("sigmas must not be empty")
-        if not all(math.isfinite(v) and 0.0 < v <= 1.0 for v in values):
-            raise ValueError(f"sigmas must lie in (0, 1] (raw, unshifted; the final 0 is appended), got {values}")
-        if any(b >= a for a, b in zip(values, values[1:])):
-            raise ValueError(f"sigmas must be strictly decreasing, got {values}")
-        return values
+        return check_raw_sigmas(sigmas)
 
     def _interpret_sigmas(self, num_inference_steps: int | None, sigmas: object) -> tuple[int | None, object]:
         """(num_inference_steps, sigmas) as ``set_timesteps`` uses them: here as the caller gave them;
@@ -309,7 +337,8 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("set_timesteps needs num_inference_steps or sigmas")
         else:
             raw = self.raw_sigmas(num_inference_steps)
-        schedule = flowmap_schedule(raw, self.get_shift(seq_len=seq_len, mu=mu), self._h)
+        use_fp64 = bool(self.config.get("use_fp64", True))
+        schedule = flowmap_schedule(raw, self.get_shift(seq_len=seq_len, mu=mu), self._h, use_fp64=use_fp64)
 
         t_scale = self.config.num_train_timesteps
         self.num_inference_steps = schedule.num_steps
@@ -321,6 +350,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps_dst = self.sigmas_dst * t_scale
         # the float32 timesteps as Python floats: looked up and checked on the host, never on the device
         self._timesteps_py = torch.tensor(schedule.sigmas[:-1], dtype=torch.float32).mul(t_scale).tolist()
+        self.init_noise_sigma = schedule.sigmas[0]
         self._step_index = None
         self._begin_index = None
 
@@ -462,7 +492,10 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         )
         if noise is None and schedule.noise_scales[i] > 0.0:  # the rollout draws no random numbers: same stream
             noise = randn_tensor(tuple(sample.shape), generator=generator, device=sample.device, dtype=torch.float32)
-        x_prev = flowmap_step(policy, x, i, schedule, cfg.total_substeps, self.step_temperature(i), noise)
+        x_prev = flowmap_step(
+            policy, x, i, schedule, cfg.total_substeps, self.step_temperature(i), noise,
+            substep_rule=cfg.get("substep_rule", DEFAULT_SUBSTEP_RULE),
+        )  # fmt: skip
         prev = to_caller_layout(x_prev.to(sample.dtype))
         self._step_index = i + 1
         if not return_dict:

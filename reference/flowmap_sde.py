@@ -6,13 +6,19 @@ import torch
 from .timesteps import warp
 
 
-def flowmap_sde_sigmas(num_steps, shift=1.0, final_step_size_scale=1.0):
-    """sigmas (num_steps + 1,) float64: warp(linspace(1, (f-1)/(n+f-1), n, endpoint=False)) then 0.
+def flowmap_sde_sigmas(num_steps, shift=1.0, final_step_size_scale=1.0, min_raw_t=0.0, max_raw_t=1.0, raw_sigmas=None):
+    """sigmas (num_steps + 1,) float64: warp of the raw grid, then 0.
 
+    The raw grid: ``raw_sigmas`` if given (num_steps is then ignored), else n points from max_raw_t spaced
+    (max_raw_t - min_raw_t) / (n - 1 + f), i.e. linspace(1, (f-1)/(n+f-1), n, endpoint=False) for the range [0, 1].
     Implements [eq:flowmap-sigmas] (docs/design.md#flowmapsde-sampler).
     """
-    f = final_step_size_scale
-    raw = np.linspace(1.0, (f - 1) / (num_steps + f - 1), num_steps, endpoint=False).clip(min=0)
+    if raw_sigmas is not None:
+        raw = np.asarray(raw_sigmas, dtype=np.float64)
+    else:
+        f = final_step_size_scale
+        step = (max_raw_t - min_raw_t) / (num_steps - 1 + f)
+        raw = (max_raw_t - step * np.arange(num_steps)).clip(min=0)
     sigmas = warp(torch.from_numpy(raw), shift)
     return torch.cat([sigmas, torch.zeros(1, dtype=sigmas.dtype)])
 

@@ -59,6 +59,7 @@ def flowmap_sde_policy_step(
     segment_size=1.0,
     dx_shift=1.0,
     dx_mode="grid",
+    substep_rule="ceil",
 ):
     """One sampler step from (x, sigma_src) to sigma_to: rollout to sigma_dst, then FlowMapSDE re-noising.
 
@@ -67,7 +68,7 @@ def flowmap_sde_policy_step(
     """
     velocity_fn = policy_velocity_fn(output, x, sigma_src, policy_type, temperature, segment_size, dx_shift, dx_mode)
     sigma_dst, m = flowmap_sde_dst(sigma_src, sigma_to, h)
-    x_dst = rollout(velocity_fn, x, sigma_src, sigma_dst, total_substeps, shift)
+    x_dst = rollout(velocity_fn, x, sigma_src, sigma_dst, total_substeps, shift, substep_rule)
     if noise is None:
         noise = 0 * x
     return flowmap_sde_step(x_dst, sigma_to, m, noise)
@@ -88,16 +89,22 @@ def flowmap_sde_sample(
     dx_shift=1.0,
     dx_mode="grid",
     num_train_timesteps=1000,
+    substep_rule="ceil",
+    min_raw_t=0.0,
+    max_raw_t=1.0,
+    raw_sigmas=None,
 ):
-    """The whole loop: x = noise; for each step, output = student(x, t) and one policy step.
+    """The whole loop: x = sigmas[0] * noise; for each step, output = student(x, t) and one policy step.
 
     ``student(x, timestep)`` gets ``timestep = sigma_src * num_train_timesteps`` as a Python float.
     ``step_noises[i]`` is the re-noising noise of step i (shape of ``noise``; needed when h != 0).
+    ``raw_sigmas`` (custom raw levels) replaces the grid of num_steps, min_raw_t and max_raw_t.
     Returns the final sample.
     Implements [eq:flowmap-sigmas], [eq:step-temperature] and [eq:flowmap-sde] (docs/design.md#flowmapsde-sampler).
     """
-    sigmas = [float(s) for s in flowmap_sde_sigmas(num_steps, shift, final_step_size_scale)]
-    x = noise
+    sigmas = [float(s) for s in flowmap_sde_sigmas(num_steps, shift, final_step_size_scale, min_raw_t, max_raw_t, raw_sigmas)]
+    num_steps = len(sigmas) - 1
+    x = sigmas[0] * noise
     for i in range(num_steps):
         output = student(x, sigmas[i] * num_train_timesteps)
         step_temperature = temperature if i < num_steps - 1 else 1.0
@@ -115,5 +122,6 @@ def flowmap_sde_sample(
             segment_size,
             dx_shift,
             dx_mode,
+            substep_rule,
         )
     return x

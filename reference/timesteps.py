@@ -19,10 +19,16 @@ def unwarp(sigma, shift):
     return sigma / (shift + (1 - shift) * sigma)
 
 
-def dynamic_shift(seq_len, base_seq_len=256, max_seq_len=4096, base_logshift=0.5, max_logshift=1.15):
-    """FLUX-style resolution-dependent shift: log(shift) is linear in the sequence length.
+def dynamic_shift(seq_len, base_seq_len=256, max_seq_len=4096, base_logshift=0.5, max_logshift=1.15, shift_type="exp"):
+    """Resolution-dependent shift. "exp" (FLUX): log(shift) is linear in the sequence length; "sqrt": shift is
+    linear in sqrt(seq_len), from exp(base_logshift) at base_seq_len to exp(max_logshift) at max_seq_len.
 
     Implements [eq:dynamic-shift] (docs/design.md#flow-and-time).
     """
+    if shift_type == "sqrt":
+        lo, hi = math.exp(base_logshift), math.exp(max_logshift)
+        return lo + (hi - lo) * (math.sqrt(seq_len) - math.sqrt(base_seq_len)) / (
+            math.sqrt(max_seq_len) - math.sqrt(base_seq_len)
+        )
     slope = (max_logshift - base_logshift) / (max_seq_len - base_seq_len)
     return math.exp(base_logshift + (seq_len - base_seq_len) * slope)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TOL, rel_err
-from ops.op_cases import dx_flat, implementation, ref_dx_velocity, ref_gm_velocity_flat
+from ops.op_cases import device_for, dx_flat, implementation, ref_dx_velocity, ref_gm_velocity_flat
 from piflow_kernels.reference.sampler import flowmap_sde_sample
 
 import piflow_kernels as pk
@@ -124,7 +124,9 @@ def test_gm_rollout_backends_follow_the_rule(impl, rule, per_component):
         s0.clone(),
     )
     x = policy.x_src + 0.1 * torch.randn(b, c, length, generator=g)
-    out = fn(x, policy, RolloutPlan.build(s0, s1, TOTAL, SHIFT, rule))
+    dev = device_for(impl)  # Triton: CUDA with a GPU, the interpreter on CPU without
+    plan = RolloutPlan.build(s0.to(dev), s1.to(dev), TOTAL, SHIFT, rule)
+    out = fn(x.to(dev), GMTensors(*(t.to(dev) for t in policy)), plan).cpu()
     ref = R.rollout(lambda y, s: ref_gm_velocity_flat(y, s, policy), x.double(), s0.double(), s1.double(), TOTAL, SHIFT, rule)
     other = R.rollout(
         lambda y, s: ref_gm_velocity_flat(y, s, policy), x.double(), s0.double(), s1.double(), TOTAL, SHIFT,
@@ -146,9 +148,11 @@ def test_dx_rollout_backends_follow_the_rule(impl, rule, mode):
     s0, s1 = rollout_sigmas()
     grid = torch.randn(b, n, c, *spatial, generator=g)
     x_src = torch.randn(b, c, *spatial, generator=g)
-    policy = dx_flat(grid, x_src, s0.clone(), 0.4, 1.5, mode)
     x = x_src + 0.1 * torch.randn(x_src.shape, generator=g)
-    out = fn(x.reshape(b, c, -1), policy, RolloutPlan.build(s0, s1, TOTAL, SHIFT, rule)).reshape(x.shape)
+    dev = device_for(impl)
+    policy = dx_flat(grid.to(dev), x_src.to(dev), s0.clone().to(dev), 0.4, 1.5, mode)
+    plan = RolloutPlan.build(s0.to(dev), s1.to(dev), TOTAL, SHIFT, rule)
+    out = fn(x.reshape(b, c, -1).to(dev), policy, plan).reshape(x.shape).cpu()
 
     def velocity(y, s):
         return ref_dx_velocity(y, s, grid, x_src, s0, 0.4, 1.5, mode)

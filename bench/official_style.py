@@ -158,15 +158,17 @@ def official_style_rollout(
     sigma_end: torch.Tensor | float,
     total_substeps: int = 128,
     shift: float = 1.0,
+    substep_rule: str = "round",
 ) -> torch.Tensor:
     """Euler substeps uniform in raw time, per-sample counts, as the official ``policy_rollout`` loop.
 
     The loop length is read back from the device once per rollout; masks keep finished samples still.
+    ``substep_rule``: "round" (LakonLab before v0.2.0) or "ceil" (v0.2.0's bare ``ceil``).
     """
     s = _per_sample(sigma_start, x_start)
     r = _unwarp(s, shift)
     r_end = _unwarp(_per_sample(sigma_end, x_start), shift)
-    n_substeps = ((r - r_end) * total_substeps).round().long().clamp(min=1)
+    n_substeps = _count(r - r_end, total_substeps, substep_rule)
     h = (r - r_end) / n_substeps
     x = x_start
     for step in range(int(n_substeps.max().item())):
@@ -179,6 +181,14 @@ def official_style_rollout(
         s = torch.where(active, s_next, s)
         r = torch.where(active, r_next, r)
     return x
+
+
+def _count(delta: torch.Tensor, total_substeps: int, substep_rule: str) -> torch.Tensor:
+    """Per-sample substep counts (B,) int64 of a raw-time span under the official rule of that version."""
+    if substep_rule not in ("round", "ceil"):
+        raise ValueError(f"substep_rule must be 'round' or 'ceil', got {substep_rule!r}")
+    n = delta * total_substeps
+    return (n.round() if substep_rule == "round" else n.ceil()).long().clamp(min=1)
 
 
 def gm_substep(x, s, s_next, x_src, sigma_src, means_x0, gm_vars, logweights):

@@ -136,10 +136,10 @@ def _official_policy(pol: Any) -> official_style.OfficialStyleGMPolicy:
 
 
 @torch.no_grad()
-def official_rollout(pol, x_start, sigma_start, sigma_end, total_substeps=128, shift=1.0):
+def official_rollout(pol, x_start, sigma_start, sigma_end, total_substeps=128, shift=1.0, substep_rule="ceil"):
     """``GMFlowPolicy.rollout`` as the official code runs it (eager posterior every substep)."""
     x_end = official_style.official_style_rollout(_official_policy(pol), x_start.float(), sigma_start, sigma_end,
-                                                  total_substeps, shift)  # fmt: skip
+                                                  total_substeps, shift, substep_rule)  # fmt: skip
     return x_end.to(x_start.dtype)
 
 
@@ -172,9 +172,9 @@ class IterationProbe:
         velocity_impl = lib_velocity if variant == "library" else official_velocity
         probe = self
 
-        def rollout(pol, x_start, sigma_start, sigma_end, total_substeps=128, shift=1.0):
+        def rollout(pol, x_start, sigma_start, sigma_end, total_substeps=128, shift=1.0, substep_rule="ceil"):
             with spans.span("policy_rollout"):
-                return rollout_impl(pol, x_start, sigma_start, sigma_end, total_substeps, shift)
+                return rollout_impl(pol, x_start, sigma_start, sigma_end, total_substeps, shift, substep_rule)
 
         def velocity(pol, x, sigma):
             if not torch.is_grad_enabled():

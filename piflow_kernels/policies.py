@@ -126,13 +126,6 @@ class _PolicyBase:
         total_substeps = check_total_substeps(total_substeps)
         shift = as_float("shift", shift, positive=True)
         substep_rule = check_substep_rule(substep_rule)
-        if self.backend == "reference" and substep_rule != DEFAULT_SUBSTEP_RULE:
-            # the oracle backend (ops/utils.py reference_rollout) passes no rule to the reference: refuse
-            # rather than integrate with another count than asked for
-            raise ValueError(
-                f"substep_rule={substep_rule!r}: the 'reference' backend's rollout follows the default rule "
-                f"{DEFAULT_SUBSTEP_RULE!r} only; use backend 'torch' or 'triton' (or piflow_kernels.reference.rollout)"
-            )
         s0 = as_sigma("sigma_start", sigma_start, self.batch_size, x_start.device)
         s1 = as_sigma("sigma_end", sigma_end, self.batch_size, x_start.device)
         if self._validating():

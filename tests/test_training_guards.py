@@ -471,6 +471,18 @@ def test_run_changes_compares_tables_whole_and_skips_unknown_keys():
     assert run_changes(saved, current) == [("seed", 0, 1), ("teacher.model", {}, {"num_layers": 2})]
 
 
+def test_a_checkpoint_from_before_substep_rule_resumes_as_round(tmp_path):
+    """A saved config without piid.substep_rule was made when every rollout rounded: resuming it with the new
+    default (ceil) is a run change, refused by name; with substep_rule = "round" it resumes."""
+    from piflow_kernels.distill.startup import check_resumed_config
+
+    saved = TrainConfig().to_dict()
+    saved["piid"].pop("substep_rule")
+    with pytest.raises(ConfigError, match=r"piid.substep_rule: 'round' -> 'ceil'"):
+        check_resumed_config(saved, TrainConfig(), tmp_path)
+    assert check_resumed_config(saved, TrainConfig.from_dict({"piid": {"substep_rule": "round"}}), tmp_path) == []
+
+
 def test_cli_force_resume_sets_allow_config_change(tmp_path, capsys):
     from piflow_kernels.cli import build_parser, main
 

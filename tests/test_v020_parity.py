@@ -110,8 +110,6 @@ def test_the_rules_differ_on_these_samples():
 @pytest.mark.parametrize("impl", ["torch", "native", "triton", "reference"])
 @pytest.mark.parametrize("per_component", [False, True], ids=["std-per-sample", "std-per-comp"])
 def test_gm_rollout_backends_follow_the_rule(impl, rule, per_component):
-    if impl == "reference" and rule != "ceil":
-        pytest.skip("the oracle backend runs the default rule (its adapter passes none)")
     fn = implementation("gm_rollout", impl)
     g = torch.Generator().manual_seed(3)
     b, k, c, length = 3, 4, 3, 10
@@ -140,8 +138,6 @@ def test_gm_rollout_backends_follow_the_rule(impl, rule, per_component):
 @pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
 @pytest.mark.parametrize("mode", ["grid", "polynomial"])
 def test_dx_rollout_backends_follow_the_rule(impl, rule, mode):
-    if impl == "reference" and rule != "ceil":
-        pytest.skip("the oracle backend runs the default rule (its adapter passes none)")
     fn = implementation("dx_rollout", impl)
     g = torch.Generator().manual_seed(4)
     b, n, c, spatial = 3, 4, 2, (3, 4)
@@ -194,10 +190,14 @@ def test_bad_substep_rule():
         PiIDConfig(substep_rule="floor")
     with pytest.raises(ValueError, match="substep_rule"):
         R.rollout(lambda y, s: y, x_src.double(), 0.8, 0.2, 8, 1.0, "floor")
-    # the oracle backend refuses a rule it would not follow
+    # the oracle backend follows the rule it is given (its rollout is the reference's, with the plan's rule)
     ref_pol = pk.DXPolicy(torch.randn(1, 3, 2, 2, 2, generator=g), x_src, 0.8, backend="reference")
-    with pytest.raises(ValueError, match="substep_rule"):
-        ref_pol.rollout(x_src, 0.8, 0.2, substep_rule="round")
+    # (0.8 - 0.2) * 7 = 4.2 substeps: ceil 5, round 4
+    by_rule = {rule: ref_pol.rollout(x_src, 0.8, 0.2, total_substeps=7, substep_rule=rule) for rule in RULES}
+    torch_pol = pk.DXPolicy(ref_pol.grid, x_src, 0.8, backend="torch")
+    for rule, out in by_rule.items():
+        assert rel_err(out, torch_pol.rollout(x_src, 0.8, 0.2, total_substeps=7, substep_rule=rule)) < 1e-5, rule
+    assert rel_err(by_rule["ceil"], by_rule["round"]) > 1e-3
 
 
 # ------------------------------------------------------------------------------------ the sampler

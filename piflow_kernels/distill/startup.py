@@ -97,6 +97,11 @@ def check_resumed_config(saved: Any, cfg: TrainConfig, path: Path) -> list[tuple
     without a saved config are not compared."""
     if not isinstance(saved, Mapping):
         return []
+    piid = saved.get("piid")
+    if isinstance(piid, Mapping) and "substep_rule" not in piid:
+        # saved before the key existed, when every rollout rounded its substep count: compare as such, so that
+        # the new default (ceil) does not change a resumed run without a word
+        saved = {**saved, "piid": {**piid, "substep_rule": "round"}}
     changes = run_changes(saved, cfg.to_dict())
     if changes and not cfg.allow_config_change:
         listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)

@@ -27,7 +27,8 @@ def reference_rollout(velocity: Callable, x_start: torch.Tensor, policy, plan) -
     def step_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return velocity(x, sigma, policy).float()
 
-    x_end = reference.rollout(step_velocity, x_start.float(), plan.sigma_start, plan.sigma_end, plan.total_substeps, plan.shift)
+    x_end = reference.rollout(step_velocity, x_start.float(), plan.sigma_start, plan.sigma_end, plan.total_substeps,
+                              plan.shift, plan.substep_rule)  # fmt: skip
     return x_end.to(x_start.dtype)
 
 

@@ -399,36 +399,39 @@ def test_dataset_folder_prompts(tmp_path):
     assert read_prompts(tmp_path / "ds", column="text") == [Prompt("a cat"), Prompt("a dog")]
 
 
-def test_bad_prompt_files_name_the_file_and_the_line(tmp_path):
-    bad = tmp_path / "bad.txt"
-    bad.write_text("a cat\na dog\n \na tree\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{bad}: line 3: empty prompt \(every line must hold one prompt\)$"):
-        read_prompts(bad)
-    bad.write_bytes(b"a cat\n\xff\xfe dog\n")
-    with pytest.raises(DamagedFileError, match=rf"^{bad}: prompt file: not UTF-8 text \(UnicodeDecodeError"):
-        read_prompts(bad)
-    bad.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{bad}: prompt file: no prompts \(the file is empty\)$"):
-        read_prompts(bad)
-    table = tmp_path / "bad.csv"
-    table.write_text("prompt\na cat\n\"\"\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{table}: row 3: empty prompt in column 'prompt'$"):
-        read_prompts(table)
-    with pytest.raises(ValueError, match=rf"^{table}: row 2: no column 'caption' \(has \['prompt'\]\)$"):
-        read_prompts(table, column="caption")
-    table.write_text("prompt\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{table}: prompt file: no prompts \(the table has no rows\)$"):
-        read_prompts(table)
-    lines = tmp_path / "bad.jsonl"
-    lines.write_text('{"prompt": "a cat"}\n{"text": "a dog"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{lines}: line 2: no column 'prompt' \(has \['text'\]\)$"):
-        read_prompts(lines)
-    lines.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"^{lines}: line 2: empty line"):
-        read_prompts(lines)
-    lines.write_text('{"prompt": "a cat"\n', encoding="utf-8")
-    with pytest.raises(DamagedFileError, match=rf"^{lines}: prompt file: line 1 is not JSON"):
-        read_prompts(lines)
+# bad prompt files: (file name, content, read_prompts keywords, error, message with {path} for the file)
+BAD_PROMPT_FILES = {
+    "txt-empty-line": ("bad.txt", "a cat\na dog\n \na tree\n", {}, ValueError,
+                       r"^{path}: line 3: empty prompt \(every line must hold one prompt\)$"),
+    "txt-not-utf8": ("bad.txt", b"a cat\n\xff\xfe dog\n", {}, DamagedFileError,
+                     r"^{path}: prompt file: not UTF-8 text \(UnicodeDecodeError"),
+    "txt-empty": ("bad.txt", "\n\n", {}, ValueError, r"^{path}: prompt file: no prompts \(the file is empty\)$"),
+    "csv-empty-cell": ("bad.csv", 'prompt\na cat\n""\n', {}, ValueError,
+                       r"^{path}: row 3: empty prompt in column 'prompt'$"),
+    "csv-missing-column": ("bad.csv", 'prompt\na cat\n""\n', {"column": "caption"}, ValueError,
+                           r"^{path}: row 2: no column 'caption' \(has \['prompt'\]\)$"),
+    "csv-no-rows": ("bad.csv", "prompt\n", {}, ValueError, r"^{path}: prompt file: no prompts \(the table has no rows\)$"),
+    "jsonl-missing-column": ("bad.jsonl", '{"prompt": "a cat"}\n{"text": "a dog"}\n', {}, ValueError,
+                             r"^{path}: line 2: no column 'prompt' \(has \['text'\]\)$"),
+    "jsonl-empty-line": ("bad.jsonl", '{"prompt": "a cat"}\n\n{"prompt": "a dog"}\n', {}, ValueError,
+                         r"^{path}: line 2: empty line"),
+    "jsonl-not-json": ("bad.jsonl", '{"prompt": "a cat"\n', {}, DamagedFileError, r"^{path}: prompt file: line 1 is not JSON"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_PROMPT_FILES))
+def test_bad_prompt_files_name_the_file_and_the_line(tmp_path, case):
+    name, content, kwargs, error, message = BAD_PROMPT_FILES[case]
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(error, match=message.format(path=path)):
+        read_prompts(path, **kwargs)
+
+
+def test_missing_prompt_file_or_reader_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.txt does not exist"):
         read_prompts(tmp_path / "nothing.txt")
     if not _has("pyarrow"):

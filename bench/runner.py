@@ -115,7 +115,8 @@ def build_callable(case: Case, backend: str, device: str) -> tuple[Callable[[], 
                 run = official_style.compiled_official_style_rollout
             return (lambda: run(pol, p["x_src"], s_start, s_end, case.substeps, case.shift)), no_compile
         pol = pk.GMFlowPolicy(*args, backend=backend)
-        fn = lambda: pol.rollout(p["x_src"], s_start, s_end, case.substeps, case.shift)  # noqa: E731
+        # the official-style baseline rounds its substep counts (LakonLab before v0.2.0): the same work on both sides
+        fn = lambda: pol.rollout(p["x_src"], s_start, s_end, case.substeps, case.shift, substep_rule="round")  # noqa: E731
         if backend == "torch":
             from piflow_kernels.ops.gm import torch_twin
 
@@ -130,7 +131,7 @@ def build_callable(case: Case, backend: str, device: str) -> tuple[Callable[[], 
             return (lambda: official_style.official_style_rollout(pol, p["x_src"], s_start, s_end, case.substeps,
                                                                   case.shift)), no_compile  # fmt: skip
         pol = pk.DXPolicy(p["grid"], p["x_src"], p["sigma_src"], segment_size=1.0, shift=case.shift, backend=backend)
-        return (lambda: pol.rollout(p["x_src"], s_start, s_end, case.substeps, case.shift)), no_compile
+        return (lambda: pol.rollout(p["x_src"], s_start, s_end, case.substeps, case.shift, substep_rule="round")), no_compile
 
     if case.kind == "gm_velocity_fwd_bwd":
         p = gm_inputs(case, device)

@@ -83,7 +83,9 @@ FULL_SHAPE = dict(latent=(16, 128, 128), text_len=512)
 TINY_SHAPE = dict(latent=(16, 8, 8), text_len=8)
 VARIANTS = ("eager", "compiled", "compiled+graph", "eager+graph")
 NUM_STEPS = 4
-SCHEDULER = dict(shift=3.2, final_step_size_scale=0.5, temperature="auto", total_substeps=128, h=0.0)
+# substep_rule "round": the official-style baseline and _substeps count as the official code did before v0.2.0, so
+# both sides of the comparison run the same substeps
+SCHEDULER = dict(shift=3.2, final_step_size_scale=0.5, temperature="auto", total_substeps=128, h=0.0, substep_rule="round")
 GUIDANCE = 3.5
 
 # ---------------------------------------------------------------------------------------------- models
@@ -326,7 +328,8 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None] = prin
         """scheduler.step's math through the public sampling functions (what the CUDA graph captures)."""
         x32 = x.float()
         policy = policy_from_output(out, x32, schedule.sigmas[i], "GMFlow", backend=sched.config.backend)
-        return flowmap_step(policy, x32, i, schedule, SCHEDULER["total_substeps"], sched.step_temperature(i)).to(x.dtype)
+        return flowmap_step(policy, x32, i, schedule, SCHEDULER["total_substeps"], sched.step_temperature(i),
+                            substep_rule=SCHEDULER["substep_rule"]).to(x.dtype)  # fmt: skip
 
     def official_step(i: int, out: Any, x: torch.Tensor) -> torch.Tensor:
         """The same step in the official code's style: temperature, then the eager posterior loop in float32."""

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from piflow_kernels.layouts import arch_for, geometry
+from piflow_kernels.official_lora import _adapter_names
 from piflow_kernels.official_weights import INDEX_NAME, WEIGHTS_NAME
 from piflow_kernels.students import PiFlowStudent
 
@@ -104,7 +105,7 @@ def _lora_layers(trunk: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _pick_adapter(trunk: torch.nn.Module, adapter_name: str | None) -> str | None:
-    names = sorted(getattr(trunk, "peft_config", None) or {})
+    names = sorted(_adapter_names(trunk))
     if adapter_name is not None:
         if adapter_name not in names:
             raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of the student's trunk (it has {names})")
@@ -145,17 +146,20 @@ def _official_state(student: PiFlowStudent, adapter: str | None) -> dict[str, to
 
 
 def _shard_bytes(size: int | str | None) -> int | None:
-    if size is None or isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    text = str(size).strip().upper()
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    raise ValueError(f"max_shard_size must be a number of bytes or a size such as '5GB', got {size!r}")
+    """``max_shard_size`` in bytes: a positive int, or a size string such as "5GB" (huggingface_hub's units)."""
+    if size is None:
+        return None
+    if isinstance(size, str):
+        from huggingface_hub.serialization._base import parse_size_to_int  # what split_torch_state_dict_into_shards reads
+
+        try:
+            size = parse_size_to_int(size)
+        except ValueError:
+            size = None
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError("max_shard_size must be a positive number of bytes or a size such as '5GB', got "
+                         f"{size if size is not None else 'an unreadable size'!r}")  # fmt: skip
+    return size
 
 
 def export_official(
@@ -196,20 +200,24 @@ def export_official(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the folder keeps that mode once renamed
     try:
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        if limit is None or total <= limit:
-            save_file(state, str(staging / WEIGHTS_NAME), metadata=meta)
-        else:
+        split = None
+        if limit is not None:
             from huggingface_hub import split_torch_state_dict_into_shards  # a dependency of diffusers
 
             split = split_torch_state_dict_into_shards(
                 state, filename_pattern=WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=limit
             )
+        if split is None or not split.is_sharded:
+            save_file(state, str(staging / WEIGHTS_NAME), metadata=meta)
+        else:
             for filename, keys in split.filename_to_tensors.items():
                 save_file({k: state[k] for k in keys}, str(staging / filename), metadata=meta)
-            index = {"metadata": {"total_size": total, **meta}, "weight_map": split.tensor_to_filename}
+            index = {"metadata": {**split.metadata, **meta}, "weight_map": split.tensor_to_filename}
             (staging / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)

@@ -11,7 +11,6 @@ config (:func:`_load_adapter`).
 from __future__ import annotations
 
 import collections
-import logging
 import math
 import re
 from typing import Any
@@ -21,8 +20,6 @@ from torch import nn
 
 from piflow_kernels.layouts import arch_for
 from piflow_kernels.students import PiFlowStudent
-
-logger = logging.getLogger("piflow_kernels.official_weights")
 
 _LORA_RE = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
 _ALPHA_RE = re.compile(r"^(?P<path>.+)\.alpha$")

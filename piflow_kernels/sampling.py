@@ -165,7 +165,7 @@ def _float32_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str)
     return FlowMapSchedule(sig.tolist(), sigmas_dst.tolist(), scales.tolist(), noise_scales.tolist(), float(shift))
 
 
-def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str = 0.0, use_fp64: bool = False) -> FlowMapSchedule:
+def flowmap_schedule(raw_sigmas: Sequence[float], shift: float, h: float | str = 0.0, use_fp64: bool = True) -> FlowMapSchedule:
     """The schedule of raw (unshifted) noise levels ``raw_sigmas`` (n floats in (0, 1], decreasing):
     [eq:flowmap-sigmas] and the per-step numbers of [eq:flowmap-sde] in docs/design.md.
 

@@ -219,7 +219,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         if timestep_divisor is not None and not (is_real(timestep_divisor) and timestep_divisor > 0):
             raise ValueError(f"timestep_divisor must be a positive number or None, got {timestep_divisor!r}")
         if num_inference_steps is not None:
-            positive_int("num_inference_steps", num_inference_steps)
+            # the config recorded the raw argument: store the checked Python int (a numpy int is not JSON)
+            self.register_to_config(num_inference_steps=positive_int("num_inference_steps", num_inference_steps))
         if trunk is None:
             trunk = getattr(diffusers, teacher_class).from_config(teacher_config)
         elif type(trunk).__name__ != teacher_class:

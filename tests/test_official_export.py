@@ -11,6 +11,7 @@ this library. Offline, CPU.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,12 @@ def official_adapter(tmp_path, kind: str, with_alpha: bool = False):
     policy = {"type": "GMFlow"} if kind.startswith("gm") else {"type": "DX", "segment_size": 1 / 3.5, "shift": 3.2}
     extra = {"num_gaussians": 3} if kind == "gm-flux" else {}
     return teacher, write_checkpoint(tmp_path / f"{kind}-src", tensors, CLASSES[kind], policy, **extra)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def keys_and_meta(folder: Path) -> tuple[set[str], dict]:
@@ -109,6 +116,7 @@ def test_a_student_without_adapter_is_written_whole_and_sharded(tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     assert GM_HEAD_KEYS <= set(index["weight_map"]) and "transformer_blocks.0.attn.to_q.weight" in index["weight_map"]
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # a plain folder, not the 0700 of its staging name
     again = load_official_adapter(out, tiny_teacher("flux"))  # every weight comes from the file
     assert_outputs_close(run(again, kind), run(student, kind), exact=True)
 
@@ -143,8 +151,9 @@ def test_bad_requests_are_refused_before_anything_is_written(tmp_path):
         export_official(student, tmp_path / "a", adapter_name="other")
     with pytest.raises(ValueError, match="policy_config type 'DX' differs from the student's 'GMFlow'"):
         export_official(student, tmp_path / "b", policy_config={"type": "DX"})
-    with pytest.raises(ValueError, match="max_shard_size must be"):
-        export_official(student, tmp_path / "c", max_shard_size="lots")
+    for bad in ("lots", 0, -5, True):
+        with pytest.raises(ValueError, match="max_shard_size must be a positive number of bytes"):
+            export_official(student, tmp_path / "c", max_shard_size=bad)
     dit = build_student(tiny_teacher("dit"), "GMFlow", num_components=2)
     with pytest.raises(ValueError, match="no official layout for a GMFlow student of a DiTTransformer2DModel teacher"):
         export_official(dit, tmp_path / "d")

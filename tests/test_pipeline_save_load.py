@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,8 +137,8 @@ def test_loaded_sd3_pipeline_still_refuses_classifier_free_guidance(tmp_path):
 def test_default_steps_are_the_students(tmp_path, kind):
     pipe, _ = converted(kind, shift=3.0)
     student = build_student(pipe.transformer.student.trunk.__class__.from_config(pipe.transformer.config),
-                            logstd_inner_dim=16, num_inference_steps=3)  # fmt: skip
-    assert student.num_inference_steps == 3 and student.config.num_inference_steps == 3
+                            logstd_inner_dim=16, num_inference_steps=np.int64(3))  # fmt: skip
+    assert student.num_inference_steps == 3 and type(student.config.num_inference_steps) is int  # JSON-safe
     to_piflow(pipe, student, PiFlowScheduler(shift=3.0, final_step_size_scale=0.5))
     assert pipe.scheduler.config.default_num_inference_steps == 3
     calls = student_calls(pipe)

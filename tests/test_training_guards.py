@@ -227,7 +227,7 @@ def test_nonfinite_steps_change_nothing_but_the_counters(tmp_path, monkeypatch):
     moved = state_of(trainer)
     assert any(not torch.equal(moved[k], v) for k, v in after_first.items() if k.startswith("student."))
     assert all(torch.isfinite(v).all() for v in moved.values())
-    counts = {k: int(v) for k, v in trainer._nonfinite.items()}
+    counts = {k: int(v) for k, v in trainer.health.counters.items()}
     assert counts == {"run": 0, "longest": 2, "total": 2}
 
 

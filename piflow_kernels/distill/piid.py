@@ -46,7 +46,7 @@ from piflow_kernels.distill.piid_draws import (
 )
 from piflow_kernels.outputs import make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
-from piflow_kernels.timesteps import SUBSTEP_CEIL_TOL, substep_count, warp
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, SUBSTEP_CEIL_TOL, substep_count, warp
 
 __all__ = [
     "PiIDConfig",
@@ -121,7 +121,7 @@ def policy_mean_velocity(
     total_substeps: int,
     eps: float = 1e-4,
     max_steps: int | None = None,
-    substep_rule: str = "ceil",
+    substep_rule: str = DEFAULT_SUBSTEP_RULE,
 ) -> torch.Tensor:
     """Mean policy velocity from raw_start to raw_end, differentiable (the official ``policy_average_u``).
 

@@ -15,7 +15,7 @@ from typing import Any
 from piflow_kernels.checks import is_int, is_real
 from piflow_kernels.ops.dispatch import BACKENDS
 from piflow_kernels.outputs import POLICY_TYPES
-from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, SUBSTEP_RULES, dynamic_shift
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, check_substep_rule, dynamic_shift
 
 __all__ = ["DX_WINDOW_SUBSTEPS", "PiIDConfig", "teacher_ratio"]
 
@@ -139,8 +139,7 @@ class PiIDConfig:
         need_real("eps", positive=True)
         if not self.eps < 0.1:
             raise ValueError(f"PiIDConfig.eps must be small (< 0.1), got {self.eps}")
-        if self.substep_rule not in SUBSTEP_RULES:
-            raise ValueError(f"PiIDConfig.substep_rule must be 'ceil' or 'round', got {self.substep_rule!r}")
+        check_substep_rule(self.substep_rule, "PiIDConfig.substep_rule")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"PiIDConfig.backend must be None or one of {BACKENDS}, got {self.backend!r}")
 

@@ -327,6 +327,8 @@ def encode_prompts(
     chunks = [mine[s : s + shard_size] for s in range(0, len(mine), shard_size)]
     part = {**header, "world_size": world_size, "rank": rank, "complete": False, "shards": []}
     todo = sum(len(c) for k, c in enumerate(chunks) if _shard_name(rank, world_size, k) not in done)
+    if todo:  # an index from an earlier complete run would claim shards that are about to be rewritten
+        (out / INDEX).unlink(missing_ok=True)
 
     pipe = None
     torch_dtype = getattr(torch, dtype_name)

@@ -147,7 +147,6 @@ class Trainer:
         # skipped (non-finite) steps, counted on the device: the current run of them, the longest run and the
         # total; the host reads them with the log window only (see the module docstring)
         self.health = StepHealth(self.device, cfg.optim.max_nonfinite_steps, self.ctx.is_main)
-        self._nonfinite = self.health.counters  # the same dict
 
     # ------------------------------------------------------------------ properties
     @property

@@ -39,6 +39,7 @@ Conventions (docs/design.md#conventions):
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from typing import Any
@@ -158,6 +159,29 @@ def _capture_temb(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     module.__dict__["_piflow_temb"] = output
 
 
+# PiFlowScheduler keys that are not sampling settings of a student (they say how, not what, to compute)
+_NOT_SAMPLING_KEYS = ("backend",)
+
+
+def _check_sampling(sampling: object, policy_type: str) -> dict[str, Any]:
+    """``sampling`` as a plain dict of PiFlowScheduler config keys, checked by building a scheduler from it."""
+    import inspect
+
+    from piflow_kernels.scheduler import PiFlowScheduler
+
+    if not isinstance(sampling, dict):
+        raise TypeError(f"sampling must be a dict of PiFlowScheduler settings, got {type(sampling).__name__}")
+    known = [n for n in inspect.signature(PiFlowScheduler.__init__).parameters if n not in ("self", *_NOT_SAMPLING_KEYS)]
+    unknown = sorted(set(sampling) - set(known))
+    if unknown:
+        raise ValueError(f"sampling has unknown keys {unknown}; known: {', '.join(known)}")
+    if sampling.get("policy_type", policy_type) != policy_type:
+        raise ValueError(f"sampling.policy_type = {sampling['policy_type']!r} but the student's policy_type is {policy_type!r}")
+    plain = json.loads(json.dumps(sampling, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    PiFlowScheduler(**{**plain, "policy_type": policy_type})  # its own checks, naming the key
+    return plain
+
+
 def _plain_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
@@ -181,6 +205,11 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             of the trunk (the official GM-DiT uses 0 where diffusers' DiT uses 1).
         num_inference_steps: the number of sampling steps the student was distilled for (None: not recorded);
             a pipeline converted with :func:`~piflow_kernels.to_piflow` samples with it by default.
+        sampling: the sampling settings the student was distilled with (None: not recorded): a dict of
+            :class:`~piflow_kernels.PiFlowScheduler` config keys (``shift``, ``use_dynamic_shifting``,
+            ``final_step_size_scale``, ``total_substeps``, ``dx_segment_size``, ``dx_mode``, ``temperature``, ...),
+            the defaults of a scheduler, :func:`~piflow_kernels.sample` and :func:`~piflow_kernels.to_piflow`
+            given this student.
         trunk: an already built trunk (the teacher or its copy) instead of building one from the config.
 
     Shapes: ``forward(x_t (B, C, H, W), timestep)`` returns a :class:`GMFlowOutput` with means
@@ -204,6 +233,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         timestep_divisor: float | None = None,
         timestep_freq_shift: float | None = None,
         num_inference_steps: int | None = None,
+        sampling: dict | None = None,
         trunk: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -221,6 +251,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         if num_inference_steps is not None:
             # the config recorded the raw argument: store the checked Python int (a numpy int is not JSON)
             self.register_to_config(num_inference_steps=positive_int("num_inference_steps", num_inference_steps))
+        if sampling is not None:
+            self.register_to_config(sampling=_check_sampling(sampling, policy_type))
         if trunk is None:
             trunk = getattr(diffusers, teacher_class).from_config(teacher_config)
         elif type(trunk).__name__ != teacher_class:
@@ -301,6 +333,11 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
     def num_inference_steps(self) -> int | None:
         """The sampling steps the student was distilled for, None when not recorded."""
         return self.config.get("num_inference_steps")
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The recorded sampling settings (PiFlowScheduler config keys), ``{}`` when none are recorded."""
+        return dict(self.config.get("sampling") or {})
 
     # ------------------------------------------------------------------ initialisation
 

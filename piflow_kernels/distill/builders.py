@@ -9,6 +9,7 @@ and the toy students; it is named apart so that it never shadows the public ``pk
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from piflow_kernels.distill.config import ConfigError, TrainConfig
 from piflow_kernels.distill.data import exact_mixture
 from piflow_kernels.distill.teachers import CFGTeacher, DiffusersTeacher, ExactGMTeacher, GaussianMixtureData
+from piflow_kernels.files import read_json
 
 __all__ = ["NullClassLabels", "build_teacher", "build_training_student"]
 
@@ -42,36 +44,100 @@ def _sample_size(value: Any) -> tuple[int, int]:
     return int(value), int(value)
 
 
+_MODEL_SUBFOLDERS = ("transformer", "unet")  # where a pipeline folder keeps its denoiser, tried in order
+
+
+def teacher_folder(cfg: TrainConfig) -> Path:
+    """The folder of the teacher's weights: ``teacher.pretrained``, or its ``subfolder`` (named, or the pipeline's
+    ``transformer`` / ``unet`` when ``pretrained`` is a pipeline folder with a ``model_index.json``)."""
+    t = cfg.teacher
+    root = Path(t.pretrained)
+    if not root.is_dir():
+        raise ConfigError(f"config key teacher.pretrained: {t.pretrained!r} is not a folder")
+    if t.subfolder:
+        folder = root / t.subfolder
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"config key teacher.subfolder: {folder} has no config.json")
+        return folder
+    if (root / "config.json").is_file():
+        return root
+    if (root / "model_index.json").is_file():
+        for name in _MODEL_SUBFOLDERS:
+            if (root / name / "config.json").is_file():
+                return root / name
+        raise ConfigError(
+            f"config key teacher.pretrained: the pipeline folder {root} has no {' or '.join(_MODEL_SUBFOLDERS)} "
+            "subfolder with a config.json; name it with teacher.subfolder"
+        )
+    raise ConfigError(f"config key teacher.pretrained: {root} has neither a config.json nor a model_index.json")
+
+
+def teacher_class_of(cfg: TrainConfig) -> str:
+    """The teacher's diffusers class: the ``_class_name`` of its ``config.json`` (checked against
+    ``teacher.model_class`` when both are given), ``teacher.model_class`` for a ``model`` dict (default DiT)."""
+    t = cfg.teacher
+    if not t.pretrained:
+        return t.model_class or "DiTTransformer2DModel"
+    folder = teacher_folder(cfg)
+    saved = read_json(folder / "config.json", "teacher config").get("_class_name")
+    if not isinstance(saved, str):
+        if not t.model_class:
+            raise ConfigError(f"config key teacher.model_class: {folder / 'config.json'} names no _class_name; give the class")
+        return t.model_class
+    if t.model_class and t.model_class != saved:
+        raise ConfigError(
+            f"config key teacher.model_class = {t.model_class!r} but {folder / 'config.json'} holds a {saved!r}"
+        )
+    return saved
+
+
 def _diffusers_model(cfg: TrainConfig) -> nn.Module:
-    """The teacher's diffusers model, randomly initialised from ``teacher.seed`` or loaded from ``teacher.pretrained``."""
+    """The teacher's diffusers model, randomly initialised from ``teacher.seed`` or loaded from ``teacher.pretrained``,
+    its weights in ``teacher.dtype``."""
     t, d = cfg.teacher, cfg.data
     try:
         import diffusers
     except ImportError as err:  # pragma: no cover - diffusers is a dependency
         raise ImportError("teacher.kind = 'diffusers' needs the diffusers package") from err
-    model_cls = getattr(diffusers, t.model_class, None)
+    name = teacher_class_of(cfg)
+    model_cls = getattr(diffusers, name, None)
     if model_cls is None or not isinstance(model_cls, type):
-        raise ConfigError(f"config key teacher.model_class: diffusers has no model class {t.model_class!r}")
+        raise ConfigError(f"config key teacher.model_class: diffusers has no model class {name!r}")
+    dtype = getattr(torch, t.dtype)
     if t.pretrained:
-        model = model_cls.from_pretrained(t.pretrained, local_files_only=True)
+        model = model_cls.from_pretrained(teacher_folder(cfg), local_files_only=True, torch_dtype=dtype)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed)
             try:
                 model = model_cls(**t.model)
             except TypeError as err:
-                raise ConfigError(f"config key teacher.model: {t.model_class}(**model) failed: {err}") from None
+                raise ConfigError(f"config key teacher.model: {name}(**model) failed: {err}") from None
+        model = model.to(dtype)
     conf = getattr(model, "config", None)
     if conf is not None:
-        in_ch = getattr(conf, "in_channels", None)
+        in_ch = _latent_channels(name, conf)
         if in_ch is not None and in_ch != d.channels:
-            raise ConfigError(f"config key data.channels = {d.channels} but the teacher takes in_channels = {in_ch}")
+            raise ConfigError(f"config key data.channels = {d.channels} but the teacher takes {in_ch} latent channels")
         size = getattr(conf, "sample_size", None)
-        if size is not None and _sample_size(size) != (d.height, d.width):
+        if size is not None and name in _FIXED_SIZE and _sample_size(size) != (d.height, d.width):
             raise ConfigError(
                 f"config keys data.height, data.width = ({d.height}, {d.width}) but the teacher's sample_size is {size}"
             )
     return model.eval().requires_grad_(False)
+
+
+# teachers whose sample_size fixes the latent size (the others take any size that is a multiple of the patch)
+_FIXED_SIZE = ("UNet2DModel", "DiTTransformer2DModel")
+
+
+def _latent_channels(name: str, conf: Any) -> int | None:
+    """Latent channels per pixel the teacher takes (FLUX / Qwen-Image pack 2x2 pixels into a token)."""
+    from piflow_kernels.layouts import ARCHS, geometry
+
+    if name not in ARCHS:
+        return getattr(conf, "in_channels", None)
+    return geometry(name, conf)[0]
 
 
 def build_teacher(cfg: TrainConfig) -> tuple[nn.Module, nn.Module | None, GaussianMixtureData | None]:

@@ -99,7 +99,9 @@ class TrainConfig:
     ``tensorboard`` ("auto": TensorBoard logs when the tensorboard package is installed, silently none
     otherwise; true: the same, with one warning when it is missing; false: none),
     ``allow_config_change`` (resume a checkpoint whose saved config differs in keys that change the run,
-    with a warning, instead of refusing; the command line's ``--force-resume``).
+    with a warning, instead of refusing; the command line's ``--force-resume``), ``save_student`` (a
+    diffusers student also writes its EMA weights as a ``PiFlowStudent.save_pretrained`` folder,
+    ``<checkpoint>/student``, at every checkpoint, recording the sampling settings of ``[piid]``).
     """
 
     name: str = "pi-ID"
@@ -116,6 +118,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool | str = "auto"
     allow_config_change: bool = False
+    save_student: bool = True
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -309,6 +312,7 @@ def _real_list(values: Any, key: str, length: int, what: str) -> list[float]:
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -333,7 +337,7 @@ def validate(cfg: TrainConfig) -> None:
         "tensorboard",
         f"must be true, false or 'auto', got {cfg.tensorboard!r}",
     )
-    for key in ("final_checkpoint", "progress", "allow_config_change"):
+    for key in ("final_checkpoint", "progress", "allow_config_change", "save_student"):
         _need(isinstance(getattr(cfg, key), bool), key, f"must be true or false, got {getattr(cfg, key)!r}")
 
     t = cfg.teacher
@@ -349,13 +353,38 @@ def validate(cfg: TrainConfig) -> None:
         _need(gi[0] <= gi[1], "teacher.guidance_interval", f"must be {what}, got {gi!r}")
     if t.guidance_scale != 1.0:
         _need(t.kind == "diffusers", "teacher.guidance_scale", "!= 1 needs teacher.kind = 'diffusers'")
-        _need(cfg.data.num_classes > 0, "teacher.guidance_scale", "!= 1 needs data.num_classes > 0 (class-conditional)")
+        _need(
+            cfg.data.num_classes > 0 or bool(cfg.data.prompt_cache),
+            "teacher.guidance_scale",
+            "!= 1 needs data.num_classes > 0 (class-conditional) or data.prompt_cache (negative prompt embeddings)",
+        )
+    _one_of(t.dtype, "teacher.dtype", DTYPES)
+    _one_of(t.prediction_type, "teacher.prediction_type", ("auto", "velocity", "neg_velocity", "x0", "eps"))
+    _one_of(t.timestep_convention, "teacher.timestep_convention", ("auto", "sigma", "timestep", "reversed"))
+    _need(t.embedded_guidance >= 0, "teacher.embedded_guidance", f"must be >= 0 (0: the model's default), got {t.embedded_guidance}")
+    _need(0 <= t.orthogonal_guidance <= 1, "teacher.orthogonal_guidance", f"must lie in [0, 1], got {t.orthogonal_guidance}")
+    if t.orthogonal_guidance:
+        _need(t.guidance_scale != 1.0, "teacher.orthogonal_guidance", "needs classifier-free guidance (teacher.guidance_scale != 1)")
 
     s = cfg.student
     _one_of(s.kind, "student.kind", ("toy", "diffusers"))
     for key in ("num_components", "num_points", "hidden"):
         _checked(count, f"student.{key}", getattr(s, key), 1)
     _need(s.kind == "toy" or t.kind == "diffusers", "student.kind", "'diffusers' needs teacher.kind = 'diffusers'")
+    _checked(count, "student.lora_rank", s.lora_rank, 0)
+    _need(s.lora_alpha >= 0, "student.lora_alpha", f"must be >= 0 (0: the rank), got {s.lora_alpha}")
+    _need(0 <= s.lora_dropout < 1, "student.lora_dropout", f"must lie in [0, 1), got {s.lora_dropout}")
+    for key in ("lora_target_modules", "train_modules"):
+        names = getattr(s, key)
+        _need(all(isinstance(m, str) and m for m in names), f"student.{key}", f"must be a list of module names, got {names!r}")
+    if s.lora_rank:
+        _need(s.kind == "diffusers", "student.lora_rank", "> 0 needs student.kind = 'diffusers' (LoRA on the teacher's trunk)")
+        _need(not s.init_from, "student.lora_rank", "> 0 cannot start from student.init_from (a full student folder)")
+    elif s.lora_target_modules:
+        raise ConfigError("config key student.lora_target_modules needs student.lora_rank > 0")
+    for key in ("tie_teacher", "gradient_checkpointing"):
+        _need(isinstance(getattr(s, key), bool), f"student.{key}", f"must be true or false, got {getattr(s, key)!r}")
+    _one_of(s.trainable_dtype, "student.trainable_dtype", DTYPES)
 
     d = cfg.data
     _one_of(d.mode, "data.mode", ("data_dependent", "data_free"))
@@ -371,7 +400,13 @@ def validate(cfg: TrainConfig) -> None:
         "> 0 (class labels) needs a class-conditional student: student.kind = 'diffusers'",
     )
 
+    if d.prompt_cache:
+        _need(t.kind == "diffusers" and s.kind == "diffusers", "data.prompt_cache",
+              "needs a diffusers teacher and student (teacher.kind = student.kind = 'diffusers')")  # fmt: skip
+        _need(d.num_classes == 0, "data.prompt_cache", "and data.num_classes > 0 cannot be combined (text or class labels)")
+
     o = cfg.optim
+    _one_of(o.optimizer, "optim.optimizer", ("adamw", "adamw8bit"))
     _checked(positive_float, "optim.lr", o.lr)
     o.betas = _real_list(o.betas, "optim.betas", 2, "two floats in [0, 1)")
     _need(all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two floats in [0, 1), got {o.betas!r}")
@@ -416,7 +451,7 @@ def validate(cfg: TrainConfig) -> None:
 # Every other key changes what is trained (models, data, loss, optimisation, seed).
 RESUME_FREE_KEYS = (
     "name", "max_iters", "out_dir", "device", "mixed_precision", "log_every", "eval_every", "ckpt_every",
-    "final_checkpoint", "keep_checkpoints", "progress", "tensorboard", "allow_config_change",
+    "final_checkpoint", "keep_checkpoints", "progress", "tensorboard", "allow_config_change", "save_student",
     "optim.max_nonfinite_steps", "piid.backend", "eval.", "distributed.",
 )  # fmt: skip
 

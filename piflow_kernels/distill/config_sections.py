@@ -17,12 +17,28 @@ class TeacherConfig:
     kind = "exact": a Gaussian mixture over data of the latent shape in ``[data]``, with ``num_modes``
     random templates (standard normal times ``mode_scale``, drawn from ``seed``), isotropic std ``std``
     and equal weights; the teacher is its closed-form flow velocity.
-    kind = "diffusers": a diffusers model of class ``model_class``, randomly initialised from the
-    ``model`` dict (seeded by ``seed``) or loaded from the local directory ``pretrained``. Its output
-    is read as the flow velocity.
-    ``guidance_scale`` != 1 wraps a diffusers teacher in classifier-free guidance (needs ``[data]
-    num_classes``; the unconditional label is ``num_classes``) active for timesteps (``sigma *
-    num_train_timesteps``) within ``guidance_interval`` = [low, high], everywhere when empty.
+    kind = "diffusers": a diffusers model loaded from the local directory ``pretrained`` (a model folder
+    with a ``config.json``, or a pipeline folder with a ``model_index.json``, whose ``transformer`` or
+    ``unet`` is taken, or the ``subfolder`` named) or randomly initialised from the ``model`` dict (seeded
+    by ``seed``). Its class is the ``_class_name`` of the folder's ``config.json``; ``model_class``, when
+    given, must agree with it (for a ``model`` dict it defaults to "DiTTransformer2DModel"). ``dtype``
+    ("float32", "bfloat16", "float16") is the dtype its weights are held in.
+
+    ``prediction_type`` says what the model predicts: "velocity" (``eps - x0``: the flow-matching
+    transformers FLUX, SD3, Qwen-Image), "neg_velocity", "x0" or "eps"; "auto" is "velocity".
+    ``timestep_convention`` says which time the model takes: "sigma" (in [0, 1]), "timestep" (``sigma *
+    num_train_timesteps``) or "reversed" (``(1 - sigma) * num_train_timesteps``); "auto" is "sigma" for
+    FLUX / Qwen-Image and "timestep" for the others.
+
+    Guidance. ``embedded_guidance`` is the guidance value a guidance-distilled model takes as an input
+    (FLUX.1-dev's ``guidance``; 0: the architecture's default, 3.5 for a FLUX model with
+    ``guidance_embeds``, none for a model without a guidance input); the student gets it too.
+    ``guidance_scale`` != 1 is true classifier-free guidance: for class-conditional teachers (``[data]
+    num_classes``; the unconditional label is ``num_classes``) or for text teachers with negative
+    prompt embeddings in the prompt cache; active for timesteps (``sigma * num_train_timesteps``) within
+    ``guidance_interval`` = [low, high], everywhere when empty. ``orthogonal_guidance`` in [0, 1] removes
+    that fraction of the guidance term's component along the conditional x0 prediction, per sample (the
+    official ``orthogonal_guidance``; 0: plain CFG).
     """
 
     kind: str = "exact"
@@ -30,11 +46,17 @@ class TeacherConfig:
     num_modes: int = 8
     mode_scale: float = 1.0
     std: float = 0.1
-    model_class: str = "DiTTransformer2DModel"
+    model_class: str = ""
     model: dict = field(default_factory=dict)
     pretrained: str = ""
+    subfolder: str = ""
+    dtype: str = "float32"
+    prediction_type: str = "auto"
+    timestep_convention: str = "auto"
+    embedded_guidance: float = 0.0
     guidance_scale: float = 1.0
     guidance_interval: list = field(default_factory=list)
+    orthogonal_guidance: float = 0.0
 
 
 @dataclass
@@ -44,6 +66,18 @@ class StudentConfig:
     Its policy type is ``[piid] policy_type``: "GMFlow" uses ``num_components``, "DX" ``num_points``. ``hidden`` is the toy
     students' width. ``kwargs`` goes to ``build_student`` unchanged. ``init_from`` (optional) is a
     directory saved by ``PiFlowStudent.save_pretrained`` to start from.
+
+    LoRA (diffusers students, through ``peft``). ``lora_rank`` > 0 trains low-rank adapters on the
+    trunk's ``lora_target_modules`` (module-name suffixes, e.g. "ff.net.2"; empty: the official targets of
+    the architecture, see :data:`piflow_kernels.distill.lora.LORA_TARGETS`) with ``lora_alpha`` (0: the
+    rank, as the official recipes) and ``lora_dropout``; the policy head, the log-std MLP and the
+    ``train_modules`` (name suffixes of modules trained fully; empty: the architecture's default, "norm_out"
+    for FLUX, SD3 and Qwen-Image) are trained fully, every other weight is frozen. ``tie_teacher`` (LoRA
+    only): the teacher is the student's own trunk with the adapter disabled and the teacher's output
+    layer, so the base weights are held once. ``lora_rank = 0`` fine-tunes the whole trunk.
+    ``gradient_checkpointing`` turns on the trunk's own (diffusers) gradient checkpointing.
+    ``trainable_dtype`` is the dtype the trained parameters are held in (the frozen base keeps
+    ``teacher.dtype``).
     """
 
     kind: str = "toy"
@@ -52,6 +86,14 @@ class StudentConfig:
     hidden: int = 64
     kwargs: dict = field(default_factory=dict)
     init_from: str = ""
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=list)
+    train_modules: list = field(default_factory=list)
+    tie_teacher: bool = True
+    gradient_checkpointing: bool = False
+    trainable_dtype: str = "float32"
 
 
 @dataclass
@@ -64,6 +106,10 @@ class DataConfig:
     or .pt file; an optional ``class_labels`` (N,) tensor rides along). ``mode`` "data_free": segments
     start from noise, no data needed.
     ``num_classes`` > 0 draws a class label per sample, passed to student and teacher as ``class_labels``.
+    ``prompt_cache`` (a folder written by ``python -m piflow_kernels encode-prompts``) conditions every sample
+    on a cached prompt: the micro-batch's prompts are drawn from the cache by the same stateless stream as
+    tensor data (seeded epochs, sharded by rank), and their embeddings are passed to student and teacher
+    under the teacher's own argument names. The text encoders are never loaded while training.
     """
 
     mode: str = "data_dependent"
@@ -74,11 +120,15 @@ class DataConfig:
     height: int = 8
     width: int = 8
     num_classes: int = 0
+    prompt_cache: str = ""
 
 
 @dataclass
 class OptimConfig:
     """AdamW with a linear warm-up from ``warmup_ratio * lr`` to ``lr`` over ``warmup_iters``.
+
+    ``optimizer`` "adamw" (torch's, fused where it can be) or "adamw8bit" (``bitsandbytes``' 8-bit AdamW on
+    CUDA: a quarter of the moment memory; on a CPU, or without bitsandbytes, torch's AdamW with one logged reason).
 
     After the warm-up the learning rate stays at ``lr`` (``lr_decay = "none"``) or follows a cosine
     from ``lr`` down to ``lr_min_ratio * lr`` at ``max_iters`` (``lr_decay = "cosine"``).
@@ -90,6 +140,7 @@ class OptimConfig:
     line or checkpoint, so it may come up to ``log_every`` steps late.
     """
 
+    optimizer: str = "adamw"
     lr: float = 1e-4
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

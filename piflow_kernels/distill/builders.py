@@ -85,9 +85,7 @@ def teacher_class_of(cfg: TrainConfig) -> str:
             raise ConfigError(f"config key teacher.model_class: {folder / 'config.json'} names no _class_name; give the class")
         return t.model_class
     if t.model_class and t.model_class != saved:
-        raise ConfigError(
-            f"config key teacher.model_class = {t.model_class!r} but {folder / 'config.json'} holds a {saved!r}"
-        )
+        raise ConfigError(f"config key teacher.model_class = {t.model_class!r} but {folder / 'config.json'} holds a {saved!r}")
     return saved
 
 

@@ -361,10 +361,12 @@ def validate(cfg: TrainConfig) -> None:
     _one_of(t.dtype, "teacher.dtype", DTYPES)
     _one_of(t.prediction_type, "teacher.prediction_type", ("auto", "velocity", "neg_velocity", "x0", "eps"))
     _one_of(t.timestep_convention, "teacher.timestep_convention", ("auto", "sigma", "timestep", "reversed"))
-    _need(t.embedded_guidance >= 0, "teacher.embedded_guidance", f"must be >= 0 (0: the model's default), got {t.embedded_guidance}")
+    eg = t.embedded_guidance
+    _need(eg >= 0, "teacher.embedded_guidance", f"must be >= 0 (0: the model's default), got {eg}")
     _need(0 <= t.orthogonal_guidance <= 1, "teacher.orthogonal_guidance", f"must lie in [0, 1], got {t.orthogonal_guidance}")
     if t.orthogonal_guidance:
-        _need(t.guidance_scale != 1.0, "teacher.orthogonal_guidance", "needs classifier-free guidance (teacher.guidance_scale != 1)")
+        cfg_needed = "needs classifier-free guidance (teacher.guidance_scale != 1)"
+        _need(t.guidance_scale != 1.0, "teacher.orthogonal_guidance", cfg_needed)
 
     s = cfg.student
     _one_of(s.kind, "student.kind", ("toy", "diffusers"))

@@ -12,22 +12,27 @@ This module needs no diffusers: ``sample(student, noise, n)`` runs the default s
 ``PiFlowScheduler()``) on its own. :class:`~piflow_kernels.PiFlowScheduler`, the diffusers scheduler that
 sets the shift, ``h``, the temperature, ..., runs the same math: :func:`flowmap_schedule` once per
 ``set_timesteps``, :func:`policy_from_output` and :func:`flowmap_step` once per ``step``.
+
+A :class:`~piflow_kernels.PiFlowStudent` records the settings it was distilled with (``student.sampling``,
+``student.num_inference_steps``); ``sample(student, noise)`` without a scheduler samples with them
+(:func:`student_settings`, :meth:`PiFlowScheduler.from_student`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from piflow_kernels.checks import count
+from piflow_kernels.checks import count, is_int
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
-from piflow_kernels.outputs import make_policy
+from piflow_kernels.outputs import POLICY_TYPES, make_policy
 from piflow_kernels.policies import DXPolicy, GMFlowPolicy
 from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, warp
 
@@ -45,11 +50,78 @@ __all__ = [
     "policy_from_output",
     "raw_sigma_grid",
     "sample",
+    "StudentSettings",
+    "student_settings",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Floor of the FlowMapSDE re-noising denominators sigma_src * a_to and a_to + sigma_to * m (as
 # reference/flowmap_sde.py). Not GM_EPS: only the value is the same.
 _RENOISE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """What a student records about how it samples (see :func:`student_settings`).
+
+    Attributes:
+        policy_type: "GMFlow" or "DX".
+        sampling: PiFlowScheduler config keys (``shift``, ``final_step_size_scale``, ``dx_segment_size``, ...),
+            ``{}`` when none are recorded.
+        num_inference_steps: the step count it was distilled for, None when not recorded.
+    """
+
+    policy_type: str
+    sampling: dict[str, Any]
+    num_inference_steps: int | None
+
+
+def unwrap_student(student: object) -> object:
+    """The module under a ``DistributedDataParallel`` wrapper, else ``student`` itself (FSDP2 modules are their own
+    unwrapped selves), as :func:`piflow_kernels.distill.ddp.unwrap_model`."""
+    return student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
+
+
+def student_settings(student: object) -> StudentSettings | None:
+    """The recorded sampling settings of a PiFlowStudent-like ``student``, or None for any other callable.
+
+    PiFlowStudent-like: the module (under a DDP wrapper, if any) has a ``policy_type`` string and a ``sampling``
+    mapping (:class:`~piflow_kernels.PiFlowStudent` has both; plain callables and the toy students have not);
+    ``num_inference_steps`` is read when it has one. A ``policy_type`` that is not "GMFlow" or "DX", or a
+    ``num_inference_steps`` that is neither None nor an int >= 1, is a ``ValueError``.
+    """
+    module = unwrap_student(student)
+    policy_type = getattr(module, "policy_type", None)
+    sampling = getattr(module, "sampling", None)
+    if not isinstance(policy_type, str) or not isinstance(sampling, Mapping):
+        return None
+    if policy_type not in POLICY_TYPES:
+        raise ValueError(f"the student's policy_type must be one of {POLICY_TYPES}, got {policy_type!r}")
+    steps = getattr(module, "num_inference_steps", None)
+    if steps is not None and (not is_int(steps) or steps < 1):
+        raise ValueError(f"the student's num_inference_steps must be None or an int >= 1, got {steps!r}")
+    return StudentSettings(policy_type, dict(sampling), None if steps is None else int(steps))
+
+
+def differing_settings(config: Mapping[str, Any], settings: StudentSettings) -> dict[str, tuple[Any, Any]]:
+    """``{key: (the config's value, the student's)}`` for each recorded key (and the policy type) that ``config``
+    (a scheduler config) sets otherwise."""
+    recorded = {**settings.sampling, "policy_type": settings.policy_type}
+    return {k: (config.get(k), v) for k, v in recorded.items() if config.get(k) != v}
+
+
+def warn_differing(where: str, config: Mapping[str, Any], settings: StudentSettings | None) -> None:
+    """Log one warning naming the recorded settings an explicitly given scheduler overrides."""
+    differ = differing_settings(config, settings) if settings is not None else {}
+    if differ:
+        shown = ", ".join(f"{k}={ours!r} (student: {theirs!r})" for k, (ours, theirs) in sorted(differ.items()))
+        logger.warning(
+            "%s: the scheduler given is used as is, and sets %s otherwise than the student records; "
+            "PiFlowScheduler.from_student(student, **overrides) builds one with the student's settings",
+            where,
+            shown,
+        )
 
 
 def check_h(h: float | str) -> float | str:
@@ -315,7 +387,7 @@ def _default_steps(
 def sample(
     student: Callable[..., object],
     noise: torch.Tensor,
-    num_inference_steps: int | None,
+    num_inference_steps: int | None = None,
     scheduler: PiFlowScheduler | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = True,
@@ -332,10 +404,17 @@ def sample(
         noise: (B, C, H, W) or (B, C, T, H, W) unit Gaussian noise. The loop starts from ``sigma_0 * noise`` at the
             schedule's first noise level ``sigma_0`` (1 unless ``max_raw_t < 1`` or custom ``sigmas`` start
             below 1), as LakonLab v0.2.0's sampler does.
-        num_inference_steps: number of student calls (any number >= 1); may be None when ``sigmas`` is given.
-        scheduler: a :class:`~piflow_kernels.PiFlowScheduler` (its schedule is reset here). None runs the
-            defaults of ``PiFlowScheduler()`` (GMFlow, shift 1, h = 0, 128 substeps per unit time) without
-            diffusers. With ``use_dynamic_shifting`` the shift follows ``seq_len`` (below).
+        num_inference_steps: number of student calls (any number >= 1). None: the step count the student records
+            (``student.num_inference_steps`` of a :class:`~piflow_kernels.PiFlowStudent`); may also be None when
+            ``sigmas`` is given (or the scheduler has a ``default_num_inference_steps``); else a ``ValueError``.
+        scheduler: a :class:`~piflow_kernels.PiFlowScheduler` (its schedule is reset here), used as is: its config
+            wins over anything the student records (a warning names the recorded settings it sets otherwise).
+            None: for a PiFlowStudent-like student (a ``policy_type`` and a ``sampling`` attribute, see
+            :func:`student_settings`), ``PiFlowScheduler.from_student(student)``, the scheduler of its recorded
+            settings (``shift``, ``final_step_size_scale``, ``dx_segment_size``, ...; defaults where it records
+            none); for any other callable the defaults of ``PiFlowScheduler()`` (GMFlow, shift 1, h = 0, 128
+            substeps per unit time), without diffusers. With ``use_dynamic_shifting`` the shift follows ``seq_len``
+            (below).
         generator: for the re-noising noise when the scheduler's h != 0.
         progress: show a tqdm bar advancing once per student call.
         seq_len: sequence length for the dynamic shift; default ``prod(S)`` (latent pixels). FLUX-style
@@ -353,15 +432,29 @@ def sample(
         raise ValueError(f"noise must have shape (B, C, H, W) or (B, C, T, H, W), got {tuple(noise.shape)}")
     if not callable(student):
         raise TypeError(f"student must be callable as student(x_t, timestep, **kwargs), got {type(student).__name__}")
-    if scheduler is None:
+    recorded = student_settings(student)
+    if num_inference_steps is None and sigmas is None and recorded is not None:
+        num_inference_steps = recorded.num_inference_steps
+    if scheduler is None and recorded is None:
+        if num_inference_steps is None and sigmas is None:
+            raise ValueError("sample needs num_inference_steps (the number of student calls) or sigmas")
         timesteps, step, sigma_0 = _default_steps(num_inference_steps, noise.device, sigmas)
     else:
-        from piflow_kernels.scheduler import PiFlowScheduler  # a scheduler was given: diffusers is installed
+        from piflow_kernels.scheduler import PiFlowScheduler  # a scheduler or a PiFlowStudent: diffusers is installed
 
-        if not isinstance(scheduler, PiFlowScheduler):
+        if scheduler is None:
+            scheduler = PiFlowScheduler.from_student(student)
+        elif not isinstance(scheduler, PiFlowScheduler):
             raise TypeError(
                 f"scheduler must be a PiFlowScheduler, got {type(scheduler).__name__} (use PiFlowScheduler.from_config("
                 "your_scheduler.config) to convert a flow-matching scheduler)"
+            )
+        else:
+            warn_differing("sample", scheduler.config, recorded)
+        if num_inference_steps is None and sigmas is None and scheduler.config.get("default_num_inference_steps") is None:
+            raise ValueError(
+                "sample needs num_inference_steps (the number of student calls) or sigmas"
+                + ("; the student records no num_inference_steps" if recorded is not None else "")
             )
         if seq_len is None:
             seq_len = noise.shape[2:].numel()

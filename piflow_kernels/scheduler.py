@@ -20,10 +20,12 @@ tensor: finding its index reads it once, as diffusers' schedulers do. ``set_begi
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +53,7 @@ from piflow_kernels.sampling import (
     flowmap_step,
     policy_from_output,
     raw_sigma_grid,
+    student_settings,
 )
 from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, DYNAMIC_SHIFT_TYPES, check_substep_rule, dynamic_shift, warp
 
@@ -128,6 +131,9 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             mode ("grid" or "polynomial"); keep the values the student was trained with.
         backend: policy backend, None (auto: Triton on CUDA, fast CPU path otherwise), "torch", "triton",
             "reference".
+
+    A student that records its sampling settings (:class:`~piflow_kernels.PiFlowStudent`'s ``sampling``) gets
+    its scheduler from :meth:`from_student`.
 
     Example:
         >>> scheduler = PiFlowScheduler(use_dynamic_shifting=True)
@@ -222,6 +228,54 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             if on:
                 logger.warning("PiFlowScheduler.from_config: ignoring unsupported settings %s of the source config", on)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_student(cls, student: object, **overrides: Any) -> PiFlowScheduler:
+        """The scheduler a student samples with: its ``policy_type`` and recorded ``sampling`` settings, then
+        ``overrides``; the defaults of this class for every key neither sets.
+
+        Precedence, highest first: ``overrides`` > ``student.sampling`` > the defaults. A scheduler class with a
+        ``default_num_inference_steps`` key (:class:`~piflow_kernels.pipelines.PiFlowPipelineScheduler`) also
+        takes ``student.num_inference_steps`` there when the student records it.
+
+        Args:
+            student: a :class:`~piflow_kernels.PiFlowStudent`, possibly wrapped in ``DistributedDataParallel``
+                (any module with a ``policy_type`` string and a ``sampling`` mapping of config keys of this class,
+                see :func:`~piflow_kernels.sampling.student_settings`).
+            **overrides: config keys of this class (e.g. ``temperature=0.7``, ``h=0.5``, ``backend="torch"``).
+
+        Raises:
+            TypeError: ``student`` is not PiFlowStudent-like, or an override is not a config key of this class.
+            ValueError: ``overrides`` sets another ``policy_type`` than the student's, the student records a key
+                this class does not take, or a value is out of range (the constructor's own checks, naming it).
+
+        Example:
+            >>> student.sampling                 # {"shift": 3.0, "final_step_size_scale": 0.5, "dx_segment_size": 0.25}
+            >>> scheduler = PiFlowScheduler.from_student(student, temperature=0.7)
+            >>> x0 = pk.sample(student, noise, 4, scheduler)      # what pk.sample(student, noise, 4) runs, but T = 0.7
+        """
+        settings = student_settings(student)
+        if settings is None:
+            raise TypeError(
+                f"{cls.__name__}.from_student needs a PiFlowStudent (or a module with a policy_type and a sampling dict "
+                f"of {cls.__name__} config keys, possibly DDP-wrapped), got {type(student).__name__}"
+            )
+        accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(overrides) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_student got unknown config keys {unknown}; known: {', '.join(accepted)}")
+        unknown = sorted(set(settings.sampling) - set(accepted))
+        if unknown:
+            raise ValueError(f"the student's recorded sampling has keys {unknown} that {cls.__name__} does not take")
+        if overrides.get("policy_type", settings.policy_type) != settings.policy_type:
+            raise ValueError(
+                f"from_student: policy_type={overrides['policy_type']!r} but the student outputs "
+                f"{settings.policy_type!r} policies"
+            )
+        config = {**settings.sampling, "policy_type": settings.policy_type}
+        if "default_num_inference_steps" in accepted and settings.num_inference_steps is not None:
+            config["default_num_inference_steps"] = settings.num_inference_steps
+        return cls(**{**config, **overrides})
 
     @property
     def step_index(self) -> int | None:

@@ -34,6 +34,12 @@ Default steps. A converted pipeline called without ``num_inference_steps`` (or `
 samples with the student's distilled step count, kept in the scheduler config as
 ``default_num_inference_steps``.
 
+Recorded sampling settings. A student that records the settings it was distilled with (``student.sampling``:
+``shift``, ``final_step_size_scale``, ``total_substeps``, ``dx_segment_size``, ...) gets them in the converted
+pipeline's scheduler: for each config key, an explicit keyword of :func:`to_piflow` > the student's recorded
+setting > the pipeline's own scheduler config (e.g. FLUX's dynamic shifting) > the defaults. A scheduler passed
+to :func:`to_piflow` is used as is (its config, under the explicit keywords).
+
 Saving and loading. ``pipe.save_pretrained(folder)`` writes the student under ``transformer/`` and the
 scheduler under ``scheduler/``; ``model_index.json`` names them ``["piflow_kernels.pipelines",
 "PiFlowTransformer"]`` and ``["piflow_kernels.pipelines", "PiFlowPipelineScheduler"]``. diffusers resolves
@@ -70,6 +76,7 @@ from piflow_kernels.checks import positive_int
 from piflow_kernels.files import DamagedFileError, check_torch_file, read_json, require_file, safetensors_metadata
 from piflow_kernels.layouts import packed_to_tokens, tokens_to_packed
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
+from piflow_kernels.sampling import student_settings, warn_differing
 from piflow_kernels.scheduler import PiFlowScheduler
 from piflow_kernels.students import PiFlowStudent
 
@@ -402,10 +409,37 @@ def _adopt(pipe: Any) -> Any:
     return pipe
 
 
+def _check_scheduler_config(scheduler_config: dict[str, Any], student: PiFlowStudent) -> None:
+    """``to_piflow``'s explicit scheduler keywords: PiFlowScheduler config keys (the default step count has its own
+    argument), with the student's policy type."""
+    accepted = [n for n in inspect.signature(PiFlowScheduler.__init__).parameters if n != "self"]
+    if _DEFAULT_STEPS_KEY in scheduler_config:
+        raise TypeError(f"to_piflow takes the default step count as num_inference_steps, not {_DEFAULT_STEPS_KEY}")
+    unknown = sorted(set(scheduler_config) - set(accepted))
+    if unknown:
+        raise TypeError(f"to_piflow got unknown scheduler config keys {unknown}; known: {', '.join(accepted)}")
+    if scheduler_config.get("policy_type", student.policy_type) != student.policy_type:
+        raise ValueError(
+            f"to_piflow: policy_type={scheduler_config['policy_type']!r} but the student outputs "
+            f"{student.policy_type!r} policies"
+        )
+
+
 def to_piflow(
-    pipe: Any, student: PiFlowStudent, scheduler: PiFlowScheduler | None = None, *, num_inference_steps: int | None = None
+    pipe: Any,
+    student: PiFlowStudent,
+    scheduler: PiFlowScheduler | None = None,
+    *,
+    num_inference_steps: int | None = None,
+    **scheduler_config: Any,
 ) -> Any:
     """Turn a stock diffusers pipeline into a few-step pi-Flow sampler (in place; returns ``pipe``).
+
+    The scheduler's config, key by key, highest first: ``scheduler_config`` (explicit keywords) > the student's
+    recorded sampling settings (``student.sampling``) > the pipeline's current scheduler config (FLUX's dynamic
+    shifting and shift, ...; FlowMatch key names are understood) > :class:`PiFlowScheduler`'s defaults. A
+    ``scheduler`` given takes the place of the last three: it is used as is, under ``scheduler_config`` (a
+    warning names the recorded settings it sets otherwise).
 
     Args:
         pipe: a ``FluxPipeline``, ``StableDiffusion3Pipeline`` or ``QwenImagePipeline`` (others with the same
@@ -413,12 +447,14 @@ def to_piflow(
             pipeline already converted (its student is replaced).
         student: a :class:`~piflow_kernels.PiFlowStudent` built from the pipeline's transformer class.
         scheduler: a :class:`~piflow_kernels.PiFlowScheduler` with the student's policy type (its config is
-            copied into a :class:`PiFlowPipelineScheduler`); None converts the pipeline's current scheduler
-            config (shift, dynamic shifting) with ``policy_type`` set to the student's.
+            copied into a :class:`PiFlowPipelineScheduler`); None builds the scheduler from the student's recorded
+            settings over the pipeline's current scheduler config, with ``policy_type`` set to the student's.
         num_inference_steps: the pipeline's step count when called without one; None takes the student's
             distilled step count (``student.config.num_inference_steps``), else that of a given
             :class:`PiFlowPipelineScheduler` (``default_num_inference_steps``), else
             :data:`DEFAULT_NUM_INFERENCE_STEPS` (4). Recorded in the scheduler config, so it is saved with it.
+        **scheduler_config: :class:`PiFlowScheduler` config keys that win over everything else (e.g.
+            ``temperature="auto"``, ``h=0.5``); an unknown key is a ``TypeError``.
 
     Returns:
         ``pipe``, whose ``transformer`` is a :class:`PiFlowTransformer` and ``scheduler`` a
@@ -430,6 +466,7 @@ def to_piflow(
     Example:
         >>> pipe = to_piflow(FluxPipeline.from_pretrained(...), student, PiFlowScheduler(shift=3.2))
         >>> image = pipe("a cat", num_inference_steps=4).images[0]
+        >>> pipe = to_piflow(pipe, distilled_student, temperature=0.7)   # its recorded settings, T = 0.7
     """
     if not isinstance(student, PiFlowStudent):
         raise TypeError(f"student must be a PiFlowStudent (see build_student), got {type(student).__name__}")
@@ -455,11 +492,14 @@ def to_piflow(
             )
     if num_inference_steps is not None:
         num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
+    _check_scheduler_config(scheduler_config, student)
     if pipe_name not in TESTED_PIPELINES:
         logger.warning("to_piflow: %s is not among the tested pipelines %s", pipe_name, TESTED_PIPELINES)
 
     if scheduler is None:
-        new_scheduler = PiFlowPipelineScheduler.from_config(pipe.scheduler.config, policy_type=student.policy_type)
+        # explicit keywords > the student's recorded settings > the pipeline's scheduler config > the defaults
+        settings = {**student.sampling, **scheduler_config, "policy_type": student.policy_type}
+        new_scheduler = PiFlowPipelineScheduler.from_config(pipe.scheduler.config, **settings)
     else:
         if not isinstance(scheduler, PiFlowScheduler):
             raise TypeError(
@@ -471,10 +511,11 @@ def to_piflow(
                 f"the scheduler's policy_type is {scheduler.config.policy_type!r} but the student outputs "
                 f"{student.policy_type!r} policies"
             )
-        if isinstance(scheduler, PiFlowPipelineScheduler):
+        if isinstance(scheduler, PiFlowPipelineScheduler) and not scheduler_config:
             new_scheduler = scheduler
         else:
-            new_scheduler = PiFlowPipelineScheduler.from_config(scheduler.config)
+            new_scheduler = PiFlowPipelineScheduler.from_config(scheduler.config, **scheduler_config)
+        warn_differing("to_piflow", new_scheduler.config, student_settings(student))
 
     if new_scheduler.config.num_train_timesteps != 1000:
         logger.warning(
@@ -538,7 +579,9 @@ def load_piflow_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwa
     ``device_map``, components to use instead of the saved ones, ...), after checking the folder's files
     (:func:`check_saved_pipeline`; errors name the missing or damaged file). Components the folder records as
     absent (``[null, null]`` in ``model_index.json``, e.g. text encoders left out) load as None unless given. The
-    result samples with the saved default step count when called without ``num_inference_steps``.
+    result samples with the saved default step count when called without ``num_inference_steps``, and with the
+    saved scheduler, whose config is the one :func:`to_piflow` built (the student's recorded sampling settings
+    included); the student keeps its ``sampling`` and ``num_inference_steps``.
 
     Example:
         >>> pipe = to_piflow(FluxPipeline.from_pretrained(...), student, PiFlowScheduler(shift=3.2))

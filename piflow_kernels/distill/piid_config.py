@@ -183,6 +183,48 @@ class PiIDConfig:
             "mode": self.dx_mode,
         }
 
+    def sampling_settings(self) -> dict[str, Any]:
+        """The :class:`~piflow_kernels.PiFlowScheduler` config keys that sampling a student distilled with this
+        config should use: what :func:`~piflow_kernels.distill.evaluation.scheduler_for` takes from it, less the
+        backend (how to compute, not what), as plain JSON values.
+
+        Keys: ``policy_type``, ``shift``, ``use_dynamic_shifting``, ``dynamic_shifting_type`` ("exp", the rule of
+        :meth:`shift_for`), ``base_seq_len``, ``max_seq_len``, ``base_logshift``, ``max_logshift``,
+        ``final_step_size_scale``, ``total_substeps``, ``substep_rule``, ``num_train_timesteps`` (an int), and for a
+        DX policy ``dx_segment_size``, ``dx_shift``, ``dx_mode`` as :meth:`dx_policy_kwargs` resolves them (the
+        segment defaults to the NFE segment, the shift to ``shift``). The GM temperature and the re-noising ``h``
+        are not pi-ID settings: the scheduler's defaults (1 and 0, what ``sample_with`` uses) apply. The step count
+        is ``nfe`` (a student records it as ``num_inference_steps``).
+
+        ``pk.sample(student, noise, cfg.nfe, scheduler=PiFlowScheduler(**cfg.sampling_settings()))`` samples what
+        ``sample_with(student, noise, cfg)`` does, bit for bit; a :class:`~piflow_kernels.PiFlowStudent` given the
+        dict as ``sampling`` (and ``nfe`` as ``num_inference_steps``) does it with ``pk.sample(student, noise)``.
+
+        Raises:
+            ValueError: ``num_train_timesteps`` is not an integer (the scheduler takes an int).
+        """
+        if self.num_train_timesteps != int(self.num_train_timesteps):
+            raise ValueError(
+                f"PiFlowScheduler takes an integer num_train_timesteps, the pi-ID config has {self.num_train_timesteps}"
+            )
+        settings: dict[str, Any] = {
+            "policy_type": self.policy_type,
+            "shift": self.shift,
+            "use_dynamic_shifting": self.use_dynamic_shifting,
+            "dynamic_shifting_type": "exp",
+            "base_seq_len": self.base_seq_len,
+            "max_seq_len": self.max_seq_len,
+            "base_logshift": self.base_logshift,
+            "max_logshift": self.max_logshift,
+            "final_step_size_scale": self.final_step_size_scale,
+            "total_substeps": self.total_substeps,
+            "substep_rule": self.substep_rule,
+            "num_train_timesteps": int(self.num_train_timesteps),
+        }
+        if self.policy_type == "DX":
+            settings.update({f"dx_{name}": value for name, value in self.dx_policy_kwargs().items()})
+        return settings
+
 
 def teacher_ratio(cfg: PiIDConfig, iteration: int) -> float:
     """Scheduled-mixing teacher ratio: 1 - min(iteration, n) / n for n = num_decay_iters > 0, else 0."""

@@ -77,7 +77,7 @@ class StudentSettings:
     num_inference_steps: int | None
 
 
-def unwrap_student(student: object) -> object:
+def _unwrap_student(student: object) -> object:
     """The module under a ``DistributedDataParallel`` wrapper, else ``student`` itself (FSDP2 modules are their own
     unwrapped selves), as :func:`piflow_kernels.distill.ddp.unwrap_model`."""
     return student.module if isinstance(student, torch.nn.parallel.DistributedDataParallel) else student
@@ -91,7 +91,7 @@ def student_settings(student: object) -> StudentSettings | None:
     ``num_inference_steps`` is read when it has one. A ``policy_type`` that is not "GMFlow" or "DX", or a
     ``num_inference_steps`` that is neither None nor an int >= 1, is a ``ValueError``.
     """
-    module = unwrap_student(student)
+    module = _unwrap_student(student)
     policy_type = getattr(module, "policy_type", None)
     sampling = getattr(module, "sampling", None)
     if not isinstance(policy_type, str) or not isinstance(sampling, Mapping):

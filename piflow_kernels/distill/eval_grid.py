@@ -322,7 +322,7 @@ def save_grid(
         for j in range(b):
             x = padding + j * (w + padding)
             canvas[y : y + h, x : x + w] = rows[j]
-    image = Image.fromarray(canvas.numpy(), mode="RGB")
+    image = Image.fromarray(canvas.numpy())  # (H, W, 3) uint8: RGB
     path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = path.with_suffix(".json")
     if captions is None:

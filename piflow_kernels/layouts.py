@@ -36,6 +36,9 @@ __all__ = [
     "image_to_packed",
     "map_output",
     "packed_to_tokens",
+    "TEXT_ARGS",
+    "native_inputs",
+    "native_prediction_to_image",
     "teacher_class_name",
     "tokens_to_image",
     "tokens_to_packed",
@@ -67,6 +70,15 @@ ARCHS: dict[str, TeacherArch] = {
 }
 
 SUPPORTED_TEACHERS: tuple[str, ...] = tuple(ARCHS)
+
+#: text-to-image teacher class -> {name of a tensor its pipeline's ``encode_prompt`` returns (as a prompt cache
+#: stores it): the transformer's argument it feeds}. A negative (``negative_<name>``) feeds ``negative_<argument>``,
+#: the unconditional branch of classifier-free guidance.
+TEXT_ARGS: dict[str, dict[str, str]] = {
+    "FluxTransformer2DModel": {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
+    "SD3Transformer2DModel": {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
+    "QwenImageTransformer2DModel": {"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
+}
 
 
 def arch_for(teacher_class: str) -> TeacherArch:
@@ -117,6 +129,48 @@ def geometry(teacher_class: str, config: Any) -> tuple[int, int, int]:
         return in_ch, (in_ch if out_ch is None else out_ch), get("patch_size")
     # UNet2DModel
     return in_ch, out_ch, 1
+
+
+def native_inputs(
+    teacher_class: str, x_t: torch.Tensor, timestep: torch.Tensor, kwargs: dict[str, Any], p: int
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """The keyword arguments of a call of the teacher's trunk as its pipeline makes it, from image-layout latents.
+
+    ``x_t`` (B, C, H, W); ``timestep`` (B,) already in the trunk's convention; ``kwargs`` the conditioning. Token
+    teachers get packed latents (B, H*W/p^2, C*p^2) and the ids / shapes their pipelines derive (FLUX ``img_ids``
+    (L, 3) and ``txt_ids`` (L_text, 3), Qwen-Image ``img_shapes``) unless given. Returns (kwargs, (h, w) in tokens).
+    """
+    arch = arch_for(teacher_class)
+    if arch.layout != "tokens":
+        return {arch.sample_arg: x_t, "timestep": timestep, **kwargs}, (x_t.shape[2], x_t.shape[3])
+    h, w = x_t.shape[2] // p, x_t.shape[3] // p
+    out = dict(kwargs)
+    if teacher_class == "FluxTransformer2DModel":
+        emb = out.get("encoder_hidden_states")
+        if not isinstance(emb, torch.Tensor):
+            raise ValueError("a FLUX model needs encoder_hidden_states (B, L_text, joint_attention_dim)")
+        if "img_ids" not in out:
+            ids = torch.zeros(h, w, 3, device=x_t.device, dtype=emb.dtype)
+            ids[..., 1] = torch.arange(h, device=x_t.device, dtype=emb.dtype)[:, None]
+            ids[..., 2] = torch.arange(w, device=x_t.device, dtype=emb.dtype)[None, :]
+            out["img_ids"] = ids.reshape(h * w, 3)
+        out.setdefault("txt_ids", torch.zeros(emb.shape[1], 3, device=x_t.device, dtype=emb.dtype))
+    else:
+        out.setdefault("img_shapes", [[(1, h, w)]] * x_t.shape[0])
+    out[arch.sample_arg] = image_to_packed(x_t, p)
+    out["timestep"] = timestep
+    return out, (h, w)
+
+
+def native_prediction_to_image(teacher_class: str, raw: torch.Tensor, hw: tuple[int, int], p: int, c: int) -> torch.Tensor:
+    """A teacher trunk's own output (packed (B, L, C_t*p^2) or image (B, C_t, H, W)) as image-layout (B, C, H, W).
+
+    ``hw`` is the (h, w) of :func:`native_inputs`; a learned-variance output (C_t = 2C) keeps its first C channels.
+    """
+    if arch_for(teacher_class).layout == "tokens":
+        tokens = packed_to_tokens(raw, p * p)[:, :c]
+        return tokens_to_image(tokens, hw[0], hw[1], p)
+    return raw[:, :c]
 
 
 def image_to_packed(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -60,8 +60,9 @@ from piflow_kernels.layouts import (
     SUPPORTED_TEACHERS,
     arch_for,
     geometry,
-    image_to_packed,
     map_output,
+    native_inputs,
+    native_prediction_to_image,
     teacher_class_name,
     tokens_to_image,
 )
@@ -180,6 +181,11 @@ def _check_sampling(sampling: object, policy_type: str) -> dict[str, Any]:
     plain = json.loads(json.dumps(sampling, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
     PiFlowScheduler(**{**plain, "policy_type": policy_type})  # its own checks, naming the key
     return plain
+
+
+def _peft_layers(module: nn.Module) -> list[nn.Module]:
+    """The PEFT tuner layers (LoRA Linear, ...) under ``module``: modules with peft's ``disable_adapters`` flag."""
+    return [m for m in module.modules() if type(m).__module__.startswith("peft.") and hasattr(m, "_disable_adapters")]
 
 
 def _plain_config(config: Any) -> dict[str, Any]:
@@ -410,7 +416,12 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
                 f"trunk.{layers[0]}): fuse them into the weights first, student.trunk.fuse_lora(adapter_names={names}); "
                 "student.trunk.unload_lora(), or save an adapter on its own with student.trunk.save_lora_adapter(...)"
             )
-        super().save_pretrained(save_directory, *args, **kwargs)
+        kept = self._modules.pop("teacher_modules", None)  # the tied teacher's layers are not the student's
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if kept is not None:
+                self.teacher_modules = kept
 
     def _check_latents(self, x_t: object) -> torch.Tensor:
         c, p = self._channels, self._patch
@@ -439,14 +450,23 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         return t / self._timestep_divisor if self._timestep_divisor != 1.0 else t
 
     def forward(
-        self, x_t: torch.Tensor, timestep: float | torch.Tensor, return_dict: bool = True, **teacher_kwargs: Any
-    ) -> GMFlowOutput | DXOutput | tuple[GMFlowOutput | DXOutput]:
+        self,
+        x_t: torch.Tensor,
+        timestep: float | torch.Tensor,
+        return_dict: bool = True,
+        as_teacher: bool = False,
+        **teacher_kwargs: Any,
+    ) -> GMFlowOutput | DXOutput | tuple[GMFlowOutput | DXOutput] | torch.Tensor:
         """Policy at (x_t, timestep) in image layout.
 
         Args:
             x_t: (B, C, H, W) noisy latents (unpacked, also for FLUX / Qwen-Image).
             timestep: sigma * 1000 (the diffusers scheduler timestep): float, 0-d or (B,) tensor.
             return_dict: False returns a 1-tuple holding the output.
+            as_teacher: run the tied teacher instead (see :meth:`attach_teacher_head`): the trunk with its
+                PEFT adapters disabled and the teacher's own output layer; returns the teacher's prediction
+                (B, C, H, W) as a tensor. Going through ``forward`` lets a DDP / FSDP wrapper of the student
+                run the teacher on its own (gathered) weights.
             **teacher_kwargs: the teacher's conditioning (``encoder_hidden_states``, ``pooled_projections``,
                 ``guidance`` (FLUX: the guidance scale, e.g. 3.5), ``class_labels``, ...). FLUX's ``img_ids`` /
                 ``txt_ids`` and Qwen-Image's ``img_shapes`` are derived here unless given.
@@ -456,30 +476,77 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             DXOutput (grid (B, N, C, H, W)), velocity parameterisation.
         """
         x_t = self._check_latents(x_t)
-        batch = x_t.shape[0]
-        t = self._trunk_timestep(timestep, batch, x_t.device)
-        arch = self._arch
-        if arch.layout != "tokens":
-            out = self.forward_native(**{arch.sample_arg: x_t}, timestep=t, **teacher_kwargs)
-        else:
-            p = self._patch
-            h, w = x_t.shape[2] // p, x_t.shape[3] // p
-            kwargs = dict(teacher_kwargs)
-            if self.teacher_class == "FluxTransformer2DModel":
-                emb = kwargs.get("encoder_hidden_states")
-                if not isinstance(emb, torch.Tensor):
-                    raise ValueError("a FLUX student needs encoder_hidden_states (B, L_text, joint_attention_dim)")
-                if "img_ids" not in kwargs:
-                    ids = torch.zeros(h, w, 3, device=x_t.device, dtype=emb.dtype)
-                    ids[..., 1] = torch.arange(h, device=x_t.device, dtype=emb.dtype)[:, None]
-                    ids[..., 2] = torch.arange(w, device=x_t.device, dtype=emb.dtype)[None, :]
-                    kwargs["img_ids"] = ids.reshape(h * w, 3)
-                kwargs.setdefault("txt_ids", torch.zeros(emb.shape[1], 3, device=x_t.device, dtype=emb.dtype))
-            else:
-                kwargs.setdefault("img_shapes", [[(1, h, w)]] * batch)
-            out = self.forward_native(**{arch.sample_arg: image_to_packed(x_t, p)}, timestep=t, **kwargs)
-            out = map_output(out, lambda z: tokens_to_image(z, h, w, p))
+        t = self._trunk_timestep(timestep, x_t.shape[0], x_t.device)
+        p = self._patch
+        kwargs, hw = native_inputs(self.teacher_class, x_t, t, teacher_kwargs, p)
+        if as_teacher:
+            return self._teacher_forward(kwargs, hw)
+        out = self.forward_native(**kwargs)
+        if self._arch.layout == "tokens":
+            out = map_output(out, lambda z: tokens_to_image(z, hw[0], hw[1], p))
         return out if return_dict else (out,)
+
+    # ------------------------------------------------------------------ the tied teacher
+
+    def attach_teacher_head(self, layer: nn.Module) -> None:
+        """Keep the teacher's output layer (frozen) so that ``forward(..., as_teacher=True)`` is the teacher.
+
+        With LoRA on the trunk (``peft``), the teacher is the trunk's base weights with the adapters disabled:
+        one copy of the base weights serves both (the official ``tie_teacher``). ``layer`` is the teacher's
+        original output layer (``proj_out`` / ``conv_out`` / ``proj_out_2``). It is held in the submodule dict
+        ``teacher_modules``, which :meth:`save_pretrained` leaves out.
+        """
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            raise TypeError(f"the teacher's output layer must be nn.Linear or nn.Conv2d, got {type(layer).__name__}")
+        self._teacher_modules()[self._arch.out_attr] = layer.requires_grad_(False)
+
+    def keep_teacher_module(self, path: str) -> None:
+        """Keep a frozen copy of the trunk's submodule ``path`` (e.g. "norm_out") for the tied teacher, before the
+        student trains it: the official recipes train ``norm_out`` fully, and only untrained modules are tied."""
+        module = self.trunk.get_submodule(path)
+        self._teacher_modules()[path.replace(".", "/")] = copy.deepcopy(module).requires_grad_(False)
+
+    def _teacher_modules(self) -> nn.ModuleDict:
+        if "teacher_modules" not in self._modules:
+            self.teacher_modules = nn.ModuleDict()
+        return self.teacher_modules
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether ``forward(..., as_teacher=True)`` can run (the teacher's output layer is attached)."""
+        return "teacher_modules" in self._modules and self._arch.out_attr in self.teacher_modules
+
+    def _teacher_forward(self, kwargs: dict[str, Any], hw: tuple[int, int]) -> torch.Tensor:
+        if not self.has_teacher:
+            raise RuntimeError("as_teacher=True needs the teacher's output layer: call attach_teacher_head(layer) first")
+        arch, trunk = self._arch, self.trunk
+        swaps = []  # (parent module, attribute, the student's module), restored in finally
+        for key, module in self.teacher_modules.items():
+            parent_path, _, attr = key.replace("/", ".").rpartition(".")
+            parent = trunk.get_submodule(parent_path) if parent_path else trunk
+            swaps.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, module)
+        student_channels = getattr(trunk, "out_channels", None)
+        if arch.sets_out_channels:
+            trunk.out_channels = self._teacher_channels  # what the teacher unpatchifies with
+        adapters = _peft_layers(trunk)
+        if any(getattr(m, "merged", False) for m in adapters):
+            raise RuntimeError("as_teacher=True needs unmerged adapters: the trunk's LoRA weights are merged into its base")
+        disabled = [m for m in adapters if not m.disable_adapters]
+        for m in disabled:
+            m._disable_adapters = True  # peft's flag; enable_adapters() would also flip requires_grad
+        temb_module = trunk.get_submodule(arch.temb_path)
+        try:
+            raw = trunk(return_dict=False, **kwargs)[0]
+        finally:
+            for m in disabled:
+                m._disable_adapters = False
+            for parent, attr, module in reversed(swaps):
+                setattr(parent, attr, module)
+            if arch.sets_out_channels:
+                trunk.out_channels = student_channels
+            temb_module.__dict__.pop("_piflow_temb", None)
+        return native_prediction_to_image(self.teacher_class, raw, hw, self._patch, self._channels)
 
     def forward_native(self, *args: Any, **kwargs: Any) -> GMFlowOutput | DXOutput:
         """Call the trunk exactly as a pipeline calls the teacher; return the policy in the trunk's layout.

@@ -17,10 +17,18 @@ from torch import nn
 
 from piflow_kernels.distill.config import ConfigError, TrainConfig
 from piflow_kernels.distill.data import exact_mixture
-from piflow_kernels.distill.teachers import CFGTeacher, DiffusersTeacher, ExactGMTeacher, GaussianMixtureData
+from piflow_kernels.distill.teachers import CFGTeacher, DiffusersTeacher, ExactGMTeacher, GaussianMixtureData, TiedTeacher
 from piflow_kernels.files import read_json
 
-__all__ = ["NullClassLabels", "build_teacher", "build_training_student"]
+__all__ = [
+    "NullClassLabels",
+    "build_teacher",
+    "build_training_student",
+    "embedded_guidance",
+    "guided_teacher",
+    "teacher_conventions",
+    "tied_teacher",
+]
 
 
 class NullClassLabels(nn.Module):
@@ -138,35 +146,107 @@ def _latent_channels(name: str, conf: Any) -> int | None:
     return geometry(name, conf)[0]
 
 
+def teacher_conventions(cfg: TrainConfig, teacher_class: str) -> tuple[str, float, bool]:
+    """(prediction type, timestep divisor, flip) of the teacher: what :class:`DiffusersTeacher` takes.
+
+    ``teacher.timestep_convention`` "auto" is "sigma" for FLUX / Qwen-Image (their transformers take sigma) and
+    "timestep" (``sigma * num_train_timesteps``) for the others; ``teacher.prediction_type`` "auto" is "velocity".
+    """
+    from piflow_kernels.layouts import ARCHS
+
+    t = cfg.teacher
+    convention = t.timestep_convention
+    if convention == "auto":
+        arch = ARCHS.get(teacher_class)
+        convention = "sigma" if arch is not None and arch.timestep_divisor != 1.0 else "timestep"
+    divisor = float(cfg.piid.num_train_timesteps) if convention == "sigma" else 1.0
+    prediction = "velocity" if t.prediction_type == "auto" else t.prediction_type
+    return prediction, divisor, convention == "reversed"
+
+
+def embedded_guidance(cfg: TrainConfig, model: nn.Module) -> float | None:
+    """The guidance value a guidance-distilled teacher takes as an input, None for a model without that input.
+
+    A model with ``guidance_embeds`` (FLUX.1-dev) takes ``teacher.embedded_guidance`` (0: 3.5, the FLUX.1-dev
+    recipes' value); a value set for a model without it is a :class:`ConfigError`.
+    """
+    g = cfg.teacher.embedded_guidance
+    takes = bool(getattr(getattr(model, "config", None), "guidance_embeds", False))
+    if not takes:
+        if g:
+            raise ConfigError(
+                f"config key teacher.embedded_guidance = {g}: the {type(model).__name__} teacher has no guidance input "
+                "(guidance_embeds is off); use teacher.guidance_scale for classifier-free guidance"
+            )
+        return None
+    return g or DEFAULT_EMBEDDED_GUIDANCE
+
+
+DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance in the official pi-FLUX recipes
+
+
+def guided_teacher(cfg: TrainConfig, inner: Any) -> nn.Module | Any:
+    """``inner`` (a velocity teacher) with the classifier-free guidance of ``[teacher]``, if any.
+
+    Class-conditional teachers guide against the null class ``data.num_classes``; text teachers (a prompt cache)
+    against the cached negative prompt embeddings, passed as ``negative_<argument>`` keywords.
+    """
+    t, d = cfg.teacher, cfg.data
+    if t.guidance_scale == 1.0:
+        return inner
+    interval = tuple(t.guidance_interval) if t.guidance_interval else None
+    common = {"interval_unit": "timestep", "num_train_timesteps": cfg.piid.num_train_timesteps,
+              "orthogonal_guidance": t.orthogonal_guidance}  # fmt: skip
+    if d.prompt_cache:
+        return CFGTeacher(inner, t.guidance_scale, interval, negative_prefix=NEGATIVE_PREFIX, **common)
+    return CFGTeacher(NullClassLabels(inner, d.num_classes), t.guidance_scale, interval,
+                      uncond_kwargs={"class_labels": None}, **common)  # fmt: skip
+
+
+NEGATIVE_PREFIX = "negative_"
+
+
 def build_teacher(cfg: TrainConfig) -> tuple[nn.Module, nn.Module | None, GaussianMixtureData | None]:
     """Teacher from ``cfg.teacher``: (teacher callable, the raw diffusers model or None, exact data or None).
 
-    The exact teacher's data doubles as the data source and the evaluation reference.
+    The exact teacher's data doubles as the data source and the evaluation reference. A diffusers teacher is
+    called as its pipeline calls it (:class:`DiffusersTeacher` with its class), in its own prediction type and
+    timestep convention (:func:`teacher_conventions`), guided as ``[teacher]`` says (:func:`guided_teacher`).
     """
     t, d = cfg.teacher, cfg.data
     if t.kind == "exact":
         data = exact_mixture(cfg)
         return ExactGMTeacher(data, num_train_timesteps=cfg.piid.num_train_timesteps), None, data
+    from piflow_kernels.layouts import ARCHS
+
     model = _diffusers_model(cfg)
-    teacher: nn.Module = DiffusersTeacher(model, num_train_timesteps=cfg.piid.num_train_timesteps)
-    if t.guidance_scale != 1.0:
-        teacher = CFGTeacher(
-            NullClassLabels(teacher, d.num_classes),
-            t.guidance_scale,
-            tuple(t.guidance_interval) if t.guidance_interval else None,
-            interval_unit="timestep",
-            num_train_timesteps=cfg.piid.num_train_timesteps,
-            uncond_kwargs={"class_labels": None},
-        )
+    name = type(model).__name__
+    prediction, divisor, flip = teacher_conventions(cfg, name)
+    teacher: nn.Module = DiffusersTeacher(
+        model, prediction, num_train_timesteps=cfg.piid.num_train_timesteps, timestep_divisor=divisor,
+        flip_timesteps=flip, teacher_class=name if name in ARCHS else None,
+    )  # fmt: skip
     data = exact_mixture(cfg) if (d.mode == "data_dependent" and d.source == "exact") else None
-    return teacher, model, data
+    return guided_teacher(cfg, teacher), model, data
+
+
+def tied_teacher(cfg: TrainConfig, student: Any) -> Any:
+    """The teacher of a LoRA student with ``student.tie_teacher``: the student (or its DDP / FSDP wrapper) run with
+    ``as_teacher=True``, converted and guided as :func:`build_teacher` does."""
+    t = cfg.teacher
+    prediction = "velocity" if t.prediction_type == "auto" else t.prediction_type
+    return guided_teacher(cfg, TiedTeacher(student, prediction, cfg.piid.num_train_timesteps))
 
 
 def build_training_student(cfg: TrainConfig, teacher_model: nn.Module | None) -> nn.Module:
     """Student from ``cfg.student``, initialised from ``cfg.seed`` (identical on every rank).
 
     ``kind = "toy"``: a ToyGMStudent / ToyDXStudent of the latent shape; ``kind = "diffusers"``:
-    :func:`piflow_kernels.build_student` on ``teacher_model`` (or ``PiFlowStudent.from_pretrained(init_from)``).
+    :func:`piflow_kernels.build_student` on ``teacher_model`` (or ``PiFlowStudent.from_pretrained(init_from)``),
+    in ``teacher.timestep_convention``. With ``student.lora_rank`` > 0, LoRA adapters on the trunk
+    (:func:`~piflow_kernels.distill.lora.add_lora`); with ``student.tie_teacher`` too, the trunk *is*
+    ``teacher_model`` (not a copy) and the student keeps the teacher's output layer (``as_teacher=True``, see
+    :func:`tied_teacher`). The trained parameters are cast to ``student.trainable_dtype``.
     """
     s, d = cfg.student, cfg.data
     policy_type = cfg.piid.policy_type
@@ -180,7 +260,9 @@ def build_training_student(cfg: TrainConfig, teacher_model: nn.Module | None) ->
                 return ToyGMStudent(d.channels, d.height, d.width, num_components=s.num_components, **common)
             return ToyDXStudent(d.channels, d.height, d.width, num_points=s.num_points, **common)
         from piflow_kernels import students
+        from piflow_kernels.layouts import arch_for
 
+        tie = s.lora_rank > 0 and s.tie_teacher
         if s.init_from:
             student = students.PiFlowStudent.from_pretrained(s.init_from)
         else:
@@ -189,6 +271,36 @@ def build_training_student(cfg: TrainConfig, teacher_model: nn.Module | None) ->
                 extra.setdefault("num_components", s.num_components)
             else:
                 extra.setdefault("num_points", s.num_points)
-            student = students.build_student(teacher_model, policy_type=policy_type, **extra)
-        student.requires_grad_(True)  # the trunk is a copy of the frozen teacher
+            divisor = _student_timestep_divisor(cfg)
+            if divisor is not None:
+                extra.setdefault("timestep_divisor", divisor)
+            out_layer = getattr(teacher_model, arch_for(type(teacher_model).__name__).out_attr) if tie else None
+            student = students.build_student(teacher_model, policy_type=policy_type, copy_teacher=not tie, **extra)
+            if tie:
+                student.attach_teacher_head(out_layer)
+        if s.lora_rank > 0:
+            from piflow_kernels.distill.lora import add_lora
+
+            add_lora(student, s.lora_rank, s.lora_alpha, s.lora_dropout, s.lora_target_modules, s.train_modules)
+        else:
+            student.requires_grad_(True)  # the trunk is a copy of the frozen teacher
+        dtype = getattr(torch, s.trainable_dtype)
+        for p in student.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # in place: the optimizer and EMA see the trained dtype
+        if s.gradient_checkpointing:
+            student.trunk.enable_gradient_checkpointing()
     return student
+
+
+def _student_timestep_divisor(cfg: TrainConfig) -> float | None:
+    """The student's trunk timestep divisor for ``teacher.timestep_convention`` (None: the architecture's own)."""
+    convention = cfg.teacher.timestep_convention
+    if convention == "auto":
+        return None
+    if convention == "reversed":
+        raise ConfigError(
+            "config key teacher.timestep_convention = 'reversed' cannot be used with a diffusers student: the student "
+            "takes sigma * num_train_timesteps, divided by a constant"
+        )
+    return float(cfg.piid.num_train_timesteps) if convention == "sigma" else 1.0

@@ -460,7 +460,9 @@ def load_checkpoint(path: str | Path, rank: int = 0, map_location: str | torch.d
 @dataclass
 class TrainingState:
     """What a training checkpoint holds besides the iteration: the (possibly wrapped) student, the EMA,
-    the optimizer, the LR schedule, and the run's description (config, world size, micro-batches per step)."""
+    the optimizer, the LR schedule, and the run's description (config, world size, micro-batches per step).
+    ``keys``: the names of the trained parameters when the student also has frozen ones (a LoRA student): only
+    they (and the buffers) are saved, for the student and the EMA alike; None saves every weight."""
 
     model: torch.nn.Module
     ema: EMA
@@ -468,6 +470,7 @@ class TrainingState:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     config: dict[str, Any]
     num_shards: int
+    keys: set[str] | None = None
 
 
 def save_training_checkpoint(
@@ -480,8 +483,8 @@ def save_training_checkpoint(
     """
     from piflow_kernels.distill.ddp import model_state_dict, optimizer_state_dict
 
-    student_sd = model_state_dict(train.model, ctx)
-    ema_sd = model_state_dict(train.ema.module, ctx)
+    student_sd = model_state_dict(train.model, ctx, train.keys)
+    ema_sd = model_state_dict(train.ema.module, ctx, train.keys)
     optim_sd = optimizer_state_dict(train.model, train.optimizer, ctx)
     if ctx.is_main:
         begin_checkpoint(root, iteration)
@@ -509,8 +512,8 @@ def load_training_checkpoint(path: str | Path, train: TrainingState, ctx: DistCo
     from piflow_kernels.distill.ddp import load_model_state_dict, load_optimizer_state_dict
 
     loaded = load_checkpoint(path, rank=ctx.rank)
-    load_model_state_dict(train.model, loaded.student, ctx)
-    load_model_state_dict(train.ema.module, loaded.ema, ctx)
+    load_model_state_dict(train.model, loaded.student, ctx, train.keys)
+    load_model_state_dict(train.ema.module, loaded.ema, ctx, train.keys)
     load_optimizer_state_dict(train.model, train.optimizer, loaded.state["optimizer"], ctx)
     train.lr_scheduler.load_state_dict(loaded.state["scheduler"])
     train.ema.load_meta_state(loaded.state["ema"])

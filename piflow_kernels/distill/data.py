@@ -21,7 +21,16 @@ from piflow_kernels.distill.mixture import GaussianMixtureData
 from piflow_kernels.distill.seeding import PURPOSE_DATA_EPOCH, seeded_generator, stream_seed
 from piflow_kernels.files import load_safetensors, torch_load
 
-__all__ = ["DataSource", "ExactDataSource", "TensorDataSource", "exact_mixture", "load_tensors", "build_data_source"]
+__all__ = [
+    "DataSource",
+    "ExactDataSource",
+    "TensorDataSource",
+    "PromptSource",
+    "exact_mixture",
+    "load_tensors",
+    "build_data_source",
+    "build_prompt_source",
+]
 
 
 class DataSource(Protocol):
@@ -127,3 +136,83 @@ def build_data_source(cfg: TrainConfig, exact_data: Any = None) -> DataSource | 
         if labels.shape != (x0.shape[0],):
             raise ConfigError(f"config key data.path: class_labels must have shape ({x0.shape[0]},), got {tuple(labels.shape)}")
     return TensorDataSource(x0, labels, cfg.seed)
+
+
+class PromptSource:
+    """The conditioning of a micro-batch from a prompt cache: the cached embeddings under the teacher's argument names.
+
+    ``draw(n, iteration, shard, num_shards)`` -> {argument: (n, ...) tensor} on the CPU. The stream is stateless,
+    as :class:`TensorDataSource`'s: global position ``p = (iteration * num_shards + shard) * n + i`` is prompt
+    ``order(epoch)[p % N]`` of epoch ``p // N``, ``order`` the cache's seeded shard-group permutation
+    (:meth:`~piflow_kernels.distill.prompt_cache.PromptCache.order`), so consecutive micro-batches read the same few
+    shards and at most ``max_open_shards`` are in memory. Cached names map to arguments by ``names``
+    (:data:`piflow_kernels.layouts.TEXT_ARGS`; ``negative_<name>`` to ``negative_<argument>``). Ragged tensors
+    (Qwen-Image's per-prompt lengths) are padded at the end with zeros, as the pipeline pads a batch.
+    """
+
+    def __init__(self, cache: Any, names: dict[str, str], seed: int) -> None:
+        self.cache = cache
+        self.seed = int(seed)
+        self.names = dict(names)
+        self._orders: dict[int, list[int]] = {}
+        have = set(cache.names)
+        self.arguments: dict[str, str] = {}
+        for name in sorted(have):
+            base = name[len("negative_") :] if name.startswith("negative_") else name
+            if base not in self.names:
+                raise ConfigError(
+                    f"config key data.prompt_cache: {cache.root} holds {name!r}, which this teacher takes no argument for "
+                    f"(it takes {sorted(self.names)}): the cache was made for another pipeline"
+                )
+            self.arguments[name] = ("negative_" if base != name else "") + self.names[base]
+        missing = sorted(set(self.names) - have)
+        if missing:
+            raise ConfigError(f"config key data.prompt_cache: {cache.root} has no {missing} (the teacher needs them)")
+
+    @property
+    def has_negatives(self) -> bool:
+        return any(name.startswith("negative_") for name in self.arguments)
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            if len(self._orders) > 4:  # a step spans at most two epochs: keep a few, not all
+                self._orders.clear()
+            self._orders[epoch] = self.cache.order(self.seed, epoch)
+        return self._orders[epoch]
+
+    def indices(self, n: int, iteration: int, shard: int, num_shards: int) -> list[int]:
+        """The prompt indices of one micro-batch (Python ints, read from no tensor)."""
+        size = len(self.cache)
+        start = (iteration * num_shards + shard) * n
+        return [self._order(p // size)[p % size] for p in range(start, start + n)]
+
+    def draw(self, n: int, iteration: int, shard: int, num_shards: int) -> dict[str, torch.Tensor]:
+        """{teacher argument: (n, ...) CPU tensor} for the micro-batch's prompts."""
+        from piflow_kernels.distill.prompt_cache import _stack
+
+        rows = [self.cache[i] for i in self.indices(n, iteration, shard, num_shards)]
+        return {arg: _stack([r[name] for r in rows]) for name, arg in self.arguments.items()}
+
+
+def build_prompt_source(cfg: TrainConfig, teacher_class: str) -> PromptSource | None:
+    """The :class:`PromptSource` of ``data.prompt_cache`` for a teacher of class ``teacher_class`` (None without one)."""
+    if not cfg.data.prompt_cache:
+        return None
+    from piflow_kernels.distill.prompt_cache import PromptCache
+    from piflow_kernels.layouts import TEXT_ARGS
+
+    if teacher_class not in TEXT_ARGS:
+        raise ConfigError(
+            f"config key data.prompt_cache: a {teacher_class} teacher takes no text embeddings "
+            f"(text teachers: {', '.join(TEXT_ARGS)})"
+        )
+    if not Path(cfg.data.prompt_cache).is_dir():
+        raise ConfigError(f"config key data.prompt_cache: {cfg.data.prompt_cache!r} is not a folder")
+    source = PromptSource(PromptCache(cfg.data.prompt_cache), TEXT_ARGS[teacher_class], cfg.seed)
+    if cfg.teacher.guidance_scale != 1.0 and not source.has_negatives:
+        raise ConfigError(
+            f"config key teacher.guidance_scale = {cfg.teacher.guidance_scale}: classifier-free guidance needs negative "
+            f"prompt embeddings, and {cfg.data.prompt_cache} has none (encode the prompts from a source with a "
+            "negative_prompt column; SD3 caches always hold them)"
+        )
+    return source

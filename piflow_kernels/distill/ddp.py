@@ -230,9 +230,22 @@ def _dcp_options(**kwargs):
     return StateDictOptions(**kwargs)
 
 
-def model_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """Full (unsharded) CPU state dict of the unwrapped model; under FSDP only rank 0 gets the tensors."""
+def model_state_dict(model: nn.Module, ctx: DistContext, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict of the unwrapped model; under FSDP only rank 0 gets the tensors.
+
+    ``keys`` (parameter names): only those parameters, and every buffer (a LoRA student's checkpoint leaves the
+    frozen base out: it is the teacher's, loaded again on resume). Under FSDP2 each such parameter is gathered
+    on its own (collective: every rank calls this), never the whole model.
+    """
     model = unwrap_model(model)
+    if keys is not None:
+        out: dict[str, torch.Tensor] = {}
+        for name, p in model.named_parameters():
+            if name in keys:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[name] = full.detach().cpu()
+        out.update({name: b.detach().cpu() for name, b in model.named_buffers()})
+        return out if (ctx.mode != "fsdp" or ctx.is_main) else {}
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -240,9 +253,36 @@ def model_state_dict(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tens
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ctx: DistContext) -> None:
-    """Load a full state dict (as saved by :func:`model_state_dict`) into a plain, DDP or FSDP2 model."""
+def load_model_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], ctx: DistContext, keys: set[str] | None = None
+) -> None:
+    """Load a full state dict (as saved by :func:`model_state_dict`) into a plain, DDP or FSDP2 model.
+
+    With ``keys``, ``state`` holds exactly those parameters and the buffers (what :func:`model_state_dict` saved
+    with them); the other parameters are left as they are. Anything missing or unexpected is an error.
+    """
     model = unwrap_model(model)
+    if keys is not None:
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        want = set(keys) | set(buffers)
+        missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
+        if missing or unexpected:
+            raise KeyError(f"checkpoint weights do not match the trained parameters: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")  # fmt: skip
+        with torch.no_grad():
+            for name in sorted(keys):
+                p, value = params[name], state[name]
+                if hasattr(p, "device_mesh"):  # an FSDP2 shard: this rank's part of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
+                    p.to_local().copy_(value.to_local())
+                else:
+                    p.copy_(value.to(p.device, p.dtype))
+            for name, b in buffers.items():
+                b.copy_(state[name].to(b.device, b.dtype))
+        return
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

@@ -6,7 +6,9 @@
     >>> samples = sample(ema.module, noise)
 
 The EMA keeps its own module (a deep copy of the student, frozen, in eval mode), so it can be
-handed to the sampler as is. Updates run in place with ``lerp_`` in the student's dtype. Under
+handed to the sampler as is. Parameters the student does not train (a LoRA student's frozen base, a tied
+teacher's output layer) are not copied: the EMA module holds the very same tensors, so a 12B base is in
+memory once. Updates run in place with ``lerp_`` in the student's dtype. Under
 FSDP2 both modules are sharded alike, so the update runs on the local shards.
 """
 
@@ -57,7 +59,9 @@ class EMA:
         self.start_iter = int(start_iter)
         self.policy = policy
         self.gamma = float(gamma)
-        self.module = copy.deepcopy(model)
+        # frozen parameters never change: share them (deepcopy's memo maps each to itself) instead of copying
+        memo = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.module = copy.deepcopy(model, memo)
         self.module.eval()
         self.module.requires_grad_(False)
         self.num_updates = 0

@@ -44,6 +44,40 @@ def make_adamw(
     return torch.optim.AdamW(params, **kwargs)
 
 
+def make_optimizer(
+    params: Iterable[torch.Tensor],
+    name: str,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[torch.optim.Optimizer, str | None]:
+    """``name`` "adamw": :func:`make_adamw`; "adamw8bit": ``bitsandbytes.optim.AdamW8bit`` (8-bit moments, a quarter
+    of AdamW's state memory) when every parameter is on CUDA and bitsandbytes imports, else :func:`make_adamw`.
+
+    Returns (optimizer, reason): ``reason`` says why "adamw8bit" fell back to torch's AdamW (None otherwise), for
+    the run's log. bitsandbytes' optimizer takes no skip flag: :func:`step_where` reads ``ok`` on the host there.
+    """
+    params = list(params)
+    if name == "adamw":
+        return make_adamw(params, lr, betas, eps, weight_decay), None
+    if name != "adamw8bit":
+        raise ValueError(f"optimizer must be 'adamw' or 'adamw8bit', got {name!r}")
+    devices = sorted({p.device.type for p in params})
+    if devices != ["cuda"]:
+        reason = f"optim.optimizer = 'adamw8bit' runs on CUDA only (the parameters are on {', '.join(devices)}): AdamW"
+        return make_adamw(params, lr, betas, eps, weight_decay), reason
+    if any(_is_dtensor(p) for p in params):
+        reason = "optim.optimizer = 'adamw8bit' does not take sharded (FSDP2 DTensor) parameters: AdamW"
+        return make_adamw(params, lr, betas, eps, weight_decay), reason
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # ImportError, or a build that fails to load its CUDA library
+        reason = f"optim.optimizer = 'adamw8bit' needs bitsandbytes ({type(err).__name__}: {err}): AdamW"
+        return make_adamw(params, lr, betas, eps, weight_decay), reason
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), None
+
+
 def step_where(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> torch.Tensor | bool:
     """``optimizer.step()`` if the 0-d bool tensor ``ok`` holds, else leave parameters and state exactly as they are.
 

@@ -43,9 +43,15 @@ import torch.distributed as dist
 from torch import nn
 
 from piflow_kernels.distill import checkpoint as ckpt
-from piflow_kernels.distill.builders import build_teacher, build_training_student
+from piflow_kernels.distill.builders import (
+    NEGATIVE_PREFIX,
+    build_teacher,
+    build_training_student,
+    embedded_guidance,
+    tied_teacher,
+)
 from piflow_kernels.distill.config import ConfigError, TrainConfig
-from piflow_kernels.distill.data import DataSource, build_data_source
+from piflow_kernels.distill.data import DataSource, build_data_source, build_prompt_source
 from piflow_kernels.distill.ddp import DistContext, grad_sync, init_distributed, unwrap_model, wrap_model
 from piflow_kernels.distill.ema import EMA
 from piflow_kernels.distill.evaluation import sample_metrics, sample_with
@@ -57,7 +63,7 @@ from piflow_kernels.distill.guards import (
     nonfinite_weights_listing,
 )
 from piflow_kernels.distill.lr_scheduler import build_lr_scheduler
-from piflow_kernels.distill.optim import make_adamw, step_where
+from piflow_kernels.distill.optim import make_optimizer, step_where
 from piflow_kernels.distill.piid import piid_data_free_segments, piid_loss_data_dependent
 from piflow_kernels.distill.run_log import MetricsWindow, ProgressBar, RunLog, format_record
 from piflow_kernels.distill.seeding import PURPOSE_EVAL_BATCH, seed_global_rngs, seeded_generator, stream_seed
@@ -113,16 +119,33 @@ class Trainer:
         seed_global_rngs(cfg.seed, self.ctx.rank)
 
         teacher_model = None
+        # a tied teacher (a LoRA student's own base) is the student run with as_teacher=True, set up below
+        tie = teacher is None and student is None and cfg.student.lora_rank > 0 and cfg.student.tie_teacher
         if teacher is None:
             teacher, teacher_model, built_data = build_teacher(cfg)
             exact_data = exact_data if exact_data is not None else built_data
-        self.teacher = teacher.to(self.device) if isinstance(teacher, nn.Module) else teacher
-        if isinstance(self.teacher, nn.Module):
-            self.teacher.eval().requires_grad_(False)
+            if tie:
+                teacher = None  # its model becomes the student's trunk
+        if teacher is not None:
+            self.teacher = teacher.to(self.device) if isinstance(teacher, nn.Module) else teacher
+            if isinstance(self.teacher, nn.Module):
+                self.teacher.eval().requires_grad_(False)
         self.exact_data = exact_data
         self.data = data if data is not None else build_data_source(cfg, exact_data)
         if cfg.data.mode == "data_dependent" and self.data is None:
             raise ConfigError("data.mode = 'data_dependent' needs a data source")
+        # text conditioning from the prompt cache, and a guidance-distilled teacher's guidance input
+        self.prompts = build_prompt_source(cfg, type(teacher_model).__name__) if teacher_model is not None else None
+        if cfg.data.prompt_cache and self.prompts is None:
+            raise ConfigError("config key data.prompt_cache needs the teacher built from [teacher] (teacher= was given)")
+        if self.prompts is not None and cfg.data.mode == "data_dependent" and cfg.data.source != "latents":
+            raise ConfigError(
+                "config key data.prompt_cache with data.mode = 'data_dependent' needs image latents paired with the "
+                "prompts; use data.mode = 'data_free'"
+            )
+        self.guidance = embedded_guidance(cfg, teacher_model) if teacher_model is not None else None
+        self._cond_dtype = getattr(torch, cfg.teacher.dtype)
+        self._warned_labels = False
 
         if student is None:
             if cfg.student.kind == "diffusers" and teacher_model is None and not cfg.student.init_from:
@@ -134,13 +157,26 @@ class Trainer:
         self.model = wrap_model(student, self.ctx, cfg.distributed)
         if self.ctx.mode == "fsdp":
             self.ema.module = wrap_model(self.ema.module, self.ctx, cfg.distributed, trainable=False)
+        if tie:
+            self.teacher = tied_teacher(cfg, self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the student has no trainable parameters")
+        # a student with frozen parameters (LoRA) checkpoints only what it trains
+        trained = {name for name, p in self.student.named_parameters() if p.requires_grad}
+        self.trained_keys = trained if len(trained) < len(list(self.student.parameters())) else None
         o = cfg.optim
-        self.optimizer = make_adamw(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer, reason = make_optimizer(
+            self.params, o.optimizer, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+        )
+        if reason and self.ctx.is_main:
+            self.run_log.log({"iteration": 0, "event": "optimizer", "reason": reason}, reason)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, o, cfg.max_iters)
         self.use_autocast = self.device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
+        self._autocast_dtype = torch.bfloat16
+        if not self.use_autocast and cfg.teacher.dtype != "float32" and cfg.mixed_precision != "no":
+            # weights held in bf16 / fp16 with float32 trained parameters and inputs: autocast on any device
+            self.use_autocast, self._autocast_dtype = True, getattr(torch, cfg.teacher.dtype)
         if cfg.mixed_precision == "bf16" and self.device.type != "cuda" and self.ctx.is_main:
             warnings.warn("mixed_precision = 'bf16' applies on CUDA only; training in float32 on the CPU", stacklevel=2)
         self._run_log: RunLog | None = None
@@ -168,7 +204,7 @@ class Trainer:
 
     def _autocast(self):
         if self.use_autocast:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ one step
@@ -186,11 +222,32 @@ class Trainer:
             x, labels = self.data.draw(d.batch_size, g, iteration, shard, self.num_shards)
         else:
             x = torch.randn((d.batch_size, d.channels, d.height, d.width), generator=g)
+        if labels is not None and d.num_classes == 0:
+            if not self._warned_labels and self.ctx.is_main:
+                warnings.warn("the data holds class_labels but data.num_classes = 0: the labels are not used", stacklevel=2)
+            self._warned_labels = True
+            labels = None
         if d.num_classes > 0 and labels is None:
             labels = torch.randint(0, d.num_classes, (d.batch_size,), generator=g)
         # non_blocking: the CPU batch is staged by the copy, the host does not wait for the device
         cond = {} if labels is None else {"class_labels": labels.to(self.device, non_blocking=True)}
+        if self.prompts is not None:
+            cond.update(self._device_cond(self.prompts.draw(d.batch_size, iteration, shard, self.num_shards)))
+        if self.guidance is not None:
+            cond["guidance"] = torch.full((d.batch_size,), self.guidance, device=self.device)
         return g, x.to(self.device, torch.float32, non_blocking=True), cond
+
+    def _device_cond(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cached conditioning on the device, floating tensors in the teacher's weight dtype."""
+        return {
+            k: v.to(self.device, self._cond_dtype if v.is_floating_point() else None, non_blocking=True)
+            for k, v in tensors.items()
+        }
+
+    @staticmethod
+    def _student_cond(cond: Mapping[str, Any]) -> dict[str, Any]:
+        """The student's conditioning: the teacher's without the negative prompt (the CFG branch the student lacks)."""
+        return {k: v for k, v in cond.items() if not k.startswith(NEGATIVE_PREFIX)}
 
     def _data_dependent_backward(self, g, x0, cond, sync: bool, scale: float) -> tuple[torch.Tensor, Logs]:
         """One micro-batch's loss and backward; returns (its detached float64 loss, its logs)."""
@@ -198,7 +255,7 @@ class Trainer:
             with self._autocast():
                 loss, logs = piid_loss_data_dependent(
                     self.model, self.teacher, x0, self.cfg.piid, iteration=self.iteration, generator=g,
-                    student_kwargs=cond, teacher_kwargs=cond,
+                    student_kwargs=self._student_cond(cond), teacher_kwargs=cond,
                 )  # fmt: skip
             (loss * scale).backward()
         return loss.detach().double(), logs
@@ -208,7 +265,7 @@ class Trainer:
         segments = iter(
             piid_data_free_segments(
                 self.model, self.teacher, noise, self.cfg.piid, iteration=self.iteration, generator=g,
-                student_kwargs=cond, teacher_kwargs=cond,
+                student_kwargs=self._student_cond(cond), teacher_kwargs=cond,
             )
         )  # fmt: skip
         n = self.cfg.piid.nfe
@@ -413,7 +470,7 @@ class Trainer:
         cfg = self.cfg
         it = cfg.piid.num_decay_iters if iteration_for_ratio is None else iteration_for_ratio
         g, x, cond = self._micro_batch(0, 0, seed=stream_seed(cfg.eval.seed, 0, 0, purpose=PURPOSE_EVAL_BATCH))
-        kwargs = {"iteration": it, "generator": g, "student_kwargs": cond, "teacher_kwargs": cond}
+        kwargs = {"iteration": it, "generator": g, "student_kwargs": self._student_cond(cond), "teacher_kwargs": cond}
         with self._autocast():
             if cfg.data.mode == "data_dependent":
                 return float(piid_loss_data_dependent(module, self.teacher, x, cfg.piid, **kwargs)[0])
@@ -424,7 +481,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _training_state(self) -> ckpt.TrainingState:
-        return ckpt.TrainingState(self.model, self.ema, self.optimizer, self.lr_scheduler, self.cfg.to_dict(), self.num_shards)
+        return ckpt.TrainingState(
+            self.model, self.ema, self.optimizer, self.lr_scheduler, self.cfg.to_dict(), self.num_shards, self.trained_keys
+        )
 
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current iteration under ``<out_dir>/checkpoints`` (collective: call on every rank).
@@ -442,7 +501,34 @@ class Trainer:
         path = ckpt.save_training_checkpoint(self.ckpt_root, self.iteration, state, self.ctx, keep)
         if self.ctx.is_main:
             self.run_log.log({"iteration": self.iteration, "event": "checkpoint", "path": str(path)}, f"saved checkpoint {path}")
+        if self.cfg.save_student:
+            self.save_student()
         return path
+
+    def save_student(self, folder: str | Path | None = None) -> Path | None:
+        """Write the EMA student as a ``PiFlowStudent.save_pretrained`` folder recording ``[piid]``'s sampling settings
+        (default ``<out_dir>/students/iter_<N:08d>``, the newest ``keep_checkpoints`` kept); LoRA merged. Collective
+        (every rank calls it; rank 0 writes and returns the folder). Toy students have no such folder: None."""
+        from piflow_kernels.distill.ddp import model_state_dict
+        from piflow_kernels.distill.student_folder import prune_student_folders, write_student_folder
+        from piflow_kernels.students import PiFlowStudent
+
+        module = unwrap_model(self.ema.module)
+        if not isinstance(module, PiFlowStudent):
+            return None
+        state = model_state_dict(self.ema.module, self.ctx)
+        if not self.ctx.is_main:
+            return None
+        root = self.out_dir / "students"
+        target = Path(folder) if folder is not None else ckpt.checkpoint_dir(root, self.iteration)
+        p = self.cfg.piid
+        written = write_student_folder(module, state, target, p.sampling_settings(), num_inference_steps=p.nfe)
+        if folder is None:
+            prune_student_folders(root, self.cfg.keep_checkpoints)
+        self.run_log.log(
+            {"iteration": self.iteration, "event": "student", "path": str(written)}, f"saved the EMA student to {written}"
+        )
+        return written
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the checkpoint at ``path`` (default: the latest under ``<out_dir>/checkpoints``).

@@ -1,0 +1,253 @@
+"""Distilling text-to-image teachers: prompt-cache conditioning, LoRA students tied to the teacher, the student folder.
+
+Tiny random FLUX.1 / SD3 / Qwen-Image pipelines (text encoders from configs, tokenizers from in-memory
+vocabularies; see test_prompt_cache.py) are saved to disk, their prompts encoded into a cache, and the trainer
+distills a LoRA GMFlow student from the transformer folder, on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from test_prompt_cache import MSL, PROMPTS, encode, save_flux  # noqa: E402
+
+from piflow_kernels.distill.builders import _diffusers_model, build_teacher  # noqa: E402
+from piflow_kernels.distill.config import ConfigError, TrainConfig  # noqa: E402
+from piflow_kernels.distill.teachers import DiffusersTeacher  # noqa: E402
+from piflow_kernels.distill.trainer import Trainer  # noqa: E402
+from piflow_kernels.students import PiFlowStudent  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory) -> Path:
+    return save_flux(tmp_path_factory.mktemp("pipes") / "flux", seed=4)
+
+
+@pytest.fixture(scope="module")
+def flux_cache(flux_dir, tmp_path_factory) -> Path:
+    return encode(flux_dir, tmp_path_factory.mktemp("caches") / "flux")
+
+
+def text_config(out_dir, pipeline: Path, cache: Path, **changes) -> dict:
+    """A tiny data-free LoRA run on a text teacher: 3 x 4 x 4 latents (2 x 2 FLUX tokens), K = 2."""
+    cfg = {
+        "seed": 3,
+        "max_iters": 4,
+        "out_dir": str(out_dir),
+        "log_every": 0,
+        "progress": False,
+        "tensorboard": False,
+        "keep_checkpoints": 3,
+        "teacher": {"kind": "diffusers", "pretrained": str(pipeline)},
+        "student": {"kind": "diffusers", "num_components": 2, "lora_rank": 4, "lora_dropout": 0.0,
+                    "kwargs": {"logstd_inner_dim": 8}},  # fmt: skip
+        "data": {"mode": "data_free", "batch_size": 3, "channels": 3, "height": 4, "width": 4, "prompt_cache": str(cache)},
+        "optim": {"lr": 1e-3},
+        "ema": {"decay": 0.5},
+        "piid": {"nfe": 2, "total_substeps": 8, "num_intermediate_states": 1},
+        "eval": {"num_samples": 4, "batch_size": 4},
+    }
+    for key, value in changes.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def make(tmp_path, flux_dir, flux_cache, **changes) -> Trainer:
+    return Trainer(TrainConfig.from_dict(text_config(tmp_path, flux_dir, flux_cache, **changes)))
+
+
+def reference_teacher(cfg: TrainConfig) -> DiffusersTeacher:
+    """The FLUX teacher loaded on its own (a second copy), called as the pipeline calls it."""
+    teacher, model, _ = build_teacher(cfg)
+    assert isinstance(teacher, DiffusersTeacher) and teacher.model is model
+    return teacher
+
+
+def micro_batch_cond(trainer: Trainer) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    g, x, cond = trainer._micro_batch(0, 0)
+    t = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(5)) * 900 + 50
+    return x, t, cond
+
+
+# ---------------------------------------------------------------------------- the tied teacher
+
+
+def test_the_tied_teacher_is_the_original_model_bit_for_bit_and_shares_its_weights(tmp_path, flux_dir, flux_cache):
+    trainer = make(tmp_path, flux_dir, flux_cache)
+    ref = reference_teacher(trainer.cfg)
+    x, t, cond = micro_batch_cond(trainer)
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections", "guidance"}
+    assert torch.equal(cond["guidance"], torch.full((3,), 3.5))  # FLUX.1's embedded guidance, by default
+    with torch.no_grad():  # as pi-ID queries it (autograd can pick other CPU kernels)
+        before = trainer.teacher(x, t, **cond)
+        assert torch.equal(before, ref(x, t, **cond))
+    trainer.train()
+    # the adapters moved (lora_B starts at zero), the teacher did not
+    lora_b = [p for n, p in trainer.student.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)
+    with torch.no_grad():
+        assert torch.equal(trainer.teacher(x, t, **cond), before)
+    # one copy of the base weights: every frozen parameter of the EMA is the student's own tensor, and the teacher
+    # holds none of its own (it runs the student's trunk)
+    ema = dict(trainer.ema.module.named_parameters())
+    frozen = [(n, p) for n, p in trainer.student.named_parameters() if not p.requires_grad]
+    assert len(frozen) > 10 and all(ema[n] is p for n, p in frozen)
+    assert not isinstance(trainer.teacher, torch.nn.Module) or not list(trainer.teacher.parameters())
+    # the student's own output differs from the teacher's layer: its head replaced proj_out
+    assert trainer.student.trunk.proj_out is not trainer.student.teacher_modules["proj_out"]
+
+
+def test_only_adapters_and_the_head_are_trained(tmp_path, flux_dir, flux_cache):
+    trainer = make(tmp_path, flux_dir, flux_cache, max_iters=2)
+    names = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    assert names and all(".lora_" in n or n.startswith(("trunk.proj_out.", "proj_out_logstds.", "trunk.norm_out.")) for n in names)
+    assert any(".lora_" in n for n in names) and any(n.startswith("trunk.norm_out.") for n in names)
+    # the default targets: FLUX's feed-forward layers, single-block proj_mlp / proj_out and the timestep embedder
+    adapted = {n.split(".lora_")[0] for n in names if ".lora_" in n}
+    assert "trunk.single_transformer_blocks.0.proj_out" in adapted
+    assert "trunk.time_text_embed.timestep_embedder.linear_1" in adapted
+    assert not any("attn" in n for n in adapted)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for n, p in trainer.student.named_parameters() if n in names}
+    frozen = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if n not in names}
+    trainer.train()
+    for n, p in trainer.student.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+
+
+# ---------------------------------------------------------------------------- training, resume, the student folder
+
+
+def test_lora_distillation_lowers_the_imitation_loss(tmp_path, flux_dir, flux_cache):
+    trainer = make(tmp_path, flux_dir, flux_cache, max_iters=20, ema={"decay": 0.0}, save_student=False)
+    before = trainer.imitation_loss(trainer.student)
+    trainer.train()
+    after = trainer.imitation_loss(trainer.student)
+    assert after < 0.8 * before, (before, after)
+
+
+def trained_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"student.{n}": p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+    out.update({f"ema.{n}": p.detach().clone() for n, p in trainer.ema.module.named_parameters()})
+    return out
+
+
+def test_resume_with_lora_is_bit_exact_and_checkpoints_only_the_trained_weights(tmp_path, flux_dir, flux_cache):
+    whole = make(tmp_path / "a", flux_dir, flux_cache, max_iters=6, ckpt_every=3, save_student=False)
+    whole.train()
+    cut = make(tmp_path / "b", flux_dir, flux_cache, max_iters=3, save_student=False)
+    cut.train()
+    from piflow_kernels.files import load_safetensors
+
+    saved = load_safetensors(tmp_path / "b" / "checkpoints" / "iter_00000003" / "student.safetensors", "student weights")
+    trained = {n for n, p in cut.student.named_parameters() if p.requires_grad}
+    assert set(saved) - set(dict(cut.student.named_buffers())) == trained  # no frozen base weights on disk
+    resumed = make(tmp_path / "b", flux_dir, flux_cache, max_iters=6, save_student=False)
+    assert resumed.resume()
+    resumed.train()
+    a, b = trained_state(whole), trained_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_run_leaves_a_student_folder_that_samples_through_the_stock_pipeline(tmp_path, flux_dir, flux_cache):
+    import piflow_kernels as pk
+    from diffusers import FluxPipeline
+
+    trainer = make(tmp_path, flux_dir, flux_cache, max_iters=3, piid={"shift": 3.0, "final_step_size_scale": 0.5})
+    trainer.train()
+    folder = tmp_path / "students" / "iter_00000003"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_inference_steps"] == 2
+    assert config["sampling"]["shift"] == 3.0 and config["sampling"]["final_step_size_scale"] == 0.5
+    student = PiFlowStudent.from_pretrained(folder)
+    assert not any("lora" in n or "base_layer" in n or n.startswith("teacher_head") for n, _ in student.named_parameters())
+    # the merged student is the EMA student with its adapters
+    x, t, cond = micro_batch_cond(trainer)
+    cond = trainer._student_cond(cond)
+    ema_out = trainer.ema.module(x, t, **cond)
+    out = student(x, t, **cond)
+    for name in ("means", "logweights", "logstds"):
+        torch.testing.assert_close(getattr(out, name), getattr(ema_out, name), rtol=1e-5, atol=1e-5)
+    pipe = pk.to_piflow(FluxPipeline.from_pretrained(flux_dir, dtype=torch.float32), student)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(PROMPTS[0], height=32, width=32, max_sequence_length=MSL, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert torch.isfinite(image).all() and image.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"student": {"lora_target_modules": ["no_such_layer"]}}, "student.lora_target_modules"),
+        ({"student": {"train_modules": ["no_such_norm"]}}, "student.train_modules"),
+        ({"teacher": {"guidance_scale": 3.0}}, "negative prompt embeddings"),
+        ({"teacher": {"model_class": "SD3Transformer2DModel"}}, "teacher.model_class"),
+        ({"data": {"mode": "data_dependent"}}, "data.prompt_cache"),
+        ({"data": {"channels": 4}}, "data.channels"),
+    ],
+    ids=["lora-target", "train-module", "cfg-without-negatives", "model-class", "data-dependent", "channels"],
+)
+def test_bad_settings_are_config_errors_naming_the_key(tmp_path, flux_dir, flux_cache, changes, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make(tmp_path, flux_dir, flux_cache, **changes)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"student": {"lora_rank": -1}}, "student.lora_rank"),
+        ({"student": {"lora_dropout": 1.0}}, "student.lora_dropout"),
+        ({"student": {"lora_rank": 0, "lora_target_modules": ["ff.net.2"]}}, "student.lora_target_modules"),
+        ({"teacher": {"orthogonal_guidance": 0.5}}, "teacher.orthogonal_guidance"),
+        ({"teacher": {"dtype": "float64"}}, "teacher.dtype"),
+        ({"optim": {"optimizer": "sgd"}}, "optim.optimizer"),
+    ],
+    ids=["rank", "dropout", "targets-without-rank", "orthogonal-without-cfg", "dtype", "optimizer"],
+)
+def test_bad_values_are_refused_by_the_config(tmp_path, changes, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        TrainConfig.from_dict(text_config(tmp_path, tmp_path, tmp_path, **changes))
+
+
+def test_the_teacher_class_comes_from_the_folders_config(tmp_path, flux_dir, flux_cache):
+    cfg = TrainConfig.from_dict(text_config(tmp_path, flux_dir / "transformer", flux_cache))
+    assert type(_diffusers_model(cfg)).__name__ == "FluxTransformer2DModel"
+    # a UNet folder loads as a UNet, not as the DiT default of a model dict
+    from test_students import tiny_teacher
+
+    tiny_teacher("unet").save_pretrained(tmp_path / "unet")
+    unet = TrainConfig.from_dict({"teacher": {"kind": "diffusers", "pretrained": str(tmp_path / "unet")},
+                                  "student": {"kind": "diffusers"}, "data": {"channels": 3, "height": 8, "width": 8}})  # fmt: skip
+    assert type(_diffusers_model(unet)).__name__ == "UNet2DModel"
+
+
+def test_a_second_copy_is_not_made_for_the_tied_teacher(tmp_path, flux_dir, flux_cache):
+    tied = make(tmp_path / "a", flux_dir, flux_cache, max_iters=0)
+    untied = make(tmp_path / "b", flux_dir, flux_cache, max_iters=0, student={"tie_teacher": False})
+
+    def storages(trainer):
+        params = [*trainer.student.parameters(), *trainer.ema.module.parameters()]
+        if isinstance(trainer.teacher, torch.nn.Module):
+            params += list(trainer.teacher.parameters())
+        return {p.untyped_storage().data_ptr(): p.numel() for p in params}
+
+    base = sum(p.numel() for p in reference_teacher(tied.cfg).model.parameters())
+    assert sum(storages(untied).values()) - sum(storages(tied).values()) >= base - 1000  # the teacher's copy, gone
+    x, t, cond = micro_batch_cond(tied)
+    with torch.no_grad():
+        assert torch.equal(tied.teacher(x, t, **cond), untied.teacher(x, t, **cond))

@@ -57,7 +57,8 @@ def sample_with(
     from piflow_kernels.sampling import sample
 
     scheduler = scheduler_for(cfg) if scheduler is None else scheduler
-    return sample(module, noise, cfg.nfe if nfe is None else nfe, scheduler=scheduler, progress=False, **cond)
+    n = cfg.nfe if nfe is None else nfe
+    return sample(module, noise, n, scheduler=scheduler, progress=False, seq_len=cfg.seq_len_of(noise), **cond)
 
 
 def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> dict[str, float]:

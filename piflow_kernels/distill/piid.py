@@ -75,10 +75,6 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(x.shape[0], *([1] * (x.dim() - 1)))
 
 
-def _seq_len(x: torch.Tensor) -> int:
-    return math.prod(x.shape[2:])
-
-
 @contextlib.contextmanager
 def _eval_mode(module: Any):
     """Put an nn.Module teacher in eval mode for the duration (as the official ``module_eval``)."""
@@ -230,7 +226,7 @@ def piid_segment_loss_from_draws(
             f"draws must hold ({b}, {m}) intervals, got {tuple(draws.student_intervals.shape)} and "
             f"{tuple(draws.teacher_intervals.shape)}"
         )
-    shift = cfg.shift_for(_seq_len(x_src))
+    shift = cfg.shift_for(cfg.seq_len_of(x_src))
     sizes = [float(segment_size)] if is_real(segment_size) else sorted(set(cfg.segment_sizes()))
     q = 1.0 if draws.teacher_ratio is None else draws.teacher_ratio
     max_steps = _mean_velocity_max_steps(cfg, sizes, q)
@@ -322,7 +318,7 @@ def piid_segment_loss(
     b, device = x_src.shape[0], x_src.device
     raw_src = per_sample("raw_src", raw_src, b, device)
     sizes = per_sample("segment_size", segment_size, b, device)
-    sigma_src = _sigma(raw_src, cfg.shift_for(_seq_len(x_src)))
+    sigma_src = _sigma(raw_src, cfg.shift_for(cfg.seq_len_of(x_src)))
     output = student(x_src, sigma_src * cfg.num_train_timesteps, **dict(student_kwargs or {}))
     policy = student_policy(output, x_src, sigma_src, cfg)
     k = policy.num_components if isinstance(policy, GMFlowPolicy) else None
@@ -355,7 +351,7 @@ def piid_loss_data_dependent(
     q = teacher_ratio(cfg, iteration)
     b = x0.shape[0]
     raw_src, segment_size = sample_segment_start(cfg, b, generator, x0.device)
-    sigma_src = _sigma(raw_src, cfg.shift_for(_seq_len(x0)))
+    sigma_src = _sigma(raw_src, cfg.shift_for(cfg.seq_len_of(x0)))
     noise = normal_like(x0, generator)
     s = _bcast(sigma_src, x0).to(x0.dtype)
     x_src = (1 - s) * x0 + s * noise

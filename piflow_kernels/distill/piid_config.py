@@ -8,14 +8,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from piflow_kernels.checks import is_int, is_real
 from piflow_kernels.ops.dispatch import BACKENDS
 from piflow_kernels.outputs import POLICY_TYPES
 from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, check_substep_rule, dynamic_shift
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DX_WINDOW_SUBSTEPS", "PiIDConfig", "teacher_ratio"]
 
@@ -54,6 +58,9 @@ class PiIDConfig:
         shift: time shift of raw time -> sigma (ignored with ``use_dynamic_shifting``).
         use_dynamic_shifting, base_seq_len, max_seq_len, base_logshift, max_logshift: FLUX-style
             resolution-dependent shift from the latent sequence length (prod of spatial dims).
+        token_size: pixels per token side in that sequence length (``H * W / token_size**2``): 2 for FLUX /
+            Qwen-Image students, whose pipelines count packed 2x2 tokens (the trainer refuses a dynamic shift that
+            counts otherwise for them); 1 counts latent pixels.
         num_decay_iters: the teacher ratio decays 1 -> 0 linearly over this many iterations (0: always 0).
         loss_scale: constant factor of the loss (the official ``rescale_cfg.scale``).
         num_train_timesteps: timestep = sigma * num_train_timesteps for the student and the teacher.
@@ -75,6 +82,7 @@ class PiIDConfig:
     use_dynamic_shifting: bool = False
     base_seq_len: int = 256
     max_seq_len: int = 4096
+    token_size: int = 1
     base_logshift: float = 0.5
     max_logshift: float = 1.15
     num_decay_iters: int = 0
@@ -112,6 +120,7 @@ class PiIDConfig:
         need_int("num_decay_iters", 0)
         need_int("base_seq_len", 1)
         need_int("max_seq_len", 1)
+        need_int("token_size", 1)
         if self.policy_type not in POLICY_TYPES:
             raise ValueError(f"PiIDConfig.policy_type must be one of {POLICY_TYPES}, got {self.policy_type!r}")
         if self.window_substeps is None:  # resolved here: to_dict() and a resumed run see the value used
@@ -168,6 +177,10 @@ class PiIDConfig:
     def segment_sizes(self) -> list[float]:
         """The nfe segment lengths from raw time 1 down to 0 (they sum to 1)."""
         return [self.base_segment_size] * (self.nfe - 1) + [self.final_segment_size]
+
+    def seq_len_of(self, x: torch.Tensor) -> int:
+        """The dynamic shift's sequence length of latents ``x`` (B, C, *S): ``prod(S) / token_size**2``."""
+        return math.prod(x.shape[2:]) // (self.token_size**2)
 
     def shift_for(self, seq_len: int) -> float:
         """The raw-time -> sigma shift for latents with ``seq_len`` positions."""

@@ -112,3 +112,21 @@ def check_resumed_config(saved: Any, cfg: TrainConfig, path: Path) -> list[tuple
             f"(these may change freely: {free})"
         )
     return changes
+
+
+def check_token_size(cfg: TrainConfig, teacher_model: Any) -> None:
+    """A dynamic shift for a FLUX / Qwen-Image teacher must count its pipeline's packed tokens (``piid.token_size``
+    = the packing, 2): their pipelines compute the shift from ``H * W / 4``, and a student trained on another count
+    would be sampled at another shift than it learned."""
+    from piflow_kernels.layouts import ARCHS, geometry
+
+    name = type(teacher_model).__name__
+    arch = ARCHS.get(name)
+    if teacher_model is None or arch is None or arch.layout != "tokens" or not cfg.piid.use_dynamic_shifting:
+        return
+    p = geometry(name, teacher_model.config)[2]
+    if cfg.piid.token_size != p:
+        raise ConfigError(
+            f"config key piid.token_size must be {p} for a {name} teacher with piid.use_dynamic_shifting: its pipeline "
+            f"counts packed {p}x{p} tokens for the shift, got {cfg.piid.token_size}"
+        )

@@ -71,6 +71,7 @@ from piflow_kernels.distill.startup import (
     check_backend,
     check_device,
     check_resumed_config,
+    check_token_size,
     device_type,
     rollout_compile_pending,
 )
@@ -144,6 +145,7 @@ class Trainer:
                 "prompts; use data.mode = 'data_free'"
             )
         self.guidance = embedded_guidance(cfg, teacher_model) if teacher_model is not None else None
+        check_token_size(cfg, teacher_model)
         self._cond_dtype = getattr(torch, cfg.teacher.dtype)
         self._warned_labels = False
 

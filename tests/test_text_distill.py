@@ -8,6 +8,7 @@ distills a LoRA GMFlow student from the transformer folder, on the CPU in float3
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,118 @@ def test_a_second_copy_is_not_made_for_the_tied_teacher(tmp_path, flux_dir, flux
     x, t, cond = micro_batch_cond(tied)
     with torch.no_grad():
         assert torch.equal(tied.teacher(x, t, **cond), untied.teacher(x, t, **cond))
+
+
+# ---------------------------------------------------------------------------- SD3 (true CFG) and Qwen-Image
+
+
+def save_sd3(folder: Path) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from test_pipelines import tiny_vae
+    from test_prompt_cache import clip, clip_tokenizer, t5, t5_tokenizer
+
+    tok, tok3 = clip_tokenizer(), t5_tokenizer()
+    torch.manual_seed(6)
+    # two layers (the last has no context feed-forward); text width 12 (T5, the CLIPs padded), pooled 4 + 4
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=5, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=8, out_channels=5, pos_embed_max_size=16,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(5), text_encoder=clip(len(tok), 4, True), tokenizer=tok,
+        text_encoder_2=clip(len(tok), 4, True), tokenizer_2=clip_tokenizer(), text_encoder_3=t5(len(tok3)), tokenizer_3=tok3,
+        transformer=transformer,
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd3_cache(tmp_path_factory) -> tuple[Path, Path]:
+    from piflow_kernels.distill.prompt_cache import encode_prompts
+    from piflow_kernels.distill.prompts import Prompt
+
+    root = tmp_path_factory.mktemp("sd3")
+    pipe = save_sd3(root / "pipe")
+    prompts = [Prompt(p, "blurry" if i % 2 else "") for i, p in enumerate(PROMPTS)]
+    cache = encode_prompts(pipe, prompts, root / "cache", batch_size=8, dtype="float32", progress=False,
+                           max_sequence_length=MSL)  # fmt: skip
+    return pipe, cache
+
+
+def test_sd3_teacher_with_true_cfg_and_orthogonal_guidance(tmp_path, sd3_cache):
+    pipe, cache = sd3_cache
+    guided = {"guidance_scale": 4.0, "guidance_interval": [0, 800], "orthogonal_guidance": 1.0}
+    trainer = Trainer(TrainConfig.from_dict(text_config(
+        tmp_path, pipe, cache, max_iters=3, teacher=guided, data={"channels": 5, "height": 8, "width": 8},
+    )))  # fmt: skip
+    x, t, cond = micro_batch_cond(trainer)
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections", "negative_encoder_hidden_states",
+                         "negative_pooled_projections"}  # fmt: skip
+    assert set(trainer._student_cond(cond)) == {"encoder_hidden_states", "pooled_projections"}  # no guidance input
+    # the guided velocity by hand: the conditional and unconditional calls of the original transformer
+    base = reference_teacher(TrainConfig.from_dict(text_config(tmp_path, pipe, cache, data={"channels": 5, "height": 8,
+                                                                                            "width": 8})))  # fmt: skip
+    pos = {"encoder_hidden_states": cond["encoder_hidden_states"], "pooled_projections": cond["pooled_projections"]}
+    neg = {"encoder_hidden_states": cond["negative_encoder_hidden_states"],
+           "pooled_projections": cond["negative_pooled_projections"]}  # fmt: skip
+    t = torch.tensor([700.0, 900.0, 300.0])  # the second sample lies outside the guidance interval
+    with torch.no_grad():
+        v_pos, v_neg, got = base(x, t, **pos), base(x, t, **neg), trainer.teacher(x, t, **cond)
+    bias = (v_pos - v_neg) * 3.0
+    x0 = x - (t / 1000).reshape(-1, 1, 1, 1) * v_pos
+    along = (bias * x0).mean((1, 2, 3), keepdim=True) / (x0 * x0).mean((1, 2, 3), keepdim=True)
+    want = v_pos + bias - along * x0
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], v_pos[1], rtol=0, atol=0)
+    # orthogonal: what remains of the guidance term has no component along x0
+    resid = got[[0, 2]] - v_pos[[0, 2]]
+    assert (resid * x0[[0, 2]]).sum((1, 2, 3)).abs().max() < 1e-4 * resid.norm()
+    trainer.train()
+    assert math.isfinite(trainer.imitation_loss(trainer.student))
+
+
+def test_embedded_guidance_on_a_teacher_without_it_is_refused(tmp_path, sd3_cache):
+    pipe, cache = sd3_cache
+    with pytest.raises(ConfigError, match=r"teacher\.embedded_guidance"):
+        Trainer(TrainConfig.from_dict(text_config(tmp_path, pipe, cache, teacher={"embedded_guidance": 3.5},
+                                                  data={"channels": 5, "height": 8, "width": 8})))  # fmt: skip
+
+
+def test_qwen_image_lora_student_from_a_cache_of_ragged_prompts(tmp_path):
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    from test_prompt_cache import byte_level_vocab
+    from test_students import tiny_teacher
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from piflow_kernels.distill.prompt_cache import encode_prompts
+
+    tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    text = {"vocab_size": len(tok), "hidden_size": 12, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 1]}, "bos_token_id": None,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 12, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": 12, "patch_size": 2,
+              "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4, "fullatt_block_indexes": [0]}  # fmt: skip
+    torch.manual_seed(3)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # fmt: skip
+    QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), vae, encoder, tok, tiny_teacher("qwen", seed=8)).save_pretrained(
+        tmp_path / "qwen"
+    )
+    cache = encode_prompts(tmp_path / "qwen", PROMPTS[:8] + ["a much longer prompt about a small red car"], tmp_path / "cache",
+                           batch_size=9, dtype="float32", progress=False)  # fmt: skip
+    trainer = Trainer(TrainConfig.from_dict(text_config(tmp_path / "run", tmp_path / "qwen", cache, max_iters=3)))
+    x, t, cond = micro_batch_cond(trainer)
+    assert set(cond) == {"encoder_hidden_states", "encoder_hidden_states_mask"}
+    assert cond["encoder_hidden_states"].shape[:2] == cond["encoder_hidden_states_mask"].shape
+    # the last block's text feed-forward is not adapted (its output is never used, as the official recipe leaves it)
+    adapted = {n.split(".lora_")[0] for n, _ in trainer.student.named_parameters() if ".lora_" in n}
+    assert "trunk.transformer_blocks.0.img_mlp.net.2" in adapted
+    assert not any("txt_mlp" in n for n in adapted)  # one block: the last
+    with torch.no_grad():
+        assert torch.equal(trainer.teacher(x, t, **cond), reference_teacher(trainer.cfg)(x, t, **cond))
+    trainer.train()
+    assert math.isfinite(trainer.imitation_loss(trainer.student))

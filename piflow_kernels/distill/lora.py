@@ -68,9 +68,11 @@ def _unused_outputs(trunk: nn.Module, teacher_class: str) -> tuple[str, ...]:
 def lora_target_names(trunk: nn.Module, teacher_class: str, patterns: Sequence[str], head_attr: str) -> list[str]:
     """Full names of the trunk's modules that get adapters: those whose name is, or ends with ``.`` + , a pattern.
 
-    Empty ``patterns``: :data:`LORA_TARGETS` of the class. The policy head (``head_attr``) is never adapted. Raises
-    :class:`ConfigError` naming ``student.lora_target_modules`` for a pattern that matches no adaptable module.
+    Empty ``patterns``: :data:`LORA_TARGETS` of the class (of which a small trunk may lack some: SD3's last block has
+    no ``ff_context``). The policy head (``head_attr``) is never adapted. Raises :class:`ConfigError` naming
+    ``student.lora_target_modules`` for a given pattern that matches no adaptable module, or when nothing matches.
     """
+    given = bool(patterns)
     if not patterns:
         if teacher_class not in LORA_TARGETS:
             raise ConfigError(
@@ -87,7 +89,7 @@ def lora_target_names(trunk: nn.Module, teacher_class: str, patterns: Sequence[s
             if _matches(name, p):
                 found[p].append(name)
     empty = [p for p, names in found.items() if not names]
-    if empty:
+    if empty and (given or len(empty) == len(found)):
         raise ConfigError(
             f"config key student.lora_target_modules: {empty} match no Linear module of the "
             f"{teacher_class} trunk (patterns are module-name suffixes, e.g. 'ff.net.2')"

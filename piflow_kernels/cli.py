@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("config", help="encoding config (.toml)")
     encode.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
+    images = sub.add_parser(
+        "encode-images",
+        help="cache a pipeline's image latents for data-dependent pi-ID (VAE only; one process, or under torchrun)",
+        description="Encode an image folder (captions from metadata.jsonl / metadata.csv or <stem>.txt) or a "
+        "datasets.save_to_disk folder with the VAE of a diffusers folder into a resumable cache of safetensors shards "
+        "and a captions.jsonl for encode-prompts, as configured by a TOML file (keys: pipeline, images, out, "
+        "resolution, batch_size, dtype, vae_dtype, sample, seed, caption_column, image_column, num_workers). Rank and "
+        "world size come from RANK / WORLD_SIZE.",
+    )
+    images.add_argument("config", help="encoding config (.toml)")
+    images.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
     # 'demo' hands all its arguments to piflow_kernels.demo.main (main() routes it before parsing)
     sub.add_parser("demo", help="the demo (arguments are passed on; see 'demo --help')", add_help=False)
     return parser
@@ -176,6 +188,46 @@ def _encode_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_images(args: argparse.Namespace) -> int:
+    import os
+
+    keys = {"pipeline", "images", "out", "resolution", "batch_size", "dtype", "vae_dtype", "sample", "seed", "caption_column",
+            "image_column", "num_workers"}  # fmt: skip
+    try:
+        from piflow_kernels.files import read_toml
+
+        cfg = read_toml(args.config, "encode-images config")
+        unknown = sorted(set(cfg) - keys)
+        if unknown:
+            raise ValueError(f"{args.config}: unknown key(s) {unknown} (known: {sorted(keys)})")
+        missing = [k for k in ("pipeline", "images", "out", "resolution") if k not in cfg]
+        if missing:
+            raise ValueError(f"{args.config}: missing key(s) {missing}")
+        for key in ("pipeline", "images", "out", "dtype", "vae_dtype", "caption_column", "image_column"):
+            if key in cfg and not isinstance(cfg[key], str):
+                raise ValueError(f"{args.config}: {key} must be a string, got {cfg[key]!r}")
+        for key, low in (("batch_size", 1), ("seed", 0), ("num_workers", 0)):
+            if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < low):
+                raise ValueError(f"{args.config}: {key} must be an integer >= {low}, got {cfg[key]!r}")
+        if not isinstance(cfg.get("sample", False), bool):
+            raise ValueError(f"{args.config}: sample must be true or false, got {cfg['sample']!r}")
+        # relative paths are taken from the working directory, as encode-prompts takes them
+        path = {k: os.path.expanduser(cfg[k]) for k in ("pipeline", "images", "out")}
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+        from piflow_kernels.distill.latent_cache import encode_images, read_images
+
+        source = read_images(path["images"], caption_column=cfg.get("caption_column", "prompt"),
+                             image_column=cfg.get("image_column", "image"))  # fmt: skip
+        options = {k: cfg[k] for k in ("batch_size", "dtype", "vae_dtype", "sample", "seed", "num_workers") if k in cfg}
+        out = encode_images(path["pipeline"], source, path["out"], resolution=cfg["resolution"], rank=rank,
+                            world_size=world_size, progress=not args.no_progress, **options)  # fmt: skip
+    except _USER_ERRORS as err:
+        return _user_error(err)
+    print(f"rank {rank} of {world_size}: {len(range(rank, len(source), world_size))} of {len(source)} images cached in {out}")
+    return 0
+
+
 def _user_error(err: BaseException) -> int:
     print(f"error: {err}", file=sys.stderr)
     return 2
@@ -205,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _export(args)
     if args.command == "encode-prompts":
         return _encode_prompts(args)
+    if args.command == "encode-images":
+        return _encode_images(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

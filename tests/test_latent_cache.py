@@ -244,6 +244,24 @@ def test_qwen_image_latents_are_normalised_by_mean_and_std_without_the_frame_axi
     torch.testing.assert_close(decoded, expected)
 
 
+@torch.no_grad()
+def test_sd3_latents_and_its_transformers_patch_size(images, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from test_pipelines import tiny_vae
+
+    none = dict.fromkeys(["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"])
+    pipe = StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(5), transformer=tiny_teacher("sd3"),
+                                    **none)  # fmt: skip
+    pipe.save_pretrained(tmp_path / "sd3")
+    cache = LatentCache(encode(tmp_path / "sd3", images, tmp_path / "cache", batch_size=10, shard_size=10))
+    assert cache.latent_shape == (5, 8, 12) and cache.index["vae"]["pipeline"] == "StableDiffusion3Pipeline"
+    z = pipe.vae.encode(pixels(images, range(10))).latent_dist.mode()
+    for i in range(10):
+        assert torch.equal(cache[i]["latents"], (z[i] - 0.1) * 0.5)  # StableDiffusion3Img2ImgPipeline's normalisation
+    with pytest.raises(ValueError, match=r"multiples of 4 \(the pipeline's vae_scale_factor 2 x 2\)"):  # x its patch_size
+        encode(tmp_path / "sd3", images, tmp_path / "x", resolution=[16, 18])
+
+
 # ---------------------------------------------------------------------------- resuming and refusing
 
 

@@ -110,7 +110,8 @@ def test_the_tied_teacher_is_the_original_model_bit_for_bit_and_shares_its_weigh
 def test_only_adapters_and_the_head_are_trained(tmp_path, flux_dir, flux_cache):
     trainer = make(tmp_path, flux_dir, flux_cache, max_iters=2)
     names = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
-    assert names and all(".lora_" in n or n.startswith(("trunk.proj_out.", "proj_out_logstds.", "trunk.norm_out.")) for n in names)
+    full = ("trunk.proj_out.", "proj_out_logstds.", "trunk.norm_out.")
+    assert names and all(".lora_" in n or n.startswith(full) for n in names)
     assert any(".lora_" in n for n in names) and any(n.startswith("trunk.norm_out.") for n in names)
     # the default targets: FLUX's feed-forward layers, single-block proj_mlp / proj_out and the timestep embedder
     adapted = {n.split(".lora_")[0] for n in names if ".lora_" in n}
@@ -163,8 +164,9 @@ def test_resume_with_lora_is_bit_exact_and_checkpoints_only_the_trained_weights(
 
 
 def test_a_run_leaves_a_student_folder_that_samples_through_the_stock_pipeline(tmp_path, flux_dir, flux_cache):
-    import piflow_kernels as pk
     from diffusers import FluxPipeline
+
+    import piflow_kernels as pk
 
     trainer = make(tmp_path, flux_dir, flux_cache, max_iters=3, piid={"shift": 3.0, "final_step_size_scale": 0.5})
     trainer.train()
@@ -232,8 +234,9 @@ def test_the_teacher_class_comes_from_the_folders_config(tmp_path, flux_dir, flu
     from test_students import tiny_teacher
 
     tiny_teacher("unet").save_pretrained(tmp_path / "unet")
+    data = {"channels": 3, "height": 8, "width": 8}
     unet = TrainConfig.from_dict({"teacher": {"kind": "diffusers", "pretrained": str(tmp_path / "unet")},
-                                  "student": {"kind": "diffusers"}, "data": {"channels": 3, "height": 8, "width": 8}})  # fmt: skip
+                                  "student": {"kind": "diffusers"}, "data": data})  # fmt: skip
     assert type(_diffusers_model(unet)).__name__ == "UNet2DModel"
 
 
@@ -367,3 +370,46 @@ def test_qwen_image_lora_student_from_a_cache_of_ragged_prompts(tmp_path):
         assert torch.equal(trainer.teacher(x, t, **cond), reference_teacher(trainer.cfg)(x, t, **cond))
     trainer.train()
     assert math.isfinite(trainer.imitation_loss(trainer.student))
+
+
+# ---------------------------------------------------------------------------- evaluation during training
+
+
+def test_evaluation_writes_grids_beside_the_teachers_samples_and_logs_the_paired_distance(tmp_path, flux_dir, flux_cache):
+    from PIL import Image
+
+    from piflow_kernels.distill.eval_grid import EvalPrompts, fixed_noise, paired_latent_distance, teacher_samples
+
+    trainer = make(tmp_path, flux_dir, flux_cache, max_iters=4, eval_every=2, save_student=False,
+                   eval={"num_prompts": 3, "teacher_steps": 4, "batch_size": 3, "seed": 11})  # fmt: skip
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/latent_rms" in r]
+    assert [r["iteration"] for r in evals] == [2, 4]
+    for it in (2, 4):
+        grid = Image.open(tmp_path / "eval" / f"iter_{it:08d}.png")
+        assert grid.size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)  # 3 prompts; 4 x 4 latents decode to 8 x 8 (the tiny VAE)
+    # the teacher's samples: the original transformer's 4 Euler steps of the first 3 prompts from the fixed noise
+    # (one batch of 3: at batch 1 the CPU matmul of a second copy of the weights can differ by an ulp)
+    ref = reference_teacher(trainer.cfg)
+    prompts = EvalPrompts.from_cache(flux_cache, num=3)
+    cond = {"encoder_hidden_states": prompts.embeddings["prompt_embeds"],
+            "pooled_projections": prompts.embeddings["pooled_prompt_embeds"], "guidance": torch.full((3,), 3.5)}  # fmt: skip
+    noise = fixed_noise(3, (3, 4, 4), 11)
+    with torch.no_grad():  # as the evaluation runs it (autograd can pick other CPU kernels)
+        want = teacher_samples(ref, noise, 4, **cond)
+    from piflow_kernels.files import load_safetensors
+
+    saved = load_safetensors(tmp_path / "eval" / "teacher.safetensors", "teacher samples")["x0"]
+    assert torch.equal(saved, want)
+    # the logged distance is the EMA student's samples' to those
+    distance = paired_latent_distance(_student_samples(trainer), want)["mean_rms"]
+    assert distance > 0 and evals[-1]["eval/latent_rms"] == pytest.approx(distance, rel=1e-6)
+
+
+def _student_samples(trainer: Trainer) -> torch.Tensor:
+    from piflow_kernels.distill.evaluation import sample_with
+
+    ev = trainer._text_eval
+    with torch.no_grad():
+        return sample_with(trainer.ema.module, ev.noise, trainer.cfg.piid, **ev.student_cond)

@@ -433,6 +433,8 @@ def validate(cfg: TrainConfig) -> None:
     _checked(count, "eval.num_samples", v.num_samples, 1)
     _checked(count, "eval.batch_size", v.batch_size, 1)
     _need(v.nfe >= 0, "eval.nfe", f"must be >= 0 (0: the pi-ID nfe), got {v.nfe}")
+    _checked(count, "eval.num_prompts", v.num_prompts, 1)
+    _checked(count, "eval.teacher_steps", v.teacher_steps, 0)
 
     dist = cfg.distributed
     _one_of(dist.mode, "distributed.mode", ("auto", "none", "ddp", "fsdp"))

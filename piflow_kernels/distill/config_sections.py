@@ -176,12 +176,24 @@ class EvalConfig:
 
     With an exact teacher the energy distance and sliced W2 to exact data are reported. ``nfe`` 0
     means the pi-ID ``nfe``.
+
+    Text-to-image runs (``data.prompt_cache``) sample the first ``num_prompts`` cached prompts from fixed
+    noise instead. With ``teacher_steps`` > 0 (default 28, FLUX.1's default step count; 0: no teacher) the
+    teacher samples the same prompts and noise in that many Euler steps (once per run: the teacher and the
+    noise are fixed; the result is kept in ``<out_dir>/eval/teacher.safetensors``), the paired latent distance
+    between student and teacher samples (the distillation target) is logged, and a grid PNG
+    (``<out_dir>/eval/iter_<N>.png``: the student's row above the teacher's) is written, decoded by the VAE of
+    the pipeline folder ``vae`` ("auto": ``teacher.pretrained`` when it is a pipeline folder with a ``vae``;
+    "": a latent preview, no VAE loaded).
     """
 
     num_samples: int = 256
     batch_size: int = 64
     nfe: int = 0
     seed: int = 1234
+    num_prompts: int = 8
+    teacher_steps: int = 28
+    vae: str = "auto"
 
 
 @dataclass

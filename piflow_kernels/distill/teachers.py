@@ -235,9 +235,9 @@ class DiffusersTeacher(nn.Module):
     - ``"x0"``: ``u = (x_t - x0) / sigma``; ``"eps"``: ``u = (eps - x_t) / (1 - sigma)``.
 
     ``model_timestep = (num_train_timesteps - timestep if flip_timesteps else timestep) * timestep_scale /
-    timestep_divisor``; e.g. FLUX transformers take sigma (``timestep_divisor = num_train_timesteps``, the division
-    a FLUX student's trunk makes too, so the two agree bit for bit), DiT takes ``sigma * 1000``. ``dtype`` casts the model's input (e.g. bfloat16); the velocity comes back in
-    the dtype of ``x_t``.
+    timestep_divisor``; e.g. FLUX transformers take sigma (``timestep_divisor = num_train_timesteps``, the
+    division a FLUX student's trunk makes too, so the two agree bit for bit), DiT takes ``sigma * 1000``.
+    ``dtype`` casts the model's input (e.g. bfloat16); the velocity comes back in the dtype of ``x_t``.
 
     ``teacher_class`` (a class of :data:`piflow_kernels.layouts.ARCHS`, e.g. "FluxTransformer2DModel") calls the
     model as its pipeline does, from image-layout ``x_t`` (B, C, H, W): FLUX / Qwen-Image get packed latents and

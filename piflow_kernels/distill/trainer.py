@@ -147,6 +147,8 @@ class Trainer:
         self.guidance = embedded_guidance(cfg, teacher_model) if teacher_model is not None else None
         check_token_size(cfg, teacher_model)
         self._cond_dtype = getattr(torch, cfg.teacher.dtype)
+        self._teacher_class = type(teacher_model).__name__
+        self._text_eval: Any = None
         self._warned_labels = False
 
         if student is None:
@@ -437,6 +439,8 @@ class Trainer:
         self._notice_compile(self.iteration)
         module = self.ema.module
         module.eval()
+        if self.prompts is not None:
+            return self._evaluate_text(module, bar)
         g = seeded_generator(e.seed)
         noise = torch.randn((e.num_samples, d.channels, d.height, d.width), generator=g)
         labels = torch.randint(0, d.num_classes, (e.num_samples,), generator=g) if d.num_classes > 0 else None
@@ -456,6 +460,19 @@ class Trainer:
         if self.exact_data is not None and torch.isfinite(samples).all():
             ref = self.exact_data.sample(e.num_samples, generator=seeded_generator(e.seed + 1))
             metrics.update({f"eval/{key}": v for key, v in sample_metrics(samples, ref, seed=e.seed).items()})
+        record = {"iteration": self.iteration, **metrics}
+        if self.ctx.is_main:
+            self.run_log.log(record, format_record(record), bar)
+        return metrics
+
+    def _evaluate_text(self, module: nn.Module, bar: Any) -> dict[str, float]:
+        from piflow_kernels.distill.text_eval import TextEvaluation
+
+        if self._text_eval is None:
+            extra = {"guidance": self.guidance} if self.guidance is not None else None
+            self._text_eval = TextEvaluation(self.cfg, self.prompts, self._teacher_class, self.device, self._device_cond, extra)
+        metrics = self._text_eval.run(module, self.teacher, self.iteration, self.ctx.is_main, self._autocast)
+        metrics["eval/piid_loss"] = self.imitation_loss(module)
         record = {"iteration": self.iteration, **metrics}
         if self.ctx.is_main:
             self.run_log.log(record, format_record(record), bar)

@@ -413,3 +413,52 @@ def _student_samples(trainer: Trainer) -> torch.Tensor:
     ev = trainer._text_eval
     with torch.no_grad():
         return sample_with(trainer.ema.module, ev.noise, trainer.cfg.piid, **ev.student_cond)
+
+
+# ---------------------------------------------------------------------------- data-dependent: image latents + captions
+
+
+@pytest.fixture(scope="module")
+def flux_latents(flux_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """12 random 8 x 8 images with captions, their latents (3 x 4 x 4) and their captions' prompt cache."""
+    from PIL import Image
+
+    from piflow_kernels.distill.latent_cache import encode_images
+    from piflow_kernels.distill.prompt_cache import encode_prompts
+    from piflow_kernels.distill.prompts import read_prompts
+
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(9)
+    rows = []
+    for i in range(12):
+        pixels = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i:02d}.png")
+        rows.append(json.dumps({"file_name": f"img{i:02d}.png", "prompt": PROMPTS[i]}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    latents = encode_images(flux_dir, root, root / "latents", resolution=8, batch_size=4, dtype="float32", progress=False,
+                            num_workers=0)  # fmt: skip
+    prompts = encode_prompts(flux_dir, read_prompts(latents / "captions.jsonl"), root / "prompts", batch_size=4,
+                             dtype="float32", progress=False, max_sequence_length=MSL)  # fmt: skip
+    return latents, prompts
+
+
+def test_data_dependent_distillation_pairs_each_latent_with_its_caption(tmp_path, flux_dir, flux_latents, flux_cache):
+    from piflow_kernels.distill.latent_cache import LatentCache
+    from piflow_kernels.distill.prompt_cache import PromptCache
+
+    latents, prompts = flux_latents
+    data = {"mode": "data_dependent", "source": "latents", "path": str(latents), "prompt_cache": str(prompts)}
+    trainer = make(tmp_path, flux_dir, prompts, max_iters=20, ema={"decay": 0.0}, save_student=False, data=data)
+    lat, pc = LatentCache(latents), PromptCache(prompts)
+    for it, shard in ((0, 0), (3, 0), (5, 0)):  # 12 images, 3 a batch: epochs turn over
+        g, x0, cond = trainer._micro_batch(shard, it)
+        idx = trainer.data.indices(3, it, shard, 1)
+        assert torch.equal(x0, torch.stack([lat[i]["latents"] for i in idx]))
+        assert torch.equal(cond["encoder_hidden_states"], torch.stack([pc[i]["prompt_embeds"] for i in idx]))
+        assert [pc.prompts[i].prompt for i in idx] == [lat.prompts[i] for i in idx]
+    before = trainer.imitation_loss(trainer.student)
+    trainer.train()
+    assert trainer.imitation_loss(trainer.student) < before
+    # a prompt cache of other prompts than the captions is refused, naming the key
+    with pytest.raises(ConfigError, match=r"data\.prompt_cache.*not aligned"):
+        make(tmp_path / "bad", flux_dir, flux_cache, data={**data, "prompt_cache": str(flux_cache)})

@@ -390,9 +390,11 @@ def validate(cfg: TrainConfig) -> None:
 
     d = cfg.data
     _one_of(d.mode, "data.mode", ("data_dependent", "data_free"))
-    _one_of(d.source, "data.source", ("exact", "tensors"))
+    _one_of(d.source, "data.source", ("exact", "tensors", "latents"))
     if d.mode == "data_dependent" and d.source == "tensors":
         _need(bool(d.path), "data.path", "must name a .safetensors or .pt file when data.source = 'tensors'")
+    if d.mode == "data_dependent" and d.source == "latents":
+        _need(bool(d.path), "data.path", "must name a latent cache folder (encode-images) when data.source = 'latents'")
     for key in ("batch_size", "channels", "height", "width"):
         _checked(count, f"data.{key}", getattr(d, key), 1)
     _checked(count, "data.num_classes", d.num_classes, 0)

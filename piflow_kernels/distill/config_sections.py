@@ -103,7 +103,9 @@ class DataConfig:
     ``mode`` "data_dependent": segment starts made by forward diffusion of real data, drawn from
     ``source`` "exact" (the exact teacher's mixture, or a mixture built like one when the teacher is a
     diffusers model) or "tensors" (the tensor ``x0`` of shape (N, C, H, W) in ``path``, a .safetensors
-    or .pt file; an optional ``class_labels`` (N,) tensor rides along). ``mode`` "data_free": segments
+    or .pt file; an optional ``class_labels`` (N,) tensor rides along) or "latents" (the latent cache folder
+    ``path`` written by ``python -m piflow_kernels encode-images``: image latents, paired by index with the
+    ``prompt_cache`` of their captions). ``mode`` "data_free": segments
     start from noise, no data needed.
     ``num_classes`` > 0 draws a class label per sample, passed to student and teacher as ``class_labels``.
     ``prompt_cache`` (a folder written by ``python -m piflow_kernels encode-prompts``) conditions every sample

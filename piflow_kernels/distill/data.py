@@ -26,6 +26,7 @@ __all__ = [
     "ExactDataSource",
     "TensorDataSource",
     "PromptSource",
+    "LatentDataSource",
     "exact_mixture",
     "load_tensors",
     "build_data_source",
@@ -123,6 +124,8 @@ def build_data_source(cfg: TrainConfig, exact_data: Any = None) -> DataSource | 
         return None
     if d.source == "exact":
         return ExactDataSource(exact_data if exact_data is not None else exact_mixture(cfg))
+    if d.source == "latents":
+        return _latent_source(cfg)
     tensors = load_tensors(d.path)
     if "x0" not in tensors:
         raise ConfigError(f"config key data.path: {d.path!r} has no tensor 'x0' (keys: {sorted(tensors)})")
@@ -173,25 +176,77 @@ class PromptSource:
     def has_negatives(self) -> bool:
         return any(name.startswith("negative_") for name in self.arguments)
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            if len(self._orders) > 4:  # a step spans at most two epochs: keep a few, not all
-                self._orders.clear()
-            self._orders[epoch] = self.cache.order(self.seed, epoch)
-        return self._orders[epoch]
-
     def indices(self, n: int, iteration: int, shard: int, num_shards: int) -> list[int]:
         """The prompt indices of one micro-batch (Python ints, read from no tensor)."""
-        size = len(self.cache)
-        start = (iteration * num_shards + shard) * n
-        return [self._order(p // size)[p % size] for p in range(start, start + n)]
+        return _stream_indices(self.cache, self.seed, self._orders, n, iteration, shard, num_shards)
 
-    def draw(self, n: int, iteration: int, shard: int, num_shards: int) -> dict[str, torch.Tensor]:
-        """{teacher argument: (n, ...) CPU tensor} for the micro-batch's prompts."""
+    def draw(self, n: int, iteration: int, shard: int, num_shards: int, indices: list[int] | None = None
+             ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """{teacher argument: (n, ...) CPU tensor} for the micro-batch's prompts (or for prompts ``indices``)."""
         from piflow_kernels.distill.prompt_cache import _stack
 
-        rows = [self.cache[i] for i in self.indices(n, iteration, shard, num_shards)]
+        idx = self.indices(n, iteration, shard, num_shards) if indices is None else indices
+        rows = [self.cache[i] for i in idx]
         return {arg: _stack([r[name] for r in rows]) for name, arg in self.arguments.items()}
+
+
+def _stream_indices(cache: Any, seed: int, orders: dict[int, list[int]], n: int, iteration: int, shard: int,
+                    num_shards: int) -> list[int]:  # fmt: skip
+    """Items of one micro-batch of the stateless stream over ``cache``: position p is ``order(p // N)[p % N]``."""
+    size = len(cache)
+    start = (iteration * num_shards + shard) * n
+    out = []
+    for p in range(start, start + n):
+        epoch = p // size
+        if epoch not in orders:
+            if len(orders) > 4:  # a step spans at most two epochs: keep a few, not all
+                orders.clear()
+            orders[epoch] = cache.order(seed, epoch)
+        out.append(orders[epoch][p % size])
+    return out
+
+
+class LatentDataSource:
+    """x0 from a latent cache (``python -m piflow_kernels encode-images``), by the stateless stream of
+    :class:`PromptSource` over the latent cache's own order; :meth:`indices` says which images a micro-batch holds,
+    so that the prompt cache (aligned by index, :meth:`LatentCache.check_aligned`) gives their captions."""
+
+    def __init__(self, cache: Any, seed: int) -> None:
+        self.cache = cache
+        self.seed = int(seed)
+        self._orders: dict[int, list[int]] = {}
+
+    def indices(self, n: int, iteration: int, shard: int, num_shards: int) -> list[int]:
+        return _stream_indices(self.cache, self.seed, self._orders, n, iteration, shard, num_shards)
+
+    def draw(
+        self, n: int, generator: torch.Generator | None, iteration: int, shard: int, num_shards: int
+    ) -> tuple[torch.Tensor, None]:
+        """(n, C, H, W) float32 latents of the micro-batch's images, no labels; ``generator`` is not used."""
+        idx = self.indices(n, iteration, shard, num_shards)
+        return torch.stack([self.cache[i]["latents"] for i in idx]).float(), None
+
+
+def _latent_source(cfg: TrainConfig) -> LatentDataSource:
+    from piflow_kernels.distill.latent_cache import LatentCache
+
+    d = cfg.data
+    if not Path(d.path).is_dir():
+        what = "a latent cache folder (python -m piflow_kernels encode-images)"
+        raise ConfigError(f"config key data.path: {d.path!r} is not {what}")
+    cache = LatentCache(d.path)
+    want = (d.channels, d.height, d.width)
+    if tuple(cache.latent_shape) != want:
+        raise ConfigError(
+            f"config keys data.channels, data.height, data.width = {want} but the latent cache {d.path} holds latents "
+            f"of shape {tuple(cache.latent_shape)}"
+        )
+    if d.prompt_cache:
+        try:
+            cache.check_aligned(d.prompt_cache)
+        except ValueError as err:
+            raise ConfigError(f"config key data.prompt_cache: {err}") from None
+    return LatentDataSource(cache, cfg.seed)
 
 
 def build_prompt_source(cfg: TrainConfig, teacher_class: str) -> PromptSource | None:
@@ -208,7 +263,10 @@ def build_prompt_source(cfg: TrainConfig, teacher_class: str) -> PromptSource | 
         )
     if not Path(cfg.data.prompt_cache).is_dir():
         raise ConfigError(f"config key data.prompt_cache: {cfg.data.prompt_cache!r} is not a folder")
-    source = PromptSource(PromptCache(cfg.data.prompt_cache), TEXT_ARGS[teacher_class], cfg.seed)
+    # beside a latent cache, prompts are read in the latent cache's order: keep more of their (smaller) shards open
+    shards = 8 if cfg.data.mode == "data_dependent" and cfg.data.source == "latents" else 2
+    cache = PromptCache(cfg.data.prompt_cache, max_open_shards=shards)
+    source = PromptSource(cache, TEXT_ARGS[teacher_class], cfg.seed)
     if cfg.teacher.guidance_scale != 1.0 and not source.has_negatives:
         raise ConfigError(
             f"config key teacher.guidance_scale = {cfg.teacher.guidance_scale}: classifier-free guidance needs negative "

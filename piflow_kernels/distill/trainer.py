@@ -51,7 +51,7 @@ from piflow_kernels.distill.builders import (
     tied_teacher,
 )
 from piflow_kernels.distill.config import ConfigError, TrainConfig
-from piflow_kernels.distill.data import DataSource, build_data_source, build_prompt_source
+from piflow_kernels.distill.data import DataSource, LatentDataSource, build_data_source, build_prompt_source
 from piflow_kernels.distill.ddp import DistContext, grad_sync, init_distributed, unwrap_model, wrap_model
 from piflow_kernels.distill.ema import EMA
 from piflow_kernels.distill.evaluation import sample_metrics, sample_with
@@ -142,8 +142,9 @@ class Trainer:
         if self.prompts is not None and cfg.data.mode == "data_dependent" and cfg.data.source != "latents":
             raise ConfigError(
                 "config key data.prompt_cache with data.mode = 'data_dependent' needs image latents paired with the "
-                "prompts; use data.mode = 'data_free'"
+                "prompts (data.source = 'latents', a latent cache from encode-images), or data.mode = 'data_free'"
             )
+        self._paired = isinstance(self.data, LatentDataSource) and self.prompts is not None
         self.guidance = embedded_guidance(cfg, teacher_model) if teacher_model is not None else None
         check_token_size(cfg, teacher_model)
         self._cond_dtype = getattr(torch, cfg.teacher.dtype)
@@ -236,7 +237,9 @@ class Trainer:
         # non_blocking: the CPU batch is staged by the copy, the host does not wait for the device
         cond = {} if labels is None else {"class_labels": labels.to(self.device, non_blocking=True)}
         if self.prompts is not None:
-            cond.update(self._device_cond(self.prompts.draw(d.batch_size, iteration, shard, self.num_shards)))
+            # beside image latents, the prompts are those images' captions (the caches are aligned by index)
+            paired = self.data.indices(d.batch_size, iteration, shard, self.num_shards) if self._paired else None
+            cond.update(self._device_cond(self.prompts.draw(d.batch_size, iteration, shard, self.num_shards, paired)))
         if self.guidance is not None:
             cond["guidance"] = torch.full((d.batch_size,), self.guidance, device=self.device)
         return g, x.to(self.device, torch.float32, non_blocking=True), cond

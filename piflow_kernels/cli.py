@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("config", help="encoding config (.toml)")
     images.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
+    tiny = sub.add_parser(
+        "make-tiny-pipeline",
+        help="save a tiny random FLUX.1 / SD3 / Qwen-Image pipeline folder, to try a recipe end to end on a CPU",
+        description="Build a tiny random text-to-image pipeline (every component from a config, tokenizers from small "
+        "in-memory vocabularies: nothing is downloaded) and save it with save_pretrained. Its images are noise.",
+    )
+    tiny.add_argument("kind", choices=("flux", "sd3", "qwen"), help="which pipeline")
+    tiny.add_argument("out", help="the folder to write (new or empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.add_argument("--prompts", default=None, metavar="FILE",
+                      help="also write 16 prompts in its vocabulary: one a line, or JSONL (a .jsonl FILE) with an empty "
+                      "negative_prompt each, for a teacher with classifier-free guidance")  # fmt: skip
+
     # 'demo' hands all its arguments to piflow_kernels.demo.main (main() routes it before parsing)
     sub.add_parser("demo", help="the demo (arguments are passed on; see 'demo --help')", add_help=False)
     return parser
@@ -245,6 +258,31 @@ def _demo(argv: list[str]) -> int:
     return int(result or 0)
 
 
+def _make_tiny(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from piflow_kernels.tiny import save_tiny_pipeline, tiny_prompts
+
+    try:
+        folder = save_tiny_pipeline(args.kind, args.out, seed=args.seed)
+    except (OSError, ValueError) as err:
+        return _user_error(err)
+    print(f"saved a tiny random {args.kind} pipeline to {folder}")
+    if args.prompts:
+        import json
+
+        path = Path(args.prompts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prompts = tiny_prompts(16)
+        if path.suffix == ".jsonl":
+            lines = [json.dumps({"prompt": p, "negative_prompt": ""}) for p in prompts]
+        else:
+            lines = prompts
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote 16 prompts to {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -259,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _encode_prompts(args)
     if args.command == "encode-images":
         return _encode_images(args)
+    if args.command == "make-tiny-pipeline":
+        return _make_tiny(args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

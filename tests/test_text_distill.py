@@ -462,3 +462,26 @@ def test_data_dependent_distillation_pairs_each_latent_with_its_caption(tmp_path
     # a prompt cache of other prompts than the captions is refused, naming the key
     with pytest.raises(ConfigError, match=r"data\.prompt_cache.*not aligned"):
         make(tmp_path / "bad", flux_dir, flux_cache, data={**data, "prompt_cache": str(flux_cache)})
+
+
+def test_labels_in_the_data_do_not_reach_an_unconditional_teacher(tmp_path):
+    from safetensors.torch import save_file
+    from test_students import tiny_teacher
+
+    tiny_teacher("unet").save_pretrained(tmp_path / "unet")
+    g = torch.Generator().manual_seed(0)
+    save_file({"x0": torch.randn(8, 3, 8, 8, generator=g), "class_labels": torch.arange(8)}, str(tmp_path / "x0.safetensors"))
+    cfg = TrainConfig.from_dict({
+        "max_iters": 1, "out_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False, "log_every": 0,
+        "save_student": False, "teacher": {"kind": "diffusers", "pretrained": str(tmp_path / "unet")},
+        "student": {"kind": "diffusers", "num_components": 2, "kwargs": {"logstd_inner_dim": 8}},
+        "data": {"source": "tensors", "path": str(tmp_path / "x0.safetensors"), "batch_size": 2, "channels": 3,
+                 "height": 8, "width": 8},
+        "piid": {"nfe": 2, "total_substeps": 8},
+    })  # fmt: skip
+    trainer = Trainer(cfg)
+    with pytest.warns(UserWarning, match="num_classes = 0"):
+        _, _, cond = trainer._micro_batch(0, 0)
+    assert cond == {}
+    trainer.train()
+    assert trainer.iteration == 1

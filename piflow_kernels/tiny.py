@@ -1,0 +1,159 @@
+"""Tiny random text-to-image pipelines, saved like the real ones, to try a distillation recipe end to end on a CPU.
+
+    $ python -m piflow_kernels make-tiny-pipeline flux runs/tiny/flux      # or sd3, qwen
+    >>> save_tiny_pipeline("flux", "runs/tiny/flux", seed=0)
+
+Every component is built from a config with random weights (a few thousand parameters: the transformer, the VAE
+and the text encoders), and the tokenizers from small in-memory vocabularies, so nothing is downloaded. The
+folders have the layout of ``FLUX.1-dev``, ``stable-diffusion-3-medium-diffusers`` and ``Qwen-Image``
+(``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``, ``scheduler/``), so every
+command that takes a real pipeline folder takes these. The images they make are noise: they check the plumbing,
+the speed and the memory of a recipe, not its quality.
+
+Geometry (latent channels C, VAE downsampling 2, packing 2x2 for FLUX / Qwen-Image): FLUX.1 C = 3, SD3 C = 5,
+Qwen-Image C = 3; 16 x 16 images are 8 x 8 latents.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["TINY_KINDS", "TINY_WORDS", "save_tiny_pipeline", "tiny_prompts"]
+
+TINY_KINDS = ("flux", "sd3", "qwen")
+#: the words the tiny tokenizers know as whole tokens (other text is split into characters, or bytes for Qwen)
+TINY_WORDS = "a photo of the cat dog red blue on in with big small tree house car sky".split()
+_TEXT_DIM = 12  # T5 width (FLUX, SD3) and Qwen2.5-VL width: the transformers' joint_attention_dim
+
+
+def tiny_prompts(n: int = 16) -> list[str]:
+    """``n`` short distinct prompts in the tiny vocabulary."""
+    w = TINY_WORDS
+    return [f"{w[i % 16]} {w[(3 * i + 1) % 16]} {w[(5 * i + 2) % 16]} number {i}" for i in range(n)]
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in sorted(set("".join(TINY_WORDS) + "number0123456789")):
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    for w in TINY_WORDS:
+        vocab.setdefault(w + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    chars = sorted(set("".join(TINY_WORDS) + "number0123456789"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in TINY_WORDS]
+    return T5Tokenizer(vocab=pieces + [(c, -5.0) for c in chars], extra_ids=0)
+
+
+def _clip(vocab: int, hidden: int, projection: bool = False) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=32, projection_dim=hidden, eos_token_id=1,
+                            bos_token_id=0, pad_token_id=1)  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _t5(vocab: int) -> torch.nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab, d_model=_TEXT_DIM, d_kv=6, d_ff=16, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval()
+
+
+def _vae(latent_channels: int) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
+        shift_factor=0.1, scaling_factor=0.5,
+    ).eval()  # fmt: skip
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table as a vocabulary: every string tokenizes, one token per byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars = printable + [256 + n for n in range(256 - len(printable))]
+    return {chr(c): i for i, c in enumerate(chars)}
+
+
+def _flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok, tok2 = _clip_tokenizer(), _t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=_TEXT_DIM, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return FluxPipeline(scheduler=scheduler, vae=_vae(3), text_encoder=_clip(len(tok), 10), tokenizer=tok,
+                        text_encoder_2=_t5(len(tok2)), tokenizer_2=tok2, transformer=transformer)  # fmt: skip
+
+
+def _sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok3 = _clip_tokenizer(), _t5_tokenizer()
+    # two blocks (the last has no context feed-forward); the two CLIPs (4 + 4 wide) are padded to the T5 width
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=5, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=_TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=8, out_channels=5,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(5), text_encoder=_clip(len(tok), 4, True),
+        tokenizer=tok, text_encoder_2=_clip(len(tok), 4, True), tokenizer_2=_clip_tokenizer(), text_encoder_3=_t5(len(tok3)),
+        tokenizer_3=tok3, transformer=transformer,
+    )  # fmt: skip
+
+
+def _qwen():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
+    text = {"vocab_size": len(tok), "hidden_size": _TEXT_DIM, "intermediate_size": 24, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 1]},
+            "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": _TEXT_DIM, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": _TEXT_DIM,
+              "patch_size": 2, "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4,
+              "fullatt_block_indexes": [0]}  # fmt: skip
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # fmt: skip
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=12, out_channels=3, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=_TEXT_DIM, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9)
+    return QwenImagePipeline(scheduler, vae, encoder, tok, transformer)
+
+
+_BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen": _qwen}
+
+
+def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny random ``kind`` pipeline ("flux", "sd3" or "qwen") from ``seed`` and ``save_pretrained`` it
+    to ``folder`` (which must not hold files). Returns the folder."""
+    if kind not in _BUILDERS:
+        raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}, got {kind!r}")
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty: a tiny pipeline is written to a new or empty folder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = _BUILDERS[kind]()
+    pipe.save_pretrained(folder)
+    return folder

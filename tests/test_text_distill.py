@@ -485,3 +485,35 @@ def test_labels_in_the_data_do_not_reach_an_unconditional_teacher(tmp_path):
     assert cond == {}
     trainer.train()
     assert trainer.iteration == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, flux_dir, flux_cache):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = make(tmp_path / str(checkpointing), flux_dir, flux_cache, student={"gradient_checkpointing": checkpointing})
+        assert trainer.student.trunk.is_gradient_checkpointing == checkpointing
+        trainer.accumulate_gradients()
+        grads.append({n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adamw8bit_off_cuda_is_plain_adamw_with_one_logged_reason(tmp_path, flux_dir, flux_cache):
+    trainer = make(tmp_path, flux_dir, flux_cache, optim={"optimizer": "adamw8bit"}, max_iters=1)
+    assert type(trainer.optimizer) is torch.optim.AdamW
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    reasons = [r["reason"] for r in records if r.get("event") == "optimizer"]
+    assert len(reasons) == 1 and "CUDA" in reasons[0]
+
+
+def test_a_dx_lora_student_records_its_segment_size(tmp_path, flux_dir, flux_cache):
+    trainer = make(tmp_path, flux_dir, flux_cache, max_iters=2,
+                   piid={"policy_type": "DX", "dx_segment_size": 0.25, "window_substeps": 0},
+                   student={"num_points": 3})  # fmt: skip
+    trainer.train()
+    student = PiFlowStudent.from_pretrained(tmp_path / "students" / "iter_00000002")
+    assert student.policy_type == "DX" and student.sampling["dx_segment_size"] == 0.25
+    import piflow_kernels as pk
+
+    assert pk.PiFlowScheduler.from_student(student).config.dx_segment_size == 0.25

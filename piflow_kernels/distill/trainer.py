@@ -117,6 +117,7 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.iteration = 0
+        self._run_log: RunLog | None = None
         seed_global_rngs(cfg.seed, self.ctx.rank)
 
         teacher_model = None
@@ -184,7 +185,6 @@ class Trainer:
             self.use_autocast, self._autocast_dtype = True, getattr(torch, cfg.teacher.dtype)
         if cfg.mixed_precision == "bf16" and self.device.type != "cuda" and self.ctx.is_main:
             warnings.warn("mixed_precision = 'bf16' applies on CUDA only; training in float32 on the CPU", stacklevel=2)
-        self._run_log: RunLog | None = None
         # skipped (non-finite) steps, counted on the device: the current run of them, the longest run and the
         # total; the host reads them with the log window only (see the module docstring)
         self.health = StepHealth(self.device, cfg.optim.max_nonfinite_steps, self.ctx.is_main)

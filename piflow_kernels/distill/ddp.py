@@ -161,6 +161,23 @@ def _is_fsdp_module(model: nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync") and hasattr(model, "reshard")
 
 
+def _reshard_after_forward(module: nn.Module, args: object, output: object) -> None:
+    _reshard(module)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Register every FSDP2 module's sharded parameters again (a no-op for the others, and when already sharded).
+
+    The FSDP2 root keeps its parameters gathered after a forward, for the backward that usually follows; a forward
+    without one (the tied teacher, an evaluation under ``no_grad``), or submodules with ``reshard_after_forward =
+    False``, leave the module holding plain gathered tensors in place of its DTensor shards. A state dict taken then
+    misses the optimizer's parameters, and weights loaded into the shards would be shadowed by the stale gathered copy.
+    """
+    for module in model.modules():
+        if _is_fsdp_module(module):
+            module.reshard()
+
+
 def wrap_model(model: nn.Module, ctx: DistContext, cfg, *, trainable: bool = True) -> nn.Module:
     """Wrap the (already on-device) student for ``ctx.mode``.
 
@@ -168,7 +185,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, cfg, *, trainable: bool = Tru
     "fsdp": FSDP2 ``fully_shard`` on every submodule whose class name is in ``cfg.fsdp_modules`` (with
     ``reshard_after_forward = cfg.fsdp_reshard_after_forward``), then on the root; the module is
     modified in place and returned. ``trainable=False`` (the EMA copy)
-    skips DDP, which only matters for gradients.
+    skips DDP, which only matters for gradients; under FSDP2 such a module is resharded whenever its forward returns
+    (no backward follows to do it, and the EMA update writes into the shards: see :func:`_reshard`).
     """
     if ctx.mode == "none":
         return model
@@ -192,6 +210,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, cfg, *, trainable: bool = Tru
         if missing:
             raise ValueError(f"distributed.fsdp_modules: no submodule of class {sorted(missing)} in {type(model).__name__}")
         fully_shard(model)
+        if not trainable:
+            model.register_forward_hook(_reshard_after_forward)  # after FSDP2's own post-forward hook
         return model
     raise ValueError(f"unknown distributed mode {ctx.mode!r}")
 
@@ -238,6 +258,7 @@ def model_state_dict(model: nn.Module, ctx: DistContext, keys: set[str] | None =
     on its own (collective: every rank calls this), never the whole model.
     """
     model = unwrap_model(model)
+    _reshard(model)
     if keys is not None:
         out: dict[str, torch.Tensor] = {}
         for name, p in model.named_parameters():
@@ -262,6 +283,7 @@ def load_model_state_dict(
     with them); the other parameters are left as they are. Anything missing or unexpected is an error.
     """
     model = unwrap_model(model)
+    _reshard(model)
     if keys is not None:
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
@@ -296,6 +318,7 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, ctx
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        _reshard(unwrap_model(model))
         return get_optimizer_state_dict(
             unwrap_model(model), optimizer, options=_dcp_options(full_state_dict=True, cpu_offload=True)
         )
@@ -306,6 +329,7 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        _reshard(unwrap_model(model))
         set_optimizer_state_dict(unwrap_model(model), optimizer, state, options=_dcp_options(full_state_dict=True))
         return
     optimizer.load_state_dict(state)

@@ -314,7 +314,8 @@ def load_model_state_dict(
 
 
 def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict:
-    """Optimizer state; under FSDP gathered to a full, FQN-keyed dict on rank 0."""
+    """Optimizer state: keyed by parameter index (``optimizer.state_dict()``) in one process and under DDP; under
+    FSDP gathered to a full, FQN-keyed dict on rank 0. :func:`load_optimizer_state_dict` takes either in any mode."""
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -325,11 +326,48 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, ctx
     return optimizer.state_dict()
 
 
+# param-group keys that choose the optimizer's implementation, not the training: the loading optimizer keeps its own
+# (a one-process checkpoint holds fused=True, which FSDP2's DTensor parameters do not take)
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, ctx: DistContext) -> None:
+    """Load what :func:`optimizer_state_dict` saved, in any mode: a one-process or DDP checkpoint (keyed by
+    parameter index) resumes under FSDP2 and an FSDP2 one (keyed by parameter name) in one process or under DDP.
+    Indices are positions in the optimizer's parameter list, which the trainer builds in the model's parameter order."""
+    model = unwrap_model(model)
+    _reshard(model)
+    state = _keyed_for(state, model, optimizer, by_name=ctx.mode == "fsdp")
     if ctx.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        _reshard(unwrap_model(model))
-        set_optimizer_state_dict(unwrap_model(model), optimizer, state, options=_dcp_options(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, state, options=_dcp_options(full_state_dict=True))
         return
     optimizer.load_state_dict(state)
+
+
+def _keyed_for(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, by_name: bool) -> dict:
+    """``state`` keyed by parameter name (``by_name``) or by index, with this optimizer's implementation keys."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return state  # not a state this optimizer takes: its own load_state_dict says why
+    groups = [{**g, **{k: mine[k] for k in _IMPLEMENTATION_KEYS if k in mine}} for g, mine in zip(groups, optimizer.param_groups)]
+    saved_by_name = any(isinstance(i, str) for g in groups for i in g["params"])
+    if saved_by_name == by_name:
+        return {**state, "param_groups": groups}
+    ids = {id(p): name for name, p in model.named_parameters()}
+    names = [ids.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+    if None in names:
+        raise RuntimeError("the optimizer holds a tensor that is not a parameter of the model: its state has no name")
+    if by_name:
+        key = names.__getitem__
+    else:
+        index = {name: i for i, name in enumerate(names)}
+        unknown = sorted({str(i) for g in groups for i in g["params"]} - set(index))
+        if unknown:
+            raise KeyError(f"the optimizer state names parameters the model does not train: {unknown[:5]}")
+        key = index.__getitem__
+    return {
+        "state": {key(k): v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [key(i) for i in g["params"]]} for g in groups],
+    }

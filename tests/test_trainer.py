@@ -444,3 +444,13 @@ def test_bf16_autocast_on_cuda(tmp_path):
     logs = trainer.train_step()
     assert math.isfinite(logs["loss"])
     assert next(trainer.student.parameters()).dtype == torch.float32
+
+
+def test_grad_accum_may_trade_places_with_the_world_size_on_resume(tmp_path):
+    from piflow_kernels.distill.startup import check_resumed_config
+
+    two_ranks = TrainConfig.from_dict(small_config(tmp_path))  # grad_accum 1 (on 2 ranks: 2 micro-batches a step)
+    saved = TrainConfig.from_dict(small_config(tmp_path, optim={"grad_accum": 2})).to_dict()  # 1 process, grad_accum 2
+    assert check_resumed_config(saved, two_ranks, tmp_path, saved_shards=2, shards=2) == []
+    with pytest.raises(ConfigError, match=r"optim\.grad_accum: 2 -> 1"):
+        check_resumed_config(saved, two_ranks, tmp_path, saved_shards=2, shards=1)

@@ -91,10 +91,14 @@ def rollout_compile_pending(cfg: TrainConfig, device: torch.device) -> bool:
     return device.type != "cpu" or not gm_native.available()
 
 
-def check_resumed_config(saved: Any, cfg: TrainConfig, path: Path) -> list[tuple[str, Any, Any]]:
+def check_resumed_config(
+    saved: Any, cfg: TrainConfig, path: Path, saved_shards: int | None = None, shards: int | None = None
+) -> list[tuple[str, Any, Any]]:
     """The keys that change the run whose values differ between a checkpoint's saved config and ``cfg``, as
     (key, saved, new); a ConfigError when there are any and ``cfg.allow_config_change`` is off. Checkpoints
-    without a saved config are not compared."""
+    without a saved config are not compared. ``optim.grad_accum`` may change with the world size when the
+    micro-batches per step (``saved_shards``, ``shards``: world size x grad_accum) stay the same: the global batch
+    and the data stream are then the same."""
     if not isinstance(saved, Mapping):
         return []
     piid = saved.get("piid")
@@ -103,6 +107,8 @@ def check_resumed_config(saved: Any, cfg: TrainConfig, path: Path) -> list[tuple
         # the new default (ceil) does not change a resumed run without a word
         saved = {**saved, "piid": {**piid, "substep_rule": "round"}}
     changes = run_changes(saved, cfg.to_dict())
+    if saved_shards is not None and saved_shards == shards:
+        changes = [c for c in changes if c[0] != "optim.grad_accum"]
     if changes and not cfg.allow_config_change:
         listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
         free = ", ".join(key.rstrip(".") + ("[...]" if key.endswith(".") else "") for key in RESUME_FREE_KEYS)

@@ -566,9 +566,9 @@ class Trainer:
         loaded = ckpt.load_training_checkpoint(path, self._training_state(), self.ctx)
         self.iteration = loaded.iteration
         self.health.checked_at = self.iteration
-        self._check_resumed_config(loaded.state.get("config"), loaded.path)
-        self._warn_nonfinite_weights(loaded.path)
         saved_shards = int(loaded.state.get("num_shards", self.num_shards))
+        self._check_resumed_config(loaded.state.get("config"), loaded.path, saved_shards)
+        self._warn_nonfinite_weights(loaded.path)
         if self.ctx.is_main:
             if saved_shards != self.num_shards:
                 warnings.warn(
@@ -582,8 +582,8 @@ class Trainer:
             )
         return True
 
-    def _check_resumed_config(self, saved: Any, path: Path) -> None:
-        changes = check_resumed_config(saved, self.cfg, path)
+    def _check_resumed_config(self, saved: Any, path: Path, saved_shards: int) -> None:
+        changes = check_resumed_config(saved, self.cfg, path, saved_shards, self.num_shards)
         if changes and self.ctx.is_main:
             listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
             warnings.warn(f"resuming {path} with config changes (allow_config_change): {listing}", stacklevel=3)

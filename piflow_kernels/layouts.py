@@ -3,8 +3,9 @@
 Three layouts of the same latents (C channels per pixel, an H x W image, p x p pixels per token):
 
 - image ``(B, C, H, W)``: what ``PiFlowStudent.forward`` takes and returns;
-- packed ``(B, L, C*p*p)`` with ``L = (H/p) * (W/p)``: what FLUX / Qwen-Image transformers and their
-  pipelines use, channel index ``c*p*p + py*p + px``;
+- packed ``(B, L, C*p*p)`` with ``L = (H/p) * (W/p)``: what FLUX.1 / FLUX.2 / Qwen-Image transformers and
+  their pipelines use, channel index ``c*p*p + py*p + px`` (FLUX.2's ``_patchify_latents`` then
+  ``_pack_latents`` is the same layout);
 - token ``(B, C, L, p*p)``: a free view of the packed latents with one policy "pixel" per
   (token, sub-pixel). The GM and DX policies act on every pixel independently, so their math runs on
   it as on the image, without knowing H or W.
@@ -29,6 +30,7 @@ from piflow_kernels.outputs import DXOutput, GMFlowOutput
 
 __all__ = [
     "ARCHS",
+    "FLUX2_REFERENCE_TIME",
     "SUPPORTED_TEACHERS",
     "TeacherArch",
     "arch_for",
@@ -67,6 +69,9 @@ ARCHS: dict[str, TeacherArch] = {
     "SD3Transformer2DModel": TeacherArch("proj_out", "time_text_embed", "image", "pc", "hidden_states", 1.0, True),
     "FluxTransformer2DModel": TeacherArch("proj_out", "time_text_embed", "tokens", "cp", "hidden_states", 1000.0, False),
     "QwenImageTransformer2DModel": TeacherArch("proj_out", "time_text_embed", "tokens", "cp", "hidden_states", 1000.0, False),
+    # FLUX.2: 2x2 patches of C = in_channels / 4 channels per token (the pipeline patchifies, the model has patch_size 1);
+    # "cp" rows as the official GMFlux2 head: proj_out_means rows (k, c, 2x2 pixel), proj_out_logweights (k, pixel)
+    "Flux2Transformer2DModel": TeacherArch("proj_out", "time_guidance_embed", "tokens", "cp", "hidden_states", 1000.0, False),
 }
 
 SUPPORTED_TEACHERS: tuple[str, ...] = tuple(ARCHS)
@@ -78,7 +83,13 @@ TEXT_ARGS: dict[str, dict[str, str]] = {
     "FluxTransformer2DModel": {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
     "SD3Transformer2DModel": {"prompt_embeds": "encoder_hidden_states", "pooled_prompt_embeds": "pooled_projections"},
     "QwenImageTransformer2DModel": {"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
+    # Flux2Pipeline.encode_prompt returns (prompt_embeds, text_ids); the ids are derived (native_inputs)
+    "Flux2Transformer2DModel": {"prompt_embeds": "encoder_hidden_states"},
 }
+
+#: FLUX.2's time coordinate of the i-th reference image's tokens is FLUX2_REFERENCE_TIME * (i + 1) (the generated
+#: image's is 0): Flux2Pipeline._prepare_image_ids' ``scale``
+FLUX2_REFERENCE_TIME = 10
 
 
 def arch_for(teacher_class: str) -> TeacherArch:
@@ -109,7 +120,8 @@ def geometry(teacher_class: str, config: Any) -> tuple[int, int, int]:
     """``(C, C_teacher, p)`` of a teacher config (a mapping or an object with attributes).
 
     C: latent channels per pixel; C_teacher: teacher output channels per pixel (2C with a learned
-    variance); p: pixels per token side (2 for FLUX packing, the patch size for SD3 / DiT / Qwen, 1 for UNet).
+    variance); p: pixels per token side (2 for FLUX.1 / FLUX.2 packing, the patch size for SD3 / DiT / Qwen, 1 for
+    UNet).
     """
     get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
     in_ch = get("in_channels")
@@ -118,6 +130,17 @@ def geometry(teacher_class: str, config: Any) -> tuple[int, int, int]:
         packed = out_ch or in_ch
         if packed % 4:
             raise ValueError(f"FluxTransformer2DModel output width {packed} is not 4 * C (2x2 packed latents)")
+        return packed // 4, packed // 4, 2
+    if teacher_class == "Flux2Transformer2DModel":
+        patch = get("patch_size", 1)
+        if patch not in (None, 1):
+            raise ValueError(
+                f"Flux2Transformer2DModel with patch_size={patch} is not supported: Flux2Pipeline patchifies the latents "
+                "2x2 itself and feeds them to a model of patch_size 1"
+            )
+        packed = out_ch or in_ch
+        if packed % 4:
+            raise ValueError(f"Flux2Transformer2DModel output width {packed} is not 4 * C (2x2 patchified latents)")
         return packed // 4, packed // 4, 2
     if teacher_class == "QwenImageTransformer2DModel":
         c = out_ch or in_ch
@@ -138,7 +161,14 @@ def native_inputs(
 
     ``x_t`` (B, C, H, W); ``timestep`` (B,) already in the trunk's convention; ``kwargs`` the conditioning. Token
     teachers get packed latents (B, H*W/p^2, C*p^2) and the ids / shapes their pipelines derive (FLUX ``img_ids``
-    (L, 3) and ``txt_ids`` (L_text, 3), Qwen-Image ``img_shapes``) unless given. Returns (kwargs, (h, w) in tokens).
+    (L, 3) and ``txt_ids`` (L_text, 3), Qwen-Image ``img_shapes``, FLUX.2 ``img_ids`` (B, L, 4) and ``txt_ids``
+    (B, L_text, 4) as ``Flux2Pipeline`` makes them) unless given.
+
+    FLUX.2 reference images (editing): ``condition_latents``, a (B, C, H', W') tensor (or (1, C, H', W'), repeated)
+    or a list of them, in the image layout of ``x_t`` and normalised as ``Flux2Pipeline.prepare_image_latents``
+    normalises them, become extra tokens after the generated image's, with time coordinate 10 * (i + 1) for the
+    i-th image (``Flux2Pipeline._prepare_image_ids``); the trunk's output then holds L + L_ref tokens, of which the
+    first L are the generated image's. Returns (kwargs, (h, w) in tokens of the generated image).
     """
     arch = arch_for(teacher_class)
     if arch.layout != "tokens":
@@ -155,6 +185,8 @@ def native_inputs(
             ids[..., 2] = torch.arange(w, device=x_t.device, dtype=emb.dtype)[None, :]
             out["img_ids"] = ids.reshape(h * w, 3)
         out.setdefault("txt_ids", torch.zeros(emb.shape[1], 3, device=x_t.device, dtype=emb.dtype))
+    elif teacher_class == "Flux2Transformer2DModel":
+        return _flux2_inputs(x_t, timestep, out, p, arch.sample_arg)
     else:
         out.setdefault("img_shapes", [[(1, h, w)]] * x_t.shape[0])
     out[arch.sample_arg] = image_to_packed(x_t, p)
@@ -162,13 +194,57 @@ def native_inputs(
     return out, (h, w)
 
 
+def _positions(t: int, h: int, w: int, device: torch.device) -> torch.Tensor:
+    """FLUX.2 position ids (h*w, 4) of one image: (T, H, W, L) = (t, row, column, 0), row-major as the tokens."""
+    ids = torch.zeros(h, w, 4, dtype=torch.long, device=device)
+    ids[..., 0] = t
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 4)
+
+
+def _flux2_inputs(
+    x_t: torch.Tensor, timestep: torch.Tensor, out: dict[str, Any], p: int, sample_arg: str
+) -> tuple[dict[str, Any], tuple[int, int]]:
+    """:func:`native_inputs` of a ``Flux2Transformer2DModel``: packed latents, then the reference images' tokens."""
+    b, h, w = x_t.shape[0], x_t.shape[2] // p, x_t.shape[3] // p
+    emb = out.get("encoder_hidden_states")
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 3:
+        raise ValueError("a FLUX.2 model needs encoder_hidden_states (B, L_text, joint_attention_dim)")
+    refs = out.pop("condition_latents", None)
+    if isinstance(refs, torch.Tensor):
+        refs = [refs]
+    refs = list(refs or [])
+    tokens, ids = [image_to_packed(x_t, p)], [_positions(0, h, w, x_t.device)]
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, torch.Tensor) or ref.dim() != 4 or ref.shape[1] != x_t.shape[1]:
+            got = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+            raise ValueError(f"condition_latents[{i}] must be a (B, {x_t.shape[1]}, H', W') tensor like x_t, got {got}")
+        if ref.shape[0] not in (1, b) or ref.shape[2] % p or ref.shape[3] % p:
+            raise ValueError(
+                f"condition_latents[{i}] of shape {tuple(ref.shape)}: its batch must be {b} or 1 and its height and "
+                f"width multiples of {p}"
+            )
+        tokens.append(image_to_packed(ref.to(x_t.dtype), p).expand(b, -1, -1))
+        ids.append(_positions(FLUX2_REFERENCE_TIME * (i + 1), ref.shape[2] // p, ref.shape[3] // p, x_t.device))
+    out[sample_arg] = torch.cat(tokens, dim=1) if refs else tokens[0]
+    out.setdefault("img_ids", torch.cat(ids).unsqueeze(0).expand(b, -1, -1))
+    if "txt_ids" not in out:
+        txt = torch.zeros(emb.shape[1], 4, dtype=torch.long, device=x_t.device)
+        txt[:, 3] = torch.arange(emb.shape[1], device=x_t.device)
+        out["txt_ids"] = txt.unsqueeze(0).expand(b, -1, -1)
+    out["timestep"] = timestep
+    return out, (h, w)
+
+
 def native_prediction_to_image(teacher_class: str, raw: torch.Tensor, hw: tuple[int, int], p: int, c: int) -> torch.Tensor:
     """A teacher trunk's own output (packed (B, L, C_t*p^2) or image (B, C_t, H, W)) as image-layout (B, C, H, W).
 
-    ``hw`` is the (h, w) of :func:`native_inputs`; a learned-variance output (C_t = 2C) keeps its first C channels.
+    ``hw`` is the (h, w) of :func:`native_inputs`; a learned-variance output (C_t = 2C) keeps its first C channels,
+    and a token output longer than h*w (FLUX.2 with reference images) its first h*w tokens, the generated image's.
     """
     if arch_for(teacher_class).layout == "tokens":
-        tokens = packed_to_tokens(raw, p * p)[:, :c]
+        tokens = packed_to_tokens(raw[:, : hw[0] * hw[1]], p * p)[:, :c]
         return tokens_to_image(tokens, hw[0], hw[1], p)
     return raw[:, :c]
 

@@ -1,7 +1,7 @@
 """Drop-in pi-Flow sampling for stock diffusers pipelines.
 
-One call turns an existing ``FluxPipeline``, ``StableDiffusion3Pipeline`` (or ``QwenImagePipeline``) into a
-few-step pi-Flow sampler; the pipeline keeps its own prompt encoding, VAE decoding, callbacks and progress bar:
+One call turns an existing ``FluxPipeline``, ``StableDiffusion3Pipeline`` (or ``QwenImagePipeline``, ``Flux2Pipeline``)
+into a few-step pi-Flow sampler; the pipeline keeps its own prompt encoding, VAE decoding, callbacks and progress bar:
 
     >>> pipe = to_piflow(pipe, student, PiFlowScheduler(shift=3.2, final_step_size_scale=0.5))
     >>> image = pipe(prompt, num_inference_steps=4, guidance_scale=3.5).images[0]   # FLUX
@@ -21,6 +21,11 @@ pixels with C channels each. The GMFlow mixture is per pixel (weights shared by 
 pixel) and both policies treat pixels independently, so the policy runs on the *token layout*
 (B, C, L, 4): a free reshape of the packed latents that keeps per-pixel semantics and needs no
 image height or width. The student's FLUX head returns its policy in that layout too.
+
+FLUX.2 editing. ``Flux2Pipeline`` appends the reference images' tokens after the generated image's (``img_ids``
+time coordinate 10, 20, ...) and keeps the first L tokens of the prediction (``noise_pred[:, :L]``), as the
+official ``PiFlux2Pipeline`` keeps the first L of the policy. :class:`PiFlowTransformer` returns a token-layout
+policy that takes that slice (on its token axis), so the policy covers the generated image only.
 
 Guidance. pi-Flow students are guidance-distilled. FLUX's embedded guidance (``guidance_scale``, fed
 to the network) works as usual. Classifier-free guidance (SD3's ``guidance_scale > 1``, FLUX / Qwen
@@ -85,7 +90,7 @@ __all__ = ["to_piflow", "load_piflow_pipeline", "PiFlowTransformer", "PiFlowPipe
 logger = logging.getLogger(__name__)
 
 # pipelines whose denoising loop this module is tested against (others with the same loop may work)
-TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline")
+TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
 
 # sampling steps of a converted pipeline called without num_inference_steps when the student does not record
 # its distilled step count: that of the released pi-FLUX / pi-Qwen-Image students and of PiIDConfig's nfe
@@ -112,6 +117,37 @@ def _policy_field(model_output: object) -> torch.Tensor | None:
         if isinstance(value, torch.Tensor):
             return value
     return None
+
+
+class _TokenSlicing:
+    """A token-layout policy output (fields (B, K, C, L, p2)) that a pipeline may slice as it slices a packed
+    prediction (B, L, D): ``out[:, :n]`` keeps the first n tokens (``Flux2Pipeline``: the generated image's, the
+    reference images' coming after them). Any other index is refused as by the plain output."""
+
+    _SPATIAL = ("means", "logweights", "grid")
+
+    def __getitem__(self, key: object) -> Any:
+        if isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None) and isinstance(key[1], slice):
+            tokens = key[1]
+            return type(self)(**{k: (v[:, :, :, tokens] if k in self._SPATIAL else v) for k, v in self.to_dict().items()})
+        return super().__getitem__(key)
+
+
+class _TokenGMFlowOutput(_TokenSlicing, GMFlowOutput):
+    pass
+
+
+class _TokenDXOutput(_TokenSlicing, DXOutput):
+    pass
+
+
+def _token_sliceable(out: GMFlowOutput | DXOutput) -> GMFlowOutput | DXOutput:
+    """``out`` (token layout) as a :class:`_TokenSlicing` output."""
+    if isinstance(out, _TokenSlicing):
+        return out
+    if isinstance(out, GMFlowOutput):
+        return _TokenGMFlowOutput(means=out.means, logweights=out.logweights, logstds=out.logstds)
+    return _TokenDXOutput(grid=out.grid)
 
 
 class PiFlowPipelineScheduler(PiFlowScheduler):
@@ -252,7 +288,8 @@ class PiFlowTransformer(ModelMixin):
 
     Called exactly like the teacher (``hidden_states``, ``timestep``, conditioning, ``return_dict``); returns
     the policy output (``return_dict=False``: a 1-tuple holding it) from
-    :meth:`PiFlowStudent.forward_native`. ``config`` is the teacher's config (pipelines read
+    :meth:`PiFlowStudent.forward_native`; for token-layout students one that ``[:, :L]`` slices on its token axis,
+    as ``Flux2Pipeline`` slices its prediction to the generated image's tokens. ``config`` is the teacher's config (pipelines read
     ``in_channels``, ``patch_size``, ``guidance_embeds``); other attributes fall through to the trunk.
 
     A diffusers model for the pipeline's ``save_pretrained`` / ``from_pretrained``: it saves the student
@@ -352,6 +389,8 @@ class PiFlowTransformer(ModelMixin):
                     "guidance-distilled. Call the pipeline with guidance_scale=1.0."
                 )
         out = self.student.forward_native(*args, **kwargs)
+        if self.student.latent_layout == "tokens":
+            out = _token_sliceable(out)  # Flux2Pipeline keeps noise_pred[:, :L], the generated image's tokens
         return out if return_dict else (out,)
 
     def __getattr__(self, name: str) -> Any:
@@ -442,7 +481,8 @@ def to_piflow(
     warning names the recorded settings it sets otherwise).
 
     Args:
-        pipe: a ``FluxPipeline``, ``StableDiffusion3Pipeline`` or ``QwenImagePipeline`` (others with the same
+        pipe: a ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``QwenImagePipeline`` or ``Flux2Pipeline`` (its
+            reference images for editing included; others with the same
             denoising loop and a ``transformer`` of the student's teacher class may work; untested), or a
             pipeline already converted (its student is replaced).
         student: a :class:`~piflow_kernels.PiFlowStudent` built from the pipeline's transformer class.

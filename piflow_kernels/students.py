@@ -15,6 +15,8 @@ At initialisation the policy's velocity at the source point is therefore the tea
     >>> out = student(x_t, timestep, encoder_hidden_states=emb, pooled_projections=pooled)
     >>> out.means.shape, out.logweights.shape, out.logstds.shape
     ((B, 8, C, H, W), (B, 8, 1, H, W), (B, 1, 1, 1, 1))
+    >>> flux2 = build_student(flux2_transformer, "GMFlow", num_components=8)       # FLUX.2: C = 32, 2x2 tokens
+    >>> out = flux2(x_t, timestep, encoder_hidden_states=emb, guidance=g, condition_latents=[ref])   # editing
 
 Conventions (docs/design.md#conventions):
 
@@ -30,8 +32,9 @@ Conventions (docs/design.md#conventions):
   learned-variance teacher (``out_channels = 2 * in_channels``) contributes its first
   ``in_channels`` output channels.
 - ``student.forward_native(**kwargs)`` calls the trunk exactly as a stock pipeline calls the teacher
-  (same argument names, same timestep convention). For FLUX / Qwen-Image it returns the policy in
-  *token layout* ``(B, K, C, L, 4)``: L packed tokens of 2x2 pixels each. The GM and DX policies act
+  (same argument names, same timestep convention). For FLUX / FLUX.2 / Qwen-Image it returns the policy in
+  *token layout* ``(B, K, C, L, 4)``: L packed tokens of 2x2 pixels each (FLUX.2 editing: the reference images'
+  tokens too, after the generated image's; ``forward`` keeps the generated image's). The GM and DX policies act
   on every pixel independently, so this layout is as valid as the image for the policy math and
   needs no image height or width (see :mod:`piflow_kernels.layouts`).
 """
@@ -468,8 +471,11 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
                 (B, C, H, W) as a tensor. Going through ``forward`` lets a DDP / FSDP wrapper of the student
                 run the teacher on its own (gathered) weights.
             **teacher_kwargs: the teacher's conditioning (``encoder_hidden_states``, ``pooled_projections``,
-                ``guidance`` (FLUX: the guidance scale, e.g. 3.5), ``class_labels``, ...). FLUX's ``img_ids`` /
-                ``txt_ids`` and Qwen-Image's ``img_shapes`` are derived here unless given.
+                ``guidance`` (FLUX: the guidance scale, e.g. 3.5; FLUX.2: 4.0), ``class_labels``, ...). FLUX's
+                and FLUX.2's ``img_ids`` / ``txt_ids`` and Qwen-Image's ``img_shapes`` are derived here unless given.
+                FLUX.2 editing: ``condition_latents``, the reference images' latents (B, C, H', W') (or a list of
+                them) in the layout of ``x_t``, become extra tokens the policy does not cover
+                (:func:`~piflow_kernels.layouts.native_inputs`).
 
         Returns:
             GMFlowOutput (means (B, K, C, H, W), logweights (B, K, 1, H, W), logstds (B, 1, 1, 1, 1)) or
@@ -482,8 +488,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         if as_teacher:
             return self._teacher_forward(kwargs, hw)
         out = self.forward_native(**kwargs)
-        if self._arch.layout == "tokens":
-            out = map_output(out, lambda z: tokens_to_image(z, hw[0], hw[1], p))
+        if self._arch.layout == "tokens":  # the generated image's tokens (FLUX.2 puts reference images' after them)
+            out = map_output(out, lambda z: tokens_to_image(z[..., : hw[0] * hw[1], :], hw[0], hw[1], p))
         return out if return_dict else (out,)
 
     # ------------------------------------------------------------------ the tied teacher
@@ -611,9 +617,9 @@ def build_student(
 
     Args:
         teacher: a diffusers ``UNet2DModel``, ``DiTTransformer2DModel``, ``SD3Transformer2DModel``,
-            ``FluxTransformer2DModel`` or ``QwenImageTransformer2DModel``.
+            ``FluxTransformer2DModel``, ``QwenImageTransformer2DModel`` or ``Flux2Transformer2DModel``.
         policy_type: "GMFlow" or "DX".
-        num_components: K for GMFlow (the official students use 8 for FLUX / Qwen-Image, 32 for DiT).
+        num_components: K for GMFlow (the official students use 8 for FLUX.1 / FLUX.2 / Qwen-Image, 32 for DiT).
         num_points: N for DX.
         init_noise: std of the noise added to the replicated means bias, per (component, channel); 0 makes
             every component equal the teacher's output. GMFlow only (DX replicates exactly).

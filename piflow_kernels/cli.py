@@ -1,6 +1,7 @@
 """Command line: ``python -m piflow_kernels <command>`` (also installed as ``piflow-kernels``).
 
     python -m piflow_kernels distill examples/distill_exact_teacher.toml --max-iters 200
+    python -m piflow_kernels distill my_config.toml --dry-run --world-size 8     # will it fit? (no weight read)
     torchrun --nproc_per_node=4 -m piflow_kernels distill my_config.toml --resume
     python -m piflow_kernels export my_student/ my_gmflux_adapter/ --policy-config '{"shift": 3.2}'
     python -m piflow_kernels demo --help
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--device", default=None, help="'cpu', 'cuda', 'cuda:N' or 'auto' (overrides device)")
     distill.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     distill.add_argument("--eval", action="store_true", help="evaluate the EMA student once more after training")
+    distill.add_argument(
+        "--dry-run", action="store_true",
+        help="print the per-rank memory estimate (DDP and FSDP) of the config and exit: nothing is trained, no weight is read",
+    )  # fmt: skip
+    distill.add_argument("--world-size", type=int, metavar="N", help="ranks for --dry-run (default: WORLD_SIZE or 1)")
+    distill.add_argument(
+        "--text-len", type=int, default=None, metavar="L",
+        help="text tokens per sample for --dry-run (default: the prompt cache's, else the pipeline's)",
+    )  # fmt: skip
 
     export = sub.add_parser(
         "export",
@@ -118,6 +128,8 @@ def _distill(args: argparse.Namespace) -> int:
             changes["allow_config_change"] = True
         if changes:
             cfg = cfg.replace(**changes)
+        if args.dry_run or args.world_size is not None or args.text_len is not None:
+            return _dry_run(cfg, args)
 
         from piflow_kernels.distill import Trainer
 
@@ -135,6 +147,19 @@ def _distill(args: argparse.Namespace) -> int:
         trainer.train()
         if args.eval:
             trainer.evaluate()
+    return 0
+
+
+def _dry_run(cfg, args: argparse.Namespace) -> int:
+    """``distill --dry-run``: the memory estimate of ``cfg`` (piflow_kernels.distill.estimate), printed; exit 0."""
+    if not args.dry_run:
+        raise ValueError("--world-size and --text-len go with --dry-run")
+    for flag, value, low in (("--world-size", args.world_size, 1), ("--text-len", args.text_len, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be an integer >= {low}, got {value}")
+    from piflow_kernels.distill.estimate import estimate_memory
+
+    print(estimate_memory(cfg, args.world_size, text_len=args.text_len).table())
     return 0
 
 

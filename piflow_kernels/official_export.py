@@ -45,11 +45,12 @@ _EXPORT_CLASSES = {
     ("FluxTransformer2DModel", "DX"): "DXFluxTransformer2DModel",
     ("QwenImageTransformer2DModel", "GMFlow"): "GMQwenImageTransformer2DModel",
     ("QwenImageTransformer2DModel", "DX"): "DXQwenImageTransformer2DModel",
+    ("Flux2Transformer2DModel", "GMFlow"): "GMFlux2Transformer2DModel",  # pi-FLUX.2 (no official DX FLUX.2 class)
 }
-# The trunk arguments of the official GM classes' registered config (LakonLab's _GMFluxTransformer2DModel and
-# _GMQwenImageTransformer2DModel __init__), after their head arguments; their channels count packed tokens
-# (FLUX.1 / Qwen-Image: 16 latent channels x 2 x 2 = 64). The DX classes register their diffusers base class's
-# config with patch_size 1 and out_channels = N x the packed channels.
+# The trunk arguments of the official GM classes' registered config (LakonLab's _GMFluxTransformer2DModel,
+# _GMQwenImageTransformer2DModel and _GMFlux2Transformer2DModel __init__), after their head arguments; their channels
+# count packed tokens (FLUX.1 / Qwen-Image: 16 latent channels x 2 x 2 = 64; FLUX.2: 32 x 2 x 2 = 128). The DX
+# classes register their diffusers base class's config with patch_size 1 and out_channels = N x the packed channels.
 _GM_HEAD_KEYS = ("num_gaussians", "constant_logstd", "logstd_inner_dim", "gm_num_logstd_layers", "logweights_channels")
 _GM_TRUNK_KEYS = {
     "FluxTransformer2DModel": ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
@@ -58,6 +59,9 @@ _GM_TRUNK_KEYS = {
     "QwenImageTransformer2DModel": ("in_channels", "out_channels", "num_layers", "attention_head_dim",
                                     "num_attention_heads", "joint_attention_dim", "axes_dims_rope", "zero_cond_t",
                                     "use_additional_t_cond", "use_layer3d_rope"),
+    "Flux2Transformer2DModel": ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                                "num_attention_heads", "joint_attention_dim", "timestep_guidance_channels", "mlp_ratio",
+                                "axes_dims_rope", "rope_theta", "eps", "guidance_embeds"),
 }  # fmt: skip
 
 
@@ -174,7 +178,8 @@ def export_official(
     """Write ``student`` to ``out_dir`` in the official layout (module docstring); returns the folder.
 
     Args:
-        student: a :class:`~piflow_kernels.PiFlowStudent` of a FLUX.1 or Qwen-Image teacher.
+        student: a :class:`~piflow_kernels.PiFlowStudent` of a FLUX.1 or Qwen-Image teacher, or a GMFlow student
+            of a FLUX.2 teacher.
         out_dir: the folder to create (refused when it exists and is not empty, unless ``overwrite``).
         adapter_name: the trunk's PEFT adapter to write (default: the only active one; none: the whole student).
         policy_config: sampling settings for the ``policy_config`` metadata (e.g. a DX student's

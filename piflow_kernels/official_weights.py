@@ -4,8 +4,8 @@ The official releases are diffusers-style folders: ``config.json`` (``_class_nam
 ``GMFluxTransformer2DModel``) and ``diffusion_pytorch_model.safetensors`` whose metadata carries
 ``policy_config`` (JSON: the policy type and its options). Two kinds:
 
-- adapters (pi-FLUX.1, pi-Qwen-Image: ``gmflux_k8_piid_4step``, ``dxflux_n10_piid_4step``,
-  ``gmqwen_k8_piid_4step``, ...): the policy head (``proj_out_means``, ``proj_out_logweights``,
+- adapters (pi-FLUX.1, pi-Qwen-Image, pi-FLUX.2: ``gmflux_k8_piid_4step``, ``dxflux_n10_piid_4step``,
+  ``gmqwen_k8_piid_4step``, ``gmflux2_k8_piid_4step``, ...): the policy head (``proj_out_means``, ``proj_out_logweights``,
   ``proj_out_logstds.{1,3}`` for GMFlow; the widened ``proj_out`` for DX), ``norm_out.*``, and PEFT
   LoRA pairs ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` on the base model's layers. The
   base model (the teacher) must be given.
@@ -83,6 +83,9 @@ _OFFICIAL_CLASSES: dict[str, tuple[str, str | None]] = {
     "DXQwenImageTransformer2DModel": ("QwenImageTransformer2DModel", "DX"),
     "QwenImageTransformer2DModel": ("QwenImageTransformer2DModel", None),
     "GMSD3Transformer2DModel": ("SD3Transformer2DModel", "GMFlow"),
+    # LakonLab's _GMFlux2Transformer2DModel: proj_out_means (K * 128 rows: k, c, 2x2 pixel), proj_out_logweights
+    # (K * 4), proj_out_logstds on time_guidance_embed, norm_out.linear (no bias), LoRA on the FLUX.2 trunk
+    "GMFlux2Transformer2DModel": ("Flux2Transformer2DModel", "GMFlow"),
     "GMDiTTransformer2DModelV2": ("DiTTransformer2DModel", "GMFlow"),
 }
 _FULL_MODEL_CLASSES = ("GMDiTTransformer2DModelV2",)
@@ -217,7 +220,7 @@ def load_official_adapter(
     Args:
         path: folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or a sharded
             index, or a single ``.safetensors`` file).
-        teacher: the base model the adapter was trained on (FLUX.1-dev / Qwen-Image transformer, ...). May be
+        teacher: the base model the adapter was trained on (FLUX.1-dev / Qwen-Image / FLUX.2-dev transformer, ...). May be
             None for a full-model checkpoint (GM-DiT): the DiT is then built from ``config.json``.
         subfolder: e.g. ``"gmflux_k8_piid_4step"``.
         policy_type: "GMFlow" or "DX"; None reads it from the metadata, the class name or the keys.

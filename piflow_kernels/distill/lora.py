@@ -38,6 +38,14 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
         "timestep_embedder.linear_1", "timestep_embedder.linear_2",
     ),
+    # FLUX.2: LakonLab publishes no pi-FLUX.2 training config; these are the targets of its FLUX.2 recipe
+    # (configs/asymflow/asymflux2_klein_*: the feed-forward layers, the single blocks' fused output projection
+    # single_transformer_blocks.*.attn.to_out and the timestep embedder), FLUX.1's pi-FLUX targets in FLUX.2's
+    # names. "attn.to_out" matches the single blocks' Linear only (a double block's attn.to_out is a ModuleList).
+    "Flux2Transformer2DModel": (
+        "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out", "attn.to_out",
+        "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+    ),
 }  # fmt: skip
 
 #: teacher class -> module-name suffixes trained fully besides the policy head (the official ``freeze_exclude``)
@@ -45,6 +53,7 @@ TRAIN_MODULES: dict[str, tuple[str, ...]] = {
     "FluxTransformer2DModel": ("norm_out",),
     "QwenImageTransformer2DModel": ("norm_out",),
     "SD3Transformer2DModel": ("norm_out",),
+    "Flux2Transformer2DModel": ("norm_out",),
 }
 
 # module types that get adapters

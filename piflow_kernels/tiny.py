@@ -1,17 +1,23 @@
 """Tiny random text-to-image pipelines, saved like the real ones, to try a distillation recipe end to end on a CPU.
 
-    $ python -m piflow_kernels make-tiny-pipeline flux runs/tiny/flux      # or sd3, qwen
+    $ python -m piflow_kernels make-tiny-pipeline flux runs/tiny/flux      # or sd3, qwen, flux2
     >>> save_tiny_pipeline("flux", "runs/tiny/flux", seed=0)
 
 Every component is built from a config with random weights (a few thousand parameters: the transformer, the VAE
 and the text encoders), and the tokenizers from small in-memory vocabularies, so nothing is downloaded. The
-folders have the layout of ``FLUX.1-dev``, ``stable-diffusion-3-medium-diffusers`` and ``Qwen-Image``
+folders have the layout of ``FLUX.1-dev``, ``stable-diffusion-3-medium-diffusers``, ``Qwen-Image`` and ``FLUX.2-dev``
 (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``, ``scheduler/``), so every
 command that takes a real pipeline folder takes these. The images they make are noise: they check the plumbing,
 the speed and the memory of a recipe, not its quality.
 
-Geometry (latent channels C, VAE downsampling 2, packing 2x2 for FLUX / Qwen-Image): FLUX.1 C = 3, SD3 C = 5,
-Qwen-Image C = 3; 16 x 16 images are 8 x 8 latents.
+Geometry (latent channels C, VAE downsampling 2, packing 2x2 for FLUX / Qwen-Image / FLUX.2): FLUX.1 C = 3, SD3
+C = 5, Qwen-Image C = 3, FLUX.2 C = 3; 16 x 16 images are 8 x 8 latents.
+
+FLUX.2's text encoder is a ``Mistral3ForConditionalGeneration`` of 30 layers (``encode_prompt`` stacks layers 10, 20
+and 30), and its tokenizer a ``PreTrainedTokenizerFast`` with a chat template, which ``encode_prompt`` calls as it
+calls the real ``PixtralProcessor`` (``apply_chat_template``; the processor itself needs torchvision). Its byte-level
+vocabulary spells the system prompt out byte by byte, about 190 tokens before the prompt's own: a
+``max_sequence_length`` of 256 leaves some 60 bytes of prompt (the pipeline's default, 512, over 300).
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import torch
 
 __all__ = ["TINY_KINDS", "TINY_WORDS", "save_tiny_pipeline", "tiny_prompts"]
 
-TINY_KINDS = ("flux", "sd3", "qwen")
+TINY_KINDS = ("flux", "sd3", "qwen", "flux2")
 #: the words the tiny tokenizers know as whole tokens (other text is split into characters, or bytes for Qwen)
 TINY_WORDS = "a photo of the cat dog red blue on in with big small tree house car sky".split()
-_TEXT_DIM = 12  # T5 width (FLUX, SD3) and Qwen2.5-VL width: the transformers' joint_attention_dim
+_TEXT_DIM = 12  # T5 width (FLUX, SD3), Qwen2.5-VL width and 3 Mistral layers (FLUX.2): the joint_attention_dim
 
 
 def tiny_prompts(n: int = 16) -> list[str]:
@@ -141,11 +147,61 @@ def _qwen():
     return QwenImagePipeline(scheduler, vae, encoder, tok, transformer)
 
 
-_BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen": _qwen}
+def _flux2_tokenizer():
+    """A byte-level BPE tokenizer (every string tokenizes, one token per byte) with Mistral's special tokens and a
+    chat template rendering ``<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]``, as Mistral Small 3.1's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    vocab = {t: i for i, t in enumerate(special)}
+    for c in _byte_level_vocab():
+        vocab[c] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['content'] is string %}{% set text = m['content'] %}{% else %}"
+        "{% set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+        "{% endif %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]{% else %}"
+        "[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=special[4:], chat_template=template,
+                                   model_max_length=512)  # fmt: skip
+
+
+def _flux2():
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok = _flux2_tokenizer()
+    hidden = _TEXT_DIM // 3  # encode_prompt concatenates the hidden states of layers 10, 20 and 30
+    text = {"model_type": "mistral", "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 8,
+            "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": hidden // 2,
+            "max_position_embeddings": 1024, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}  # fmt: skip
+    vision = {"model_type": "pixtral", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "head_dim": 4, "patch_size": 2, "image_size": 16}  # fmt: skip
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=0, spatial_merge_size=1)
+    encoder = Mistral3ForConditionalGeneration(config).eval()
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8), layers_per_block=1, latent_channels=3, norm_num_groups=4, sample_size=16,
+    ).eval()  # fmt: skip
+    transformer = Flux2Transformer2DModel(
+        in_channels=12, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=_TEXT_DIM, timestep_guidance_channels=8, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True,
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    return Flux2Pipeline(scheduler, vae, encoder, tok, transformer)
+
+
+_BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen": _qwen, "flux2": _flux2}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny random ``kind`` pipeline ("flux", "sd3" or "qwen") from ``seed`` and ``save_pretrained`` it
+    """Build the tiny random ``kind`` pipeline ("flux", "sd3", "qwen" or "flux2") from ``seed`` and ``save_pretrained`` it
     to ``folder`` (which must not hold files). Returns the folder."""
     if kind not in _BUILDERS:
         raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}, got {kind!r}")

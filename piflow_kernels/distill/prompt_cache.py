@@ -8,8 +8,10 @@
 
 The embeddings are what the pipeline's own ``encode_prompt`` returns, row by row (FLUX.1: ``prompt_embeds``
 (L, D) and ``pooled_prompt_embeds`` (P,); SD3: those and ``negative_*`` for classifier-free guidance;
-Qwen-Image: ``prompt_embeds`` (L_i, D) and ``prompt_embeds_mask`` (L_i,), L_i the prompt's own length).
-FLUX.1's ``text_ids`` are not stored: the pipeline makes them as zeros (L, 3), the same for every prompt.
+Qwen-Image: ``prompt_embeds`` (L_i, D) and ``prompt_embeds_mask`` (L_i,), L_i the prompt's own length;
+FLUX.2: ``prompt_embeds`` (L, D), the text encoder's layers 10, 20 and 30 side by side, padded to
+``max_sequence_length``). FLUX.1's ``text_ids`` are not stored: the pipeline makes them as zeros (L, 3), the same for
+every prompt; nor are FLUX.2's, (0, 0, 0, l) for token l.
 
 Layout of ``out_dir`` (see docs/prompt_cache.md)::
 
@@ -54,7 +56,7 @@ PathLike = str | os.PathLike
 FORMAT = "piflow-prompt-cache/1"
 INDEX = cache_files.INDEX
 SHARD_SIZE = 256  # prompts per shard: 1 GiB of FLUX.1 T5 embeddings (512 x 4096 bf16) per shard
-_SUPPORTED = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline")
+_SUPPORTED = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
 KIND = CacheKind(name="prompt cache", format=FORMAT, command="encode-prompts", identity_key="encoder",
                  identity_what="encoders", item="prompt", count_key="num_prompts", sha_key="prompts_sha256",
                  content_detail="text", salt="prompt-cache")  # fmt: skip
@@ -149,7 +151,11 @@ def _encode_batch(
     negs = [p.negative_prompt or "" for p in batch]
     extra = {} if msl is None else {"max_sequence_length": msl}
     out: dict[str, torch.Tensor] = {}
-    if kind == "FluxPipeline":
+    if kind == "Flux2Pipeline":  # (prompt_embeds, text_ids); the ids are the same for every prompt
+        out["prompt_embeds"], _ = pipe.encode_prompt(texts, device=device, **extra)
+        if negatives:
+            out["negative_prompt_embeds"], _ = pipe.encode_prompt(negs, device=device, **extra)
+    elif kind == "FluxPipeline":
         out["prompt_embeds"], out["pooled_prompt_embeds"], _ = pipe.encode_prompt(texts, None, device=device, **extra)
         if negatives:
             out["negative_prompt_embeds"], out["negative_pooled_prompt_embeds"], _ = pipe.encode_prompt(

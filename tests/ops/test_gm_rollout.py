@@ -18,11 +18,21 @@ from conftest import TOL, rel_err
 import piflow_kernels as pk
 from piflow_kernels import reference as R
 from piflow_kernels.ops.gm import native, torch_twin, triton_common, triton_rollout
+from piflow_kernels.ops.gm.oracle import gm_rollout_reference
 from piflow_kernels.ops.gm.triton_rollout import gm_rollout_triton
-from piflow_kernels.ops.records import RolloutPlan
+from piflow_kernels.ops.records import GMTensors, RolloutPlan
 
 from . import op_cases as cases
-from .op_cases import device_for, gm_inputs, gm_rollout_inputs, implementation, make_gm, ref_gm_rollout, ref_gm_rollout_flat
+from .op_cases import (
+    device_for,
+    gm_inputs,
+    gm_rollout_inputs,
+    implementation,
+    make_gm,
+    ref_gm_rollout,
+    ref_gm_rollout_flat,
+    ref_gm_velocity_flat,
+)
 
 IMPLS = cases.IMPLEMENTATIONS["gm_rollout"]
 needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler for the native CPU rollout")
@@ -86,10 +96,12 @@ def test_gm_rollout_low_precision(impl, dtype, poisoned, eager_twin):
     assert rel_err(x_end, ref_gm_rollout_flat(x, policy, s0, s1, 12, 3.2)) <= TOL["rollout"][dt]
 
 
-def test_gm_rollout_compiled_matches_eager(monkeypatch):
-    """The torch.compile'd substep of the torch twin equals the eager one and the reference."""
+@pytest.mark.parametrize("per_component", [False, True], ids=["std-per-sample", "std-per-comp"])
+def test_gm_rollout_compiled_matches_eager(monkeypatch, per_component):
+    """The torch.compile'd substep of the torch twin equals the eager one and the reference (each branch of the
+    centred substep compiles on its own: var is (B, 1) or (B, K))."""
     twin = implementation("gm_rollout", "torch")
-    means, lw, ls, x_src, s_src = make_gm(3, 8, 4, (5, 7), seed=2)
+    means, lw, ls, x_src, s_src = make_gm(3, 8, 4, (5, 7), per_component=per_component, seed=2)
     policy, x = cases.gm_flat(means, lw, ls, x_src, s_src), x_src.reshape(3, 4, -1)
     plan = RolloutPlan.build(s_src, torch.zeros(3), 64, 2.0)
     monkeypatch.setenv("PIFLOW_COMPILE", "0")
@@ -101,12 +113,72 @@ def test_gm_rollout_compiled_matches_eager(monkeypatch):
     assert rel_err(compiled, ref.reshape(x.shape)) <= TOL["rollout"][torch.float32]
     assert rel_err(compiled, eager) <= 1e-5
     # a second shape with another batch size reuses the compilation of the first
-    means2, lw2, ls2, x2, s2 = make_gm(2, 5, 3, (4, 9), seed=3)
+    means2, lw2, ls2, x2, s2 = make_gm(2, 5, 3, (4, 9), per_component=per_component, seed=3)
     out2 = twin(
         x2.reshape(2, 3, -1), cases.gm_flat(means2, lw2, ls2, x2, s2), RolloutPlan.build(s2, torch.full((2,), 0.1), 16, 1.0)
     )
     ref2 = ref_gm_rollout(x2, s2, 0.1, 16, 1.0, means2, lw2, ls2, x2, s2)
     assert rel_err(out2, ref2.reshape(out2.shape)) <= TOL["rollout"][torch.float32]
+
+
+# ------------------------------------------------------------------------------------------ the torch twin at the edges
+
+EDGE_SIGMA_SRCS = (1.0, 1e-2, 1e-4, 1e-6)
+EDGE_STDS = {"std-per-sample": False, "std-per-comp": True}
+
+
+@pytest.mark.parametrize("end", [0.5, 0.0], ids=["to-half", "to-0"])
+@pytest.mark.parametrize("sigma_src", EDGE_SIGMA_SRCS, ids=lambda s: f"ssrc{s:g}")
+@pytest.mark.parametrize("std", EDGE_STDS)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_gm_rollout_torch_centred_at_small_sigma_src(dtype, std, sigma_src, end, poisoned, eager_twin):
+    """The torch twin's x_src-centred substep from sigma_src (and 0.8 sigma_src) to end * that, 128 substeps per
+    unit raw time, K = 3, C = 5, 7x9, logstds uniform in [-10, 3], fp32 / bf16 / fp16 inputs, against the float64
+    reference rollout on the same inputs: within max(2 * err32, TOL) (err32: the literal float32 reference's own
+    error, tests/ops/test_gm_velocity_edges.py's rule) and within TOL itself. At sigma_src 1e-6 with per-component
+    stds err32 is 0.3 to 0.7, and so was the uncentred x0-space substep this one replaced (x - x0 is O(sigma) out
+    of O(1) terms and mu_k . nu ~1e12); the centred one stays near 2e-7 there."""
+    dt = cases.DTYPES[dtype]
+    x, _, policy = cases.gm_edge_inputs(2, 3, 5, 63, sigma_src, 1.0, per_component=EDGE_STDS[std],
+                                        seed=71 + EDGE_SIGMA_SRCS.index(sigma_src))  # fmt: skip
+    x = x.to(dt)
+    policy = policy._replace(**{n: getattr(policy, n).to(dt) for n in ("means", "logweights", "logstds", "x_src")})
+    s0 = policy.sigma_src * torch.tensor([1.0, 0.8])
+    s1 = s0 * end
+    plan = RolloutPlan.build(s0, s1, 128, 1.0)
+    ref64 = ref_gm_rollout_flat(x, policy, s0, s1, 128, 1.0)
+    own = rel_err(gm_rollout_reference(x, policy, plan), ref64)
+    x_end = torch_twin.gm_rollout_torch(x, policy, plan)
+    assert x_end.dtype == dt and x_end.shape == x.shape
+    err = rel_err(x_end, ref64)
+    tol = TOL["rollout"][dt]
+    assert err <= max(2.0 * own, tol), f"{err:.2e} > max(2 * {own:.2e}, {tol:g})"
+    assert err <= tol, f"{err:.2e} > {tol:g} (float32 reference: {own:.2e})"
+
+
+@pytest.mark.parametrize(
+    "sigma_src, sigma",
+    [(0.3, 0.3), (0.3, 0.15), (1.0, 0.5), (0.6, 0.05), (1e-6, 1e-6), (1e-6, 0.0), (0.1, 0.9), (0.5, 0.7)],
+    ids=["source", "midway", "from-1", "near-data", "tiny-source", "tiny-to-0", "out-of-domain-clamped-d", "out-of-domain"],
+)
+@pytest.mark.parametrize("std", EDGE_STDS)
+def test_gm_substep_centred_algebra_is_exact(std, sigma_src, sigma):
+    """The centred substep on its precomputed source terms, run in float64, moves x by u (s_next - s) with u the
+    literal float64 reference velocity (and gm_velocity_centred's, whose clamps and out-of-domain semantics it
+    keeps: sigma > sigma_src, d_k clamped at GM_EPS); a sample whose step is over (s_next == s) stays put."""
+    b, k, c, length = 3, 11, 6, 7
+    x, _, policy = cases.gm_edge_inputs(b, k, c, length, sigma_src, 1.0, per_component=EDGE_STDS[std], seed=81,
+                                        logstd_range=(-3.0, 3.0))  # fmt: skip
+    x = x.double()
+    s = torch.full((b,), sigma, dtype=torch.float64)
+    s_next = s - torch.tensor([1e-3, 0.25, 0.0], dtype=torch.float64) * max(sigma, 1e-6)  # the last sample is over
+    moved = torch_twin._gm_substep(x, s, s_next, *torch_twin.rollout_source(policy, torch.float64))
+    u64 = ref_gm_velocity_flat(x, s, policy)
+    centred = torch_twin.gm_velocity_centred(x, s, GMTensors(*(t.double() for t in policy)), torch.float64)
+    u = (moved[:2] - x[:2]) / (s_next - s)[:2, None, None]
+    assert rel_err(u, u64[:2]) <= 1e-9
+    assert rel_err(u, centred[:2]) <= 1e-12
+    assert torch.equal(moved[2], x[2])
 
 
 # ------------------------------------------------------------------------------------------ through the public policy

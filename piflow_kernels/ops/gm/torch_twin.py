@@ -9,13 +9,12 @@ terms every component shares are taken out (:func:`gm_velocity_centred`): as exa
 sigma_src in [0, 1], sigma in [0, sigma_src], forward and gradients, where the literal form loses everything
 at small sigma_src or sigma (mu_k . nu is ~1e12 at sigma_src 1e-6, the logits differ by ~1e5).
 
-Rollout (docs/design.md, [eq:gm-restructured]): with mu_k = x_src - s_src * means_k,
-var_k = exp(2 logstd_k) s_src^2,
-    nu = a x / s^2 - a_src x_src / s_src^2,  zeta = (a/s)^2 - (a_src/s_src)^2,  d_k = max(var_k zeta + 1, eps)
-    logit_k = logweights_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k,   w = softmax_k(logit)
-    x0 = sum_k (w_k / d_k) mu_k + nu * sum_k w_k var_k / d_k,   u = (x - x0) / s
-so per substep only two contractions over (K, C) remain: mu_k . nu and sum_k c_k mu_k. Over a rollout
-mu, ||mu||^2, var and the x_src part of nu are constant and computed once.
+Rollout ([eq:rollout]): each substep is x + u (s_next - s) with u by the same centred algebra
+(:func:`_gm_substep`), on terms computed once per rollout (:func:`rollout_source`: y_k = -s_src means_k,
+||y_k||^2 and y_k . x_src per pixel, var, the logweights, x_src and ||x_src||^2), so a substep does one
+contraction over C (y_k . delta, delta = x - x_src) and one over K (sum_k w_k y_k [/ d_k]) plus elementwise
+work: what the x0-space split form ([eq:gm-restructured]: mu_k . nu and sum_k c_k mu_k) cost, without its
+x - x0 and mu_k . nu cancellations (0.4 of x_end lost at sigma_src 1e-6 with per-component stds).
 
     >>> u = gm_velocity_torch(x, sigma, GMTensors(means, logweights, logstds, x_src, sigma_src))  # (B, C, L)
 """
@@ -25,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -46,25 +46,6 @@ def source_terms(sigma_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s_src = sigma_src.float().clamp(min=GM_EPS)
     a_src = 1.0 - s_src
     return a_src / s_src**2, (a_src / s_src) ** 2
-
-
-def _x0_space(policy: GMTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Constant-over-rollout quantities, float32: mu (B,K,C,L), var (B,K), lw (B,K,L)."""
-    mu = policy.x_src.float()[:, None] - policy.sigma_src.float()[:, None, None, None] * policy.means.float()
-    return mu, variances(policy), policy.logweights.float()
-
-
-def _posterior_x0(x, s, mu, mu_sq, var, lw, zeta, nu):
-    """x0 of the GM posterior. x, nu (B,C,L); s, zeta (B,); mu (B,K,C,L); mu_sq, lw (B,K,L); var (B,K)."""
-    d = (var * zeta[:, None] + 1.0).clamp(min=GM_EPS)  # (B, K)
-    # elementwise products + sums (not einsum): inductor fuses them into one pass over mu, where an
-    # einsum becomes a bmm with a permuted copy of mu every substep (measured 2x slower end to end)
-    mu_nu = (mu * nu[:, None]).sum(2)
-    logits = lw + (mu_nu - 0.5 * zeta[:, None, None] * mu_sq) / d[:, :, None]
-    w = torch.softmax(logits, dim=1)
-    c = w / d[:, :, None]  # (B, K, L)
-    x0 = (c[:, :, None] * mu).sum(1) + nu * (c * var[:, :, None]).sum(1, keepdim=True)
-    return x0
 
 
 class _PivotedSoftmax(torch.autograd.Function):
@@ -195,16 +176,67 @@ def gm_velocity_centred(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors,
     return num / s[:, None, None]
 
 
-def _gm_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src):
-    """One Euler substep in float32. x (B,C,L); s, s_next (B,); nu_src = a_src x_src / s_src^2 (B,C,L);
-    c_src = (a_src / s_src)^2 (B,). Samples whose step is over pass s_next == s and stay put."""
-    s_c = s.clamp(min=GM_EPS)
-    a = 1.0 - s_c
-    zeta = (a / s_c) ** 2 - c_src
-    nu = (a / s_c**2)[:, None, None] * x - nu_src
-    x0 = _posterior_x0(x, s_c, mu, mu_sq, var, lw, zeta, nu)
-    u = (x - x0) / s_c[:, None, None]
-    return x + u * (s_next - s)[:, None, None]
+class RolloutSource(NamedTuple):
+    """What the centred substep reads that is constant over a rollout (:func:`rollout_source`), in one dtype:
+    y = -s_src means (B,K,C,L); y_sq = ||y_k||^2 and y_xs = y_k . x_src per pixel (B,K,L); var (B,K1);
+    lw (B,K,L); x_src (B,C,L); xs_sq = ||x_src||^2 (B,L); sigma_src (B,) as given."""
+
+    y: torch.Tensor
+    y_sq: torch.Tensor
+    y_xs: torch.Tensor
+    var: torch.Tensor
+    lw: torch.Tensor
+    x_src: torch.Tensor
+    xs_sq: torch.Tensor
+    sigma_src: torch.Tensor
+
+
+def rollout_source(policy: GMTensors, dtype: torch.dtype = torch.float32) -> RolloutSource:
+    """The rollout-constant terms of the centred substep, computed once before the loop, in ``dtype``."""
+    s_src_raw = policy.sigma_src.to(dtype)  # y and var take the raw sigma_src, as the reference
+    y = -s_src_raw[:, None, None, None] * policy.means.to(dtype)
+    xs = policy.x_src.to(dtype)
+    var = torch.exp(2.0 * policy.logstds.to(dtype)) * s_src_raw[:, None] ** 2  # (B, K1)
+    y_sq, y_xs = (y * y).sum(2), (y * xs[:, None]).sum(2)
+    return RolloutSource(y, y_sq, y_xs, var, policy.logweights.to(dtype), xs, (xs * xs).sum(1), policy.sigma_src)
+
+
+def _gm_substep(x, s, s_next, y, y_sq, y_xs, var, lw, xs, xs_sq, sigma_src):
+    """One Euler substep x + u(x, s) (s_next - s), u by the algebra of :func:`gm_velocity_centred` (same
+    clamps, same domain handling) on the precomputed :class:`RolloutSource`, in the dtype of x (float32 in the
+    rollout; float64 in the tests). x (B,C,L); s, s_next (B,). Samples whose step is over pass s_next == s and
+    stay put. Expanding A_k = y_k . (nu' - zeta y_k / 2) = (a/s^2) y_k . delta + rho y_k . x_src - zeta ||y_k||^2 / 2
+    leaves one contraction over C per substep (y_k . delta) and one over K (sum_k w_k y_k [/ d_k]), as the
+    uncentred x0 form had (mu_k . nu and sum_k c_k mu_k), and no two ~1/s^2 terms are subtracted."""
+    s_c, a, rho, zeta, a_src_s2 = _centred_sigmas(s, sigma_src, x.dtype)
+    delta = x - xs
+    dc = (a / s_c**2)[:, None, None] * delta  # (a/s^2) delta: nu' = dc + rho x_src
+    # elementwise products + sums (not einsum): inductor fuses them into one pass over y, where an einsum
+    # becomes a bmm with a permuted copy of y every substep (measured 2x slower end to end)
+    dot = torch.addcmul(torch.addcmul((y * dc[:, None]).sum(2), y_xs, rho[:, None, None]), y_sq, (-0.5 * zeta)[:, None, None])
+    h = -rho[:, None, None] * x - a_src_s2[:, None, None] * delta
+    vz = var * zeta[:, None]  # (B, K1)
+    d = (vz + 1.0).clamp(min=GM_EPS)
+    q = (GM_EPS - 1.0 - vz).clamp(min=0.0)  # d - 1 - var zeta, exactly 0 unless clamped
+    inv_d = 1.0 / d
+    if var.shape[1] == 1:  # one std per sample: d is one scalar and r drops out of the softmax
+        w = torch.softmax(lw + dot * inv_d[:, :, None], dim=1)
+        ybar = (w[:, :, None] * y).sum(1)
+        num = (delta + q[:, :, None] * x - ybar + var[:, :, None] * h) * inv_d[:, :, None]
+    else:  # per-component stds: logits relative to the per-pixel pivot component p (the argmax)
+        r = (xs * dc).sum(1) + (rho + 0.5 * zeta)[:, None] * xs_sq  # x_src . (nu' + zeta x_src / 2)
+        var_p = _at_max(lw + (dot + r[:, None]) * inv_d[:, :, None], var[:, :, None])  # (B, L)
+        var_p = torch.where(zeta[:, None] >= 0, var_p, 0.0)
+        d_p = 1.0 + zeta[:, None] * var_p
+        r_k = r[:, None] * ((zeta[:, None] * var_p)[:, None] - (vz + q)[:, :, None]) / d_p[:, None]
+        w = torch.softmax(lw + (dot + r_k) * inv_d[:, :, None], dim=1)
+        wd = w * inv_d[:, :, None]
+        ybar = (wd[:, :, None] * y).sum(1)
+        beta = (wd * (var[:, :, None] - var_p[:, None])).sum(1) / d_p  # sum_k w_k beta_k (B, L)
+        nup = dc + rho[:, None, None] * xs
+        num = (delta + var_p[:, None] * h) / d_p[:, None] - beta[:, None] * nup - ybar
+        num = num + (wd * q[:, :, None]).sum(1, keepdim=True) * xs  # the clamped d_k's q_k x_src / d_k
+    return x + (num / s_c[:, None, None]) * (s_next - s).to(x.dtype)[:, None, None]
 
 
 # The compiled substep and what happened to it in this process. A failed compile (no C++ toolchain, an
@@ -267,13 +299,10 @@ def gm_rollout_torch(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan
         x_end (B, C, L) in x_start.dtype.
     """
     sigmas = sigma_table(*plan.kernel_args)
-    cn_src, c_src = source_terms(policy.sigma_src)
-    mu, var, lw = _x0_space(policy)
-    mu_sq = (mu * mu).sum(2)
-    nu_src = cn_src[:, None, None] * policy.x_src.float()
+    source = rollout_source(policy)
     x = x_start.float().clone()
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = _call_substep(x, s, s_next, mu, mu_sq, var, lw, nu_src, c_src)
+        x = _call_substep(x, s, s_next, *source)
     return x.to(x_start.dtype)
 
 
@@ -283,6 +312,7 @@ __all__ = [
     "gm_rollout_torch",
     "gm_velocity_torch",
     "last_compile_seconds",
+    "rollout_source",
     "source_terms",
     "variances",
 ]

@@ -182,6 +182,11 @@ def test_checkpointing_lowers_the_activations(flux_dev):
     assert 1.9 * saved_on < big.ddp["activations saved"] < 2.1 * saved_on
     longer = estimate_memory(flux_dev_config(flux_dev), world_size=8, text_len=1024)
     assert longer.text_tokens == 1024 and longer.ddp["activations saved"] > saved_on
+    # a periodic evaluation samples eval.batch_size images without grad
+    assert on.ddp.eval_peak == 0
+    small, large = (estimate_memory(flux_dev_config(flux_dev, eval_every=100, eval={"batch_size": n}), 8) for n in (2, 16))
+    assert 0 < small.ddp.eval_peak < large.ddp.eval_peak and small.ddp.worst == small.ddp.peak < large.ddp.worst
+    assert "evaluation (no grad)" in large.table()
 
 
 def test_fsdp_divides_the_weights_by_the_world_size(flux_dev):
@@ -241,6 +246,9 @@ def test_what_the_trainer_refuses_is_refused(flux_dir, flux_cache, tmp_path):
         estimate_memory(TrainConfig.from_dict(tiny_config(tmp_path / "nowhere", flux_cache)))
     with pytest.raises(ConfigError, match="data.prompt_cache"):
         estimate_memory(TrainConfig.from_dict(tiny_config(flux_dir, tmp_path / "no-cache")))
+    with pytest.raises(ConfigError, match="distributed.fsdp_modules.*NoSuchBlock"):
+        bad = tiny_config(flux_dir, flux_cache, distributed={"mode": "fsdp", "fsdp_modules": ["NoSuchBlock"]})
+        estimate_memory(TrainConfig.from_dict(bad))
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -281,3 +289,63 @@ def test_cli_dry_run_bad_config_exits_2(flux_dir, flux_cache, tmp_path, capsys):
     assert main(["distill", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config key teacher.pretrained") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------- the activation model against a real step
+
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak of the bytes allocated on the CPU while ``fn()`` runs, above what was allocated before (the profiler's
+    allocation timeline: every storage created and destroyed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    try:
+        timeline = prof._memory_profile().timeline
+    except AttributeError:  # pragma: no cover - a private API of torch.profiler
+        pytest.skip("this PyTorch's profiler has no memory timeline")
+    live = peak = 0
+    for _, action, _, size in timeline:
+        live += size if action.name == "CREATE" else -size if action.name == "DESTROY" else 0
+        peak = max(peak, live)
+    return peak
+
+
+def test_activation_estimate_matches_a_measured_step_on_the_cpu(flux_cache, tmp_path):
+    """One real accumulate_gradients of a small FLUX student (float32 on the CPU): the measured peak of the step minus
+    the gradients it leaves is the estimate's activations, within the model's stated accuracy."""
+    import diffusers
+
+    folder = tmp_path / "transformer"
+    torch.manual_seed(0)
+    diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(8, 12, 12),
+    ).save_pretrained(folder)  # fmt: skip
+    from piflow_kernels.distill.trainer import Trainer
+
+    measured, estimated = {}, {}
+    for ckpt in (False, True):
+        cfg = TrainConfig.from_dict({
+            "out_dir": str(tmp_path / "run"), "device": "cpu", "progress": False, "tensorboard": False, "log_every": 0,
+            "teacher": {"kind": "diffusers", "pretrained": str(folder)},
+            "student": {"kind": "diffusers", "lora_rank": 4, "gradient_checkpointing": ckpt, "kwargs": {"logstd_inner_dim": 16}},
+            "data": {"mode": "data_free", "batch_size": 2, "channels": 16, "height": 16, "width": 16,
+                     "prompt_cache": str(flux_cache)},
+            "piid": {"nfe": 1, "total_substeps": 4, "num_intermediate_states": 1},
+        })  # fmt: skip
+        trainer = Trainer(cfg)
+        trainer.accumulate_gradients()  # first-use work (lazy inits, the native rollout's build) out of the way
+        trainer.model.zero_grad(set_to_none=True)
+        peak = peak_cpu_bytes(trainer.accumulate_gradients)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in trainer.student.parameters() if p.grad is not None)
+        trainer.close()
+        est = estimate_memory(cfg, world_size=1)
+        assert est.activation_bytes == 4  # float32 weights on the CPU: no autocast
+        measured[ckpt] = peak - grads
+        estimated[ckpt] = est.ddp["activations saved"] + est.ddp["activations working set"]
+    print({ckpt: round(estimated[ckpt] / measured[ckpt], 3) for ckpt in measured}, "estimate / measured (pytest -s)")
+    assert measured[True] < measured[False] and estimated[True] < estimated[False]
+    for ckpt in (False, True):
+        assert 0.6 < estimated[ckpt] / measured[ckpt] < 1.6, (ckpt, estimated[ckpt], measured[ckpt])

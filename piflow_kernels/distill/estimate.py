@@ -555,18 +555,23 @@ def estimate_memory(cfg: TrainConfig, world_size: int | None = None, *, text_len
     static_ddp = sum(r.bytes for r in ddp_rows[:6])
 
     # ---- FSDP2: student and EMA sharded alike, units gathered one (+ one prefetched) at a time
-    if dist.mode == "fsdp":
-        fsdp_names = list(dist.fsdp_modules)
-        if not fsdp_names:
-            notes.append("distributed.fsdp_modules is empty: the FSDP root is the whole student, gathered during "
-                         "forward and backward; name the block classes to shard them one by one")  # fmt: skip
-    else:  # the FSDP column is a what-if: shard the trunk's blocks, as a FLUX config would name them
+    fsdp_names = list(dist.fsdp_modules)
+    if dist.mode == "fsdp" and not fsdp_names:
+        notes.append("distributed.fsdp_modules is empty: the FSDP root is the whole student, gathered during "
+                     "forward and backward; name the block classes to shard them one by one")  # fmt: skip
+    elif not fsdp_names:  # the FSDP column is a what-if: shard the trunk's blocks, as a FLUX config would name them
         trunk = getattr(student, "trunk", None)
         lists = _block_lists(trunk) if trunk is not None else []
         fsdp_names = sorted({type(b).__name__ for lst in lists for b in lst})
         if fsdp_names:
             notes.append(f"FSDP column: distributed.fsdp_modules = {fsdp_names} assumed")
     units, (root, root_trained) = _fsdp_units(student, fsdp_names)
+    missing = sorted(set(fsdp_names) - {type(m).__name__ for m in student.modules()})
+    if missing:  # the trainer's wrap_model refuses them under FSDP
+        msg = f"distributed.fsdp_modules: no submodule of class {missing} in {type(student).__name__}"
+        if dist.mode == "fsdp":
+            raise ConfigError(f"config key {msg}")
+        notes.append(msg)
     biggest_unit = max((u[0] for u in units), default=0)
     biggest_trained = max((u[1] for u in units), default=0)
     if dist.fsdp_reshard_after_forward:
@@ -600,14 +605,18 @@ def estimate_memory(cfg: TrainConfig, world_size: int | None = None, *, text_len
 
     eval_ddp = eval_fsdp = 0
     if cfg.eval_every > 0 and geo is not None:
-        transient = cfg.eval.batch_size * a.no_grad_per_sample
+        ev = cfg.eval
+        count = getattr(ev, "num_prompts", ev.num_samples) if cfg.data.prompt_cache else ev.num_samples
+        transient = min(ev.batch_size, count) * a.no_grad_per_sample
         eval_ddp = static_ddp + transient + CUDA_CONTEXT_BYTES
         eval_fsdp = static_fsdp + root + 2 * biggest_unit + transient + CUDA_CONTEXT_BYTES
     if o.optimizer == "adamw8bit" and cfg.device == "cpu":
         notes.append("optim.optimizer = 'adamw8bit' runs on CUDA only: AdamW on the CPU")
 
     ddp = RankMemory("DDP", ddp_rows, startup=0, eval_peak=eval_ddp)
-    fsdp = RankMemory("FSDP", fsdp_rows, startup=startup, eval_peak=eval_fsdp)
+    fsdp = RankMemory("FSDP", fsdp_rows, eval_peak=eval_fsdp)
+    if startup > fsdp.peak:
+        fsdp = RankMemory("FSDP", fsdp_rows, startup=startup, eval_peak=eval_fsdp)
     return MemoryEstimate(
         teacher_class=teacher_class,
         student_kind=s.kind,
@@ -637,7 +646,11 @@ def estimate_memory(cfg: TrainConfig, world_size: int | None = None, *, text_len
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:,.2f} GiB"
+    """Bytes in GiB (MiB, KiB below one of each)."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n / 2**10:,.2f} KiB"
 
 
 def _table(e: MemoryEstimate) -> str:
@@ -652,26 +665,26 @@ def _table(e: MemoryEstimate) -> str:
     lines.append("")
     lines.append("parameters (exact)                     count          bytes")
     for group, count in (("trained", e.trainable_params), ("frozen", e.frozen_params)):
-        dtypes = ", ".join(e.bytes_by_dtype[group]) or "-"
+        dtypes = ", ".join(e.bytes_by_dtype[group])
         size = sum(e.bytes_by_dtype[group].values())
-        label = f"  {group} ({dtypes})"
+        label = f"  {group} ({dtypes})" if dtypes else f"  {group}"
         lines.append(f"{label:<34}{count:>15,}  {_gib(size):>13}")
     if e.teacher_params:
         lines.append(f"{'    of which the separate teacher':<34}{e.teacher_params:>15,}")
     lines.append(f"{'  total':<34}{e.total_params:>15,}  {_gib(e.trainable_bytes + e.frozen_bytes):>13}")
     lines.append("")
-    fsdp_title = f"FSDP ({e.world_size} ranks)"
+    fsdp_title = f"FSDP ({e.world_size} rank{'s' if e.world_size > 1 else ''})"
     lines.append(f"{'per-rank memory':<32}{'':<11}{'DDP':>11}  {fsdp_title:>15}")
     for d_row, f_row in zip(e.ddp.rows, e.fsdp.rows):
         kind = "exact" if d_row.exact and f_row.exact else ("estimate" if not (d_row.exact or f_row.exact) else "exact|est.")
         lines.append(f"  {d_row.name:<30}{kind:<11}{_gib(d_row.bytes):>11}  {_gib(f_row.bytes):>15}")
     lines.append(f"  {'peak while training':<30}{'estimate':<11}{_gib(e.ddp.peak):>11}  {_gib(e.fsdp.peak):>15}")
     if e.fsdp.startup:
-        lines.append(f"  {'start-up (before sharding)':<30}{'exact':<11}{'':>11}  {_gib(e.fsdp.startup):>15}")
+        lines.append(f"  {'start-up (before sharding)':<30}{'exact|est.':<11}{'':>11}  {_gib(e.fsdp.startup):>15}")
     if e.ddp.eval_peak:
-        lines.append(f"  {'evaluation (eval.batch_size)':<30}{'estimate':<11}{_gib(e.ddp.eval_peak):>11}  "
+        lines.append(f"  {'evaluation (no grad)':<30}{'estimate':<11}{_gib(e.ddp.eval_peak):>11}  "
                      f"{_gib(e.fsdp.eval_peak):>15}")  # fmt: skip
-    lines.append(f"  {'worst':<30}{'estimate':<11}{_gib(e.ddp.worst):>11}  {_gib(e.fsdp.worst):>15}")
+    lines.append(f"  {'needed per GPU (the largest)':<30}{'estimate':<11}{_gib(e.ddp.worst):>11}  {_gib(e.fsdp.worst):>15}")
     lines.append("")
     for layout in (e.ddp, e.fsdp):
         for r in layout.rows:
@@ -681,7 +694,7 @@ def _table(e: MemoryEstimate) -> str:
     lines.append("exact: parameter counts and bytes, and what follows from them by the trainer's code (EMA, gradients,")
     lines.append("DDP buckets, optimizer state, FSDP shards); estimates: activations (a rough per-block model, about")
     lines.append("+-30%), FSDP's gathered units, the CUDA context and allocator fragmentation. Not counted: NCCL buffers,")
-    lines.append("host memory (checkpoint saving, data loading). 1 GiB = 2^30 bytes.")
+    lines.append("the VAE an evaluation decodes with, host memory (checkpoints, data). 1 GiB = 2^30 bytes.")
     for n in e.notes:
         lines.append(f"- {n}")
     return "\n".join(lines)

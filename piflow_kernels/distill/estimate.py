@@ -28,6 +28,7 @@ rank follows from them:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 from collections.abc import Iterator
@@ -532,6 +533,10 @@ def estimate_memory(cfg: TrainConfig, world_size: int | None = None, *, text_len
 
     # ---- DDP: every rank holds everything
     eight_bit = o.optimizer == "adamw8bit" and cfg.device != "cpu"
+    if eight_bit and importlib.util.find_spec("bitsandbytes") is None:  # the trainer would fall back to AdamW
+        extra = _gib(counts.adamw_state - counts.bnb_state)
+        notes.append(f"optim.optimizer = 'adamw8bit' needs bitsandbytes, which this Python lacks: where it is missing the "
+                     f"trainer uses AdamW, {extra} more per DDP rank")  # fmt: skip
     opt_ddp = counts.bnb_state if eight_bit else counts.adamw_state
     opt_note = (f"bitsandbytes 8-bit AdamW: 2 x 1 B per element + 2 x 4 B per block of {BNB_BLOCK}" if eight_bit
                 else "AdamW: 2 moments in the parameter dtype")  # fmt: skip

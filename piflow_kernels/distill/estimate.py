@@ -652,6 +652,8 @@ def estimate_memory(cfg: TrainConfig, world_size: int | None = None, *, text_len
 
 def _gib(n: int) -> str:
     """Bytes in GiB (MiB, KiB below one of each)."""
+    if n == 0:
+        return "0"
     for unit, size in (("GiB", GiB), ("MiB", 2**20)):
         if n >= size:
             return f"{n / size:,.2f} {unit}"

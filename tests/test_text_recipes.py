@@ -47,6 +47,8 @@ def test_a_tiny_recipe_runs_end_to_end_through_the_command_line(kind, tmp_path, 
     examples = REPO / "examples" / "text"
     assert main(["make-tiny-pipeline", kind, f"runs/tiny/{kind}", "--prompts", f"runs/tiny/{prompts}"]) == 0
     assert main(["encode-prompts", str(examples / f"encode_{kind}_tiny.toml"), "--no-progress"]) == 0
+    assert main(["distill", str(examples / f"{recipe}_tiny.toml"), "--dry-run"]) == 0
+    assert "per-rank memory" in capsys.readouterr().out
     assert main(["distill", str(examples / f"{recipe}_tiny.toml"), "--max-iters", "2", "--no-progress"]) == 0
     folder = tmp_path / "runs" / "tiny" / recipe / "students" / "iter_00000002"
     student = PiFlowStudent.from_pretrained(folder)

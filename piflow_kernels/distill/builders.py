@@ -167,8 +167,8 @@ def teacher_conventions(cfg: TrainConfig, teacher_class: str) -> tuple[str, floa
 def embedded_guidance(cfg: TrainConfig, model: nn.Module) -> float | None:
     """The guidance value a guidance-distilled teacher takes as an input, None for a model without that input.
 
-    A model with ``guidance_embeds`` (FLUX.1-dev) takes ``teacher.embedded_guidance`` (0: 3.5, the FLUX.1-dev
-    recipes' value); a value set for a model without it is a :class:`ConfigError`.
+    A model with ``guidance_embeds`` (FLUX.1-dev, FLUX.2) takes ``teacher.embedded_guidance`` (0: the official
+    recipes' value, :data:`DEFAULT_EMBEDDED_GUIDANCE`); a value set for a model without it is a :class:`ConfigError`.
     """
     g = cfg.teacher.embedded_guidance
     takes = bool(getattr(getattr(model, "config", None), "guidance_embeds", False))
@@ -179,10 +179,11 @@ def embedded_guidance(cfg: TrainConfig, model: nn.Module) -> float | None:
                 "(guidance_embeds is off); use teacher.guidance_scale for classifier-free guidance"
             )
         return None
-    return g or DEFAULT_EMBEDDED_GUIDANCE
+    return g or DEFAULT_EMBEDDED_GUIDANCE.get(type(model).__name__, DEFAULT_EMBEDDED_GUIDANCE["FluxTransformer2DModel"])
 
 
-DEFAULT_EMBEDDED_GUIDANCE = 3.5  # FLUX.1-dev's distilled guidance in the official pi-FLUX recipes
+#: the distilled guidance of the official recipes: pi-FLUX.1 3.5, pi-FLUX.2 4.0
+DEFAULT_EMBEDDED_GUIDANCE = {"FluxTransformer2DModel": 3.5, "Flux2Transformer2DModel": 4.0}
 
 
 def guided_teacher(cfg: TrainConfig, inner: Any) -> nn.Module | Any:

@@ -31,7 +31,7 @@ class TeacherConfig:
     FLUX / Qwen-Image and "timestep" for the others.
 
     Guidance. ``embedded_guidance`` is the guidance value a guidance-distilled model takes as an input
-    (FLUX.1-dev's ``guidance``; 0: the architecture's default, 3.5 for a FLUX model with
+    (FLUX.1-dev's ``guidance``; 0: the architecture's default, 3.5 for FLUX.1 and 4.0 for FLUX.2 with
     ``guidance_embeds``, none for a model without a guidance input); the student gets it too.
     ``guidance_scale`` != 1 is true classifier-free guidance: for class-conditional teachers (``[data]
     num_classes``; the unconditional label is ``num_classes``) or for text teachers with negative

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser(
         "make-tiny-pipeline",
-        help="save a tiny random FLUX.1 / SD3 / Qwen-Image pipeline folder, to try a recipe end to end on a CPU",
+        help="save a tiny random FLUX.1 / FLUX.2 / SD3 / Qwen-Image pipeline folder, to try a recipe on a CPU",
         description="Build a tiny random text-to-image pipeline (every component from a config, tokenizers from small "
         "in-memory vocabularies: nothing is downloaded) and save it with save_pretrained. Its images are noise.",
     )

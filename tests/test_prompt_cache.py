@@ -21,52 +21,21 @@ pytest.importorskip("transformers")
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline  # noqa: E402
 from test_pipelines import tiny_vae  # noqa: E402
 from test_students import tiny_teacher  # noqa: E402
-from transformers import (  # noqa: E402
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5Tokenizer,
-)
 
+from piflow_kernels import tiny  # noqa: E402
 from piflow_kernels.distill import prompt_cache  # noqa: E402
 from piflow_kernels.distill.prompt_cache import PromptCache, encode_prompts  # noqa: E402
 from piflow_kernels.distill.prompts import Prompt, read_prompts  # noqa: E402
 from piflow_kernels.files import DamagedFileError, load_safetensors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "a photo of the cat dog red blue on in with big small tree house car sky".split()
-PROMPTS = [f"{WORDS[i % 16]} {WORDS[(3 * i + 1) % 16]} {WORDS[(5 * i + 2) % 16]} number {i}" for i in range(16)]
+WORDS = tiny.TINY_WORDS
+PROMPTS = tiny.tiny_prompts(16)
 MSL = 8  # T5 tokens
 
 
-def clip_tokenizer() -> CLIPTokenizer:
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in sorted(set("".join(WORDS) + "number0123456789")):
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    for w in WORDS:
-        vocab.setdefault(w + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    chars = sorted(set("".join(WORDS) + "number0123456789"))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in chars]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def clip(vocab: int, hidden: int, projection: bool = False) -> torch.nn.Module:
-    config = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=32, projection_dim=hidden, eos_token_id=1,
-                            bos_token_id=0, pad_token_id=1)  # fmt: skip
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-
-
-def t5(vocab: int) -> torch.nn.Module:
-    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=12, d_kv=6, d_ff=16, num_layers=1, num_heads=2)).eval()
+# the tiny pipelines' own builders (piflow_kernels.tiny): the tokenizers from in-memory vocabularies, encoders from configs
+clip_tokenizer, t5_tokenizer, clip, t5 = tiny._clip_tokenizer, tiny._t5_tokenizer, tiny._clip, tiny._t5
 
 
 def save_flux(folder: Path, seed: int = 0) -> Path:
@@ -324,11 +293,7 @@ def test_sd3_cache_holds_the_negatives_for_guidance(tmp_path):
 # ---------------------------------------------------------------------------- Qwen-Image: prompts of their own lengths
 
 
-def byte_level_vocab() -> dict[str, int]:
-    """GPT-2's byte-to-unicode table as a vocabulary: every string tokenizes, one token per byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    chars = printable + [256 + n for n in range(256 - len(printable))]
-    return {chr(c): i for i, c in enumerate(chars)}
+byte_level_vocab = tiny._byte_level_vocab
 
 
 def test_qwen_image_cache_keeps_each_prompts_length_and_pads_like_the_pipeline(tmp_path):

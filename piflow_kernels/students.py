@@ -208,6 +208,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         num_components: K, Gaussian components of a GMFlow policy.
         num_points: N, grid points of a DX policy.
         logstd_inner_dim, num_logstd_layers: the log-std MLP on the time embedding (GMFlow).
+        constant_logstd: a fixed log-std (GMFlow) used instead of the MLP, as the official heads' ``constant_logstd``
+            (a plain number, not a learned parameter); None (default) uses the MLP.
         timestep_divisor: trunk timestep = timestep / timestep_divisor in :meth:`forward`; None picks
             1000 for FLUX / Qwen-Image (they take sigma) and 1 for the others (they take sigma * 1000).
         timestep_freq_shift: if set, the ``downscale_freq_shift`` of every sinusoidal timestep embedding
@@ -244,6 +246,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         num_inference_steps: int | None = None,
         sampling: dict | None = None,
         trunk: nn.Module | None = None,
+        constant_logstd: float | None = None,
     ) -> None:
         super().__init__()
         arch = arch_for(teacher_class)
@@ -255,6 +258,12 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         )
         positive_int("logstd_inner_dim", logstd_inner_dim)
         positive_int("num_logstd_layers", num_logstd_layers)
+        if constant_logstd is not None:
+            if not is_real(constant_logstd):
+                raise ValueError(f"constant_logstd must be a finite number or None, got {constant_logstd!r}")
+            if policy_type != "GMFlow":
+                raise ValueError("constant_logstd is a GMFlow option; a DX student has no log-std")
+            self.register_to_config(constant_logstd=float(constant_logstd))
         if timestep_divisor is not None and not (is_real(timestep_divisor) and timestep_divisor > 0):
             raise ValueError(f"timestep_divisor must be a positive number or None, got {timestep_divisor!r}")
         if num_inference_steps is not None:
@@ -291,7 +300,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
 
         temb_module = trunk.get_submodule(arch.temb_path)
         temb_module.register_forward_hook(_capture_temb)
-        if policy_type == "GMFlow":
+        if policy_type == "GMFlow" and constant_logstd is None:
             self.proj_out_logstds = _logstd_mlp(_temb_dim(temb_module), logstd_inner_dim, num_logstd_layers).to(
                 device=layer.weight.device, dtype=layer.weight.dtype
             )
@@ -342,6 +351,11 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
     def num_inference_steps(self) -> int | None:
         """The sampling steps the student was distilled for, None when not recorded."""
         return self.config.get("num_inference_steps")
+
+    @property
+    def constant_logstd(self) -> float | None:
+        """The fixed log-std of a GMFlow student without a log-std MLP, None when it has one."""
+        return self.config.get("constant_logstd")
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -396,6 +410,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             main.bias.copy_((b_rep + noise.to(b_rep.device)).reshape(-1))
             head.logweights.weight.zero_()
             head.logweights.bias.zero_()
+            if self.constant_logstd is not None:
+                return
             linears = [m for m in self.proj_out_logstds if isinstance(m, nn.Linear)]
             for m in linears:
                 nn.init.xavier_uniform_(m.weight, generator=generator)
@@ -589,9 +605,12 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
                 return DXOutput(grid=raw.unflatten(1, (k, c)))
             means, logweights = raw[:, : k * c].unflatten(1, (k, c)), raw[:, k * c :].unsqueeze(2)
         logweights = torch.log_softmax(logweights.float(), dim=1).to(means.dtype)
+        batch = means.shape[0]
+        if self.constant_logstd is not None:  # the official heads' new_full((bs, 1, 1, 1, 1), constant_logstd)
+            logstds = means.new_full((batch, 1, 1, *([1] * (means.dim() - 3))), self.constant_logstd)
+            return GMFlowOutput(means=means, logweights=logweights, logstds=logstds)
         if temb is None:
             raise RuntimeError(f"the time embedding ({self._arch.temb_path}) was not computed by the trunk's forward")
-        batch = means.shape[0]
         logstds = self.proj_out_logstds(temb.detach()[:batch].to(means.dtype))
         logstds = logstds.reshape(batch, 1, 1, *([1] * (means.dim() - 3)))
         return GMFlowOutput(means=means, logweights=logweights, logstds=logstds)
@@ -607,6 +626,7 @@ def build_student(
     init_logstd: float = 0.05,
     logstd_inner_dim: int = 1024,
     num_logstd_layers: int = 2,
+    constant_logstd: float | None = None,
     copy_teacher: bool = True,
     timestep_divisor: float | None = None,
     timestep_freq_shift: float | None = None,
@@ -625,6 +645,7 @@ def build_student(
             every component equal the teacher's output. GMFlow only (DX replicates exactly).
         init_logstd: initial std of every component (the log-std MLP starts constant at log(init_logstd)).
         logstd_inner_dim, num_logstd_layers: the log-std MLP on the detached time embedding.
+        constant_logstd: a fixed log-std instead of the MLP (GMFlow; ``init_logstd`` then does not apply).
         copy_teacher: deep-copy the teacher (default); False turns the teacher module itself into the
             student's trunk (no second copy in memory; the teacher is then no longer usable as a teacher).
         timestep_divisor, timestep_freq_shift, num_inference_steps: see :class:`PiFlowStudent`.
@@ -654,6 +675,7 @@ def build_student(
         num_points=num_points,
         logstd_inner_dim=logstd_inner_dim,
         num_logstd_layers=num_logstd_layers,
+        constant_logstd=constant_logstd,
         timestep_divisor=timestep_divisor,
         timestep_freq_shift=timestep_freq_shift,
         num_inference_steps=num_inference_steps,

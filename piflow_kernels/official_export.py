@@ -5,6 +5,8 @@ The folder holds ``config.json`` (the official ``_class_name``, e.g. ``GMFluxTra
 teacher's config and the official head settings: ``num_gaussians``, ``logstd_inner_dim``,
 ``gm_num_logstd_layers``, ``logweights_channels``; a DX class's ``out_channels`` is N times the teacher's) and
 ``diffusion_pytorch_model.safetensors`` whose ``policy_config`` metadata is ``{"type": ..., **policy_config}``.
+A student with a ``constant_logstd`` writes it in ``config.json`` (the official heads' option) and no
+``proj_out_logstds.*``.
 Weights are under the official names: ``proj_out_means.*``, ``proj_out_logweights.*``, ``proj_out_logstds.*``
 (GMFlow), the widened ``proj_out.*`` (DX), trunk layers by their diffusers names, and LoRA pairs
 ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``.
@@ -80,7 +82,9 @@ def _official_config(student: PiFlowStudent, class_name: str) -> dict[str, Any]:
     _, c_teacher, p = geometry(student.teacher_class, teacher)
     packed = c_teacher * p * p  # output channels of one token
     if student.policy_type == "GMFlow":
-        head = (int(cfg.num_components), None, int(cfg.logstd_inner_dim), int(cfg.num_logstd_layers), p * p)
+        constant = cfg.get("constant_logstd")  # None: the log-std MLP (proj_out_logstds.*) is in the weights
+        constant = None if constant is None else float(constant)
+        head = (int(cfg.num_components), constant, int(cfg.logstd_inner_dim), int(cfg.num_logstd_layers), p * p)
         trunk = {k: teacher[k] for k in _GM_TRUNK_KEYS[student.teacher_class] if k in teacher}
         trunk["in_channels"], trunk["out_channels"] = int(teacher["in_channels"]), packed
         out = {**dict(zip(_GM_HEAD_KEYS, head)), **trunk}

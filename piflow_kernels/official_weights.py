@@ -13,6 +13,12 @@ The official releases are diffusers-style folders: ``config.json`` (``_class_nam
   built from ``config.json`` when none is given. Its time/class embedding ``emb.*`` is shared by all
   blocks (diffusers' DiT keeps one copy per block, so it is copied into each) and its sinusoidal
   timestep embedding has frequency shift 0 (diffusers' DiT: 1), which the student records.
+  The older GM-DiT v1 layout (``GMDiTTransformer2DModel``) is read too: its single ``proj_out_2`` holds,
+  per sub-pixel, the K*C means rows then the K logweights rows, and ``gm_out.logstd_layers.*`` is the
+  log-std MLP; they become ``proj_out_means`` / ``proj_out_logweights`` / ``proj_out_logstds``.
+
+A checkpoint whose ``config.json`` sets ``constant_logstd`` (the official heads' fixed log-std, a number in the
+config, not a weight) has no ``proj_out_logstds``; it loads into a student with that ``constant_logstd``.
 
 LoRA pairs (alpha = r when the file has no ``.alpha``; the official adapters are trained with alpha = r)
 are applied one of two ways:
@@ -87,8 +93,11 @@ _OFFICIAL_CLASSES: dict[str, tuple[str, str | None]] = {
     # (K * 4), proj_out_logstds on time_guidance_embed, norm_out.linear (no bias), LoRA on the FLUX.2 trunk
     "GMFlux2Transformer2DModel": ("Flux2Transformer2DModel", "GMFlow"),
     "GMDiTTransformer2DModelV2": ("DiTTransformer2DModel", "GMFlow"),
+    # GM-DiT v1: proj_out_2 rows (pixel, [K*C means | K logweights]), the log-std MLP under gm_out.logstd_layers
+    "GMDiTTransformer2DModel": ("DiTTransformer2DModel", "GMFlow"),
 }
-_FULL_MODEL_CLASSES = ("GMDiTTransformer2DModelV2",)
+_FULL_MODEL_CLASSES = ("GMDiTTransformer2DModelV2", "GMDiTTransformer2DModel")
+_GMDIT_V1 = "GMDiTTransformer2DModel"
 _PREFIXES = ("transformer.", "diffusion_ema.denoising.", "diffusion.denoising.")
 # the official pipelines' default adapter name, f"{target_module_name}_piflow" with target_module_name "transformer"
 DEFAULT_ADAPTER_NAME = "transformer_piflow"
@@ -163,8 +172,41 @@ def _dit_teacher_from_config(config: dict[str, Any]) -> nn.Module:
     return diffusers.DiTTransformer2DModel(**kwargs)
 
 
+def _from_gmdit_v1(state: dict[str, torch.Tensor], teacher: nn.Module, config: dict[str, Any] | None) -> None:
+    """Rename a GM-DiT v1 state dict in place to the v2 head: ``proj_out_2`` (p2 * (K*C + K) rows: per sub-pixel
+    the means (k, c) then the logweights (k), as the v1 ``GMOutput2D`` splits the unpatchified channels) becomes
+    ``proj_out_means`` (p2 * K*C) and ``proj_out_logweights`` (p2 * K); ``gm_out.logstd_layers.i`` becomes
+    ``proj_out_logstds.i`` (the same (SiLU, Linear) stack)."""
+    for key in [k for k in state if k.startswith("gm_out.")]:
+        if not key.startswith("gm_out.logstd_layers."):
+            raise ValueError(f"GM-DiT v1 key {key!r} is not part of the v1 head (gm_out.logstd_layers.*)")
+        state["proj_out_logstds." + key[len("gm_out.logstd_layers.") :]] = state.pop(key)
+    if "proj_out_2.weight" not in state:
+        raise ValueError("not a GM-DiT v1 checkpoint: missing proj_out_2.weight (the v1 output layer of means and logweights)")
+    p2 = teacher.config.patch_size**2
+    c = teacher.config.in_channels
+    rows = state["proj_out_2.weight"].shape[0]
+    if rows % (p2 * (c + 1)):
+        raise ValueError(f"proj_out_2.weight has {rows} rows, not {p2} pixels x K * ({c} channels + 1 logweight)")
+    k = rows // (p2 * (c + 1))
+    if config is not None and config.get("num_gaussians", k) != k:
+        raise ValueError(f"config.json says num_gaussians={config['num_gaussians']} but proj_out_2 holds {k} components")
+    for part in ("weight", "bias"):
+        key = f"proj_out_2.{part}"
+        if key not in state:
+            raise ValueError(f"not a GM-DiT v1 checkpoint: missing {key}")
+        t = state.pop(key)
+        t = t.reshape(p2, k * (c + 1), *t.shape[1:])
+        state[f"proj_out_means.{part}"] = t[:, : k * c].reshape(p2 * k * c, *t.shape[2:])
+        state[f"proj_out_logweights.{part}"] = t[:, k * c :].reshape(p2 * k, *t.shape[2:])
+
+
 def _infer(
-    state: dict[str, torch.Tensor], teacher_class: str, teacher: nn.Module, policy_type: str | None
+    state: dict[str, torch.Tensor],
+    teacher_class: str,
+    teacher: nn.Module,
+    policy_type: str | None,
+    constant_logstd: float | None = None,
 ) -> tuple[str, int, int, int]:
     """(policy_type, K or N, logstd_inner_dim, num_logstd_layers) from the tensors."""
     arch = arch_for(teacher_class)
@@ -186,8 +228,17 @@ def _infer(
         logstd = sorted(
             (int(m.group(1)), t) for key, t in state.items() if (m := re.fullmatch(r"proj_out_logstds\.(\d+)\.weight", key))
         )
+        if constant_logstd is not None:
+            if logstd:
+                raise ValueError(
+                    f"config.json sets constant_logstd={constant_logstd} but the weights hold a log-std MLP (proj_out_logstds.*)"
+                )
+            return policy_type, k, 1024, 2
         if not logstd:
-            raise ValueError("GMFlow checkpoint without proj_out_logstds.*: constant log-std students are not supported")
+            raise ValueError(
+                "GMFlow checkpoint without proj_out_logstds.* and no constant_logstd in its config.json: "
+                "the log-std is missing"
+            )
         indices = [i for i, _ in logstd]
         if indices != list(range(1, 2 * len(indices), 2)):
             raise ValueError(f"proj_out_logstds layers {indices} are not the (SiLU, Linear) stack 1, 3, 5, ...")
@@ -278,8 +329,10 @@ def load_official_adapter(
             if "lora_magnitude_vector" in key:
                 raise ValueError(f"DoRA weights ({key}) are not supported")
             state[_normalise_key(key)] = tensor
-    if any(k.startswith("gm_out.") for k in state):
-        raise ValueError("GM-DiT v1 checkpoints (gm_out.*) are not supported; the v2 layout has proj_out_means/logweights")
+    if class_name == _GMDIT_V1 or any(k.startswith("gm_out.") for k in state):
+        if teacher_class != "DiTTransformer2DModel":
+            raise ValueError(f"GM-DiT v1 weights (gm_out.*) are for a DiTTransformer2DModel teacher, got a {teacher_class}")
+        _from_gmdit_v1(state, teacher, config)
     # before the student is built (with copy_teacher=False it takes over the teacher): the adapter's prerequisites
     as_adapter = not fuse and any(_LORA_RE.match(key) for key in state)
     if as_adapter and not _supports_adapters(teacher):
@@ -300,7 +353,12 @@ def load_official_adapter(
             f"conflicting policy types: argument {policy_type!r}, class {class_name!r} ({class_policy}), "
             f"metadata {meta_policy.get('type')!r}"
         )
-    kind, k, inner, layers = _infer(state, teacher_class, teacher, requested[0] if requested else None)
+    constant_logstd = (config or {}).get("constant_logstd")
+    if constant_logstd is not None and not is_real(constant_logstd):
+        raise ValueError(f"config.json: constant_logstd must be a number or null, got {constant_logstd!r}")
+    kind, k, inner, layers = _infer(state, teacher_class, teacher, requested[0] if requested else None, constant_logstd)
+    if kind != "GMFlow":
+        constant_logstd = None
     if config is not None and kind == "GMFlow" and config.get("num_gaussians", k) != k:
         raise ValueError(f"config.json says num_gaussians={config['num_gaussians']} but the weights hold {k} components")
 
@@ -312,6 +370,7 @@ def load_official_adapter(
         init_noise=0.0,
         logstd_inner_dim=inner,
         num_logstd_layers=layers,
+        constant_logstd=constant_logstd,
         copy_teacher=copy_teacher,
         timestep_freq_shift=0.0 if class_name in _FULL_MODEL_CLASSES else None,
     )

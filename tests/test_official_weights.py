@@ -220,6 +220,136 @@ def test_gm_dit_full_model_builds_its_own_teacher(tmp_path):
     torch.testing.assert_close(out.logstds, official_logstds(tensors, cond).reshape(b, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------- constant log-std, GM-DiT v1
+
+
+def set_gm_head(student, tensors: dict) -> None:
+    """Set a student's head by hand from official head tensors (proj_out_means / logweights / logstds)."""
+    head = student.trunk.get_submodule("proj_out" if student.teacher_class != "DiTTransformer2DModel" else "proj_out_2")
+    with torch.no_grad():
+        for part in ("weight", "bias"):
+            getattr(head.means, part).copy_(tensors[f"proj_out_means.{part}"])
+            getattr(head.logweights, part).copy_(tensors[f"proj_out_logweights.{part}"])
+        for key, value in tensors.items():
+            if key.startswith("proj_out_logstds."):
+                student.get_parameter(key).copy_(value)
+
+
+def test_constant_logstd_adapter_loads_exports_and_round_trips(tmp_path):
+    """config.json's constant_logstd (the official heads' fixed log-std, a number, no proj_out_logstds weights):
+    the student's logstds are that constant; the rest equals a student set by hand; export -> load is exact."""
+    from piflow_kernels import build_student
+    from piflow_kernels.official_export import export_official
+
+    teacher = tiny_teacher("flux")
+    k, c, const = 3, 3, -1.25
+    tensors = {key: v for key, v in gm_head_tensors(teacher, k, k * 4 * c, k * 4).items() if "logstds" not in key}
+    tensors["norm_out.linear.weight"] = rand(*teacher.norm_out.linear.weight.shape, seed=8)
+    folder = write_checkpoint(tmp_path / "const", tensors, "GMFluxTransformer2DModel", {"type": "GMFlow"},
+                              num_gaussians=k, constant_logstd=const, logweights_channels=4)  # fmt: skip
+    student = load_official_adapter(folder, teacher, fuse=True)
+    assert student.constant_logstd == const and not hasattr(student, "proj_out_logstds")
+
+    by_hand = build_student(teacher, "GMFlow", num_components=k, init_noise=0.0, constant_logstd=const).eval()
+    set_gm_head(by_hand, tensors)
+    with torch.no_grad():
+        by_hand.trunk.norm_out.linear.weight.copy_(tensors["norm_out.linear.weight"])
+    x, t, kwargs = teacher_inputs("flux")
+    with torch.no_grad():
+        out, ref = student(x, t, **kwargs), by_hand(x, t, **kwargs)
+    assert torch.equal(out.means, ref.means) and torch.equal(out.logweights, ref.logweights)
+    assert torch.equal(out.logstds, torch.full((x.shape[0], 1, 1, 1, 1), const))
+
+    exported = export_official(student, tmp_path / "exported")
+    config = json.loads((exported / "config.json").read_text())
+    assert config["_class_name"] == "GMFluxTransformer2DModel" and config["constant_logstd"] == const
+    again = load_official_adapter(exported, tiny_teacher("flux"))
+    assert again.constant_logstd == const
+    with torch.no_grad():
+        back = again(x, t, **kwargs)
+    for field in ("means", "logweights", "logstds"):
+        assert torch.equal(getattr(back, field), getattr(out, field)), field
+
+    student.save_pretrained(tmp_path / "ours")  # our own format keeps the option
+    ours = PiFlowStudent.from_pretrained(tmp_path / "ours").eval()
+    assert ours.constant_logstd == const
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, **kwargs).logstds, out.logstds)
+
+    tensors.update({key: v for key, v in gm_head_tensors(teacher, k, k * 4 * c, k * 4).items() if "logstds" in key})
+    both = write_checkpoint(tmp_path / "both", tensors, "GMFluxTransformer2DModel", {"type": "GMFlow"}, constant_logstd=const)
+    with pytest.raises(ValueError, match="constant_logstd=-1.25 but the weights hold a log-std MLP"):
+        load_official_adapter(both, teacher)
+
+
+def official_gmdit_v1(teacher, k: int, constant: bool) -> dict:
+    """A GMDiTTransformer2DModel (v1) state dict: DiT weights with one shared ``emb``, proj_out_2 with p2 * (K*C + K)
+    rows (per sub-pixel: means (k, c), then logweights (k)) and the log-std MLP under gm_out.logstd_layers."""
+    tensors = {key: v for key, v in official_gmdit(teacher, 1).items() if not key.startswith("proj_out_")}
+    tensors.update({key: v for key, v in official_gmdit(teacher, 1).items() if key.startswith("proj_out_1.")})
+    c, p2 = teacher.config.in_channels, teacher.config.patch_size**2
+    d = teacher.config.num_attention_heads * teacher.config.attention_head_dim
+    tensors["proj_out_2.weight"] = rand(p2 * k * (c + 1), d, seed=41)
+    tensors["proj_out_2.bias"] = rand(p2 * k * (c + 1), seed=42)
+    if not constant:
+        for key, value in gm_head_tensors(teacher, k, 1, 1).items():
+            if "logstds" in key:
+                tensors[key.replace("proj_out_logstds.", "gm_out.logstd_layers.")] = value
+    return tensors
+
+
+@pytest.mark.parametrize("constant", [False, True], ids=["logstd-mlp", "constant-logstd"])
+def test_gm_dit_v1_full_model(tmp_path, constant):
+    """GM-DiT v1 (gm_out.*): the v1 forward written out (proj_out_2, unpatchify, split into K*C means and K
+    logweights per pixel, gm_out's log-std MLP or the constant) equals the loaded student's policy."""
+    dit = tiny_teacher("dit")
+    k, c, p, const = 3, 3, 2, -0.75
+    tensors = official_gmdit_v1(dit, k, constant)
+    config = {key: dit.config[key] for key in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers",
+                                               "sample_size", "patch_size", "norm_num_groups")}  # fmt: skip
+    head_cfg = {"constant_logstd": const} if constant else {"logstd_inner_dim": 24, "gm_num_logstd_layers": 2}
+    folder = write_checkpoint(tmp_path / "gmdit1", tensors, "GMDiTTransformer2DModel", None,
+                              num_gaussians=k, **head_cfg, **config)  # fmt: skip
+    student = load_official_adapter(folder)
+    assert student.teacher_class == "DiTTransformer2DModel" and student.num_components == k
+    assert student.constant_logstd == (const if constant else None)
+    assert {m.downscale_freq_shift for m in student.modules() if isinstance(m, Timesteps)} == {0.0}
+
+    features = capture(student.trunk.proj_out_2, pre=True)
+    temb = capture(student.trunk.transformer_blocks[0].norm1.emb)
+    x, t, kwargs = teacher_inputs("dit")
+    with torch.no_grad():
+        out = student(x, t, **kwargs)
+    b, _, height, width = x.shape
+    hh, ww, f = height // p, width // p, features["value"]
+    raw = (f @ tensors["proj_out_2.weight"].T + tensors["proj_out_2.bias"]).reshape(b, hh, ww, p, p, k * (c + 1))
+    raw = raw.permute(0, 5, 1, 3, 2, 4).reshape(b, k * (c + 1), height, width)  # the v1 unpatchify
+    means, logits = raw.split([k * c, k], dim=1)  # GMOutput2D
+    torch.testing.assert_close(out.means, means.reshape(b, k, c, height, width), atol=1e-5, rtol=1e-5)
+    logweights = logits.reshape(b, k, 1, height, width).log_softmax(dim=1)
+    torch.testing.assert_close(out.logweights, logweights, atol=1e-5, rtol=1e-5)
+    if constant:
+        assert torch.equal(out.logstds, torch.full((b, 1, 1, 1, 1), const))
+    else:
+        mlp = {key.replace("gm_out.logstd_layers.", "proj_out_logstds."): v for key, v in tensors.items() if "gm_out" in key}
+        torch.testing.assert_close(out.logstds, official_logstds(mlp, temb["value"]).reshape(b, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
+
+    student.save_pretrained(tmp_path / "ours")  # no official DiT export: our own format keeps every weight
+    again = PiFlowStudent.from_pretrained(tmp_path / "ours").eval()
+    assert again.constant_logstd == student.constant_logstd
+    mine, theirs = student.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[key], theirs[key]) for key in mine)
+    with torch.no_grad():
+        back = again(x, t, **kwargs)
+    for field in ("means", "logweights", "logstds"):
+        torch.testing.assert_close(getattr(back, field), getattr(out, field), atol=1e-6, rtol=1e-6)
+
+    bad = dict(tensors, **{"proj_out_2.weight": tensors["proj_out_2.weight"][:-1]})
+    folder = write_checkpoint(tmp_path / "bad", bad, "GMDiTTransformer2DModel", None, **head_cfg, **config)
+    with pytest.raises(ValueError, match="proj_out_2.weight has"):
+        load_official_adapter(folder)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -261,7 +391,7 @@ def test_missing_files_and_teacher(flux_adapter):
             "no module 'trunk.nowhere'",
         ),  # fmt: skip
         (lambda t: t.pop("proj_out_logstds.1.weight"), r"proj_out_logstds layers \[3\]"),
-        (lambda t: [t.pop(k) for k in list(t) if "logstds" in k], "constant log-std"),
+        (lambda t: [t.pop(k) for k in list(t) if "logstds" in k], "no constant_logstd in its config.json"),
         (lambda t: t.update({"proj_out_logweights.weight": torch.randn(7, 16)}), "not a multiple of 4"),
         (lambda t: t.update({"gm_out.logstd_layers.1.weight": torch.randn(2)}), "v1"),
     ],

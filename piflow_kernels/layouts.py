@@ -15,7 +15,8 @@ Three layouts of the same latents (C channels per pixel, an H x W image, p x p p
     >>> image = tokens_to_image(tokens, H // 2, W // 2, 2)   # -> (B, C, H, W)
 
 :data:`ARCHS` says, per diffusers teacher class, where its output layer and time embedding are and which
-of these layouts its trunk speaks. Nothing here imports diffusers at module import.
+of these layouts its trunk speaks. Wan (``WanTransformer3DModel``, video) is an image-layout teacher on 5-D latents
+``(B, C, T, H, W)``: the trunk patchifies and unpatchifies them itself. Nothing here imports diffusers at module import.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TeacherArch:
     sample_arg: str  # name of the latent argument of the teacher's forward
     timestep_divisor: float  # trunk timestep = scheduler timestep (sigma * 1000) / timestep_divisor
     sets_out_channels: bool  # the trunk unpatchifies with self.out_channels: set it to the head's width
+    video: bool = False  # latents (B, C, T, H, W) (one frame axis before H, W) instead of (B, C, H, W)
 
 
 #: diffusers teacher class name -> its :class:`TeacherArch`
@@ -72,6 +74,11 @@ ARCHS: dict[str, TeacherArch] = {
     # FLUX.2: 2x2 patches of C = in_channels / 4 channels per token (the pipeline patchifies, the model has patch_size 1);
     # "cp" rows as the official GMFlux2 head: proj_out_means rows (k, c, 2x2 pixel), proj_out_logweights (k, pixel)
     "Flux2Transformer2DModel": TeacherArch("proj_out", "time_guidance_embed", "tokens", "cp", "hidden_states", 1000.0, False),
+    # Wan video: latents (B, C, T, H, W), patches (1, p, p); the trunk unpatchifies proj_out's rows as
+    # (p_t, p_h, p_w, channels), channels inferred: "pc" rows give (B, K*C + K, T, H, W) without out_channels
+    "WanTransformer3DModel": TeacherArch(
+        "proj_out", "condition_embedder.time_embedder", "image", "pc", "hidden_states", 1.0, False, video=True
+    ),
 }
 
 SUPPORTED_TEACHERS: tuple[str, ...] = tuple(ARCHS)
@@ -85,6 +92,8 @@ TEXT_ARGS: dict[str, dict[str, str]] = {
     "QwenImageTransformer2DModel": {"prompt_embeds": "encoder_hidden_states", "prompt_embeds_mask": "encoder_hidden_states_mask"},
     # Flux2Pipeline.encode_prompt returns (prompt_embeds, text_ids); the ids are derived (native_inputs)
     "Flux2Transformer2DModel": {"prompt_embeds": "encoder_hidden_states"},
+    # WanPipeline.encode_prompt returns (prompt_embeds, negative_prompt_embeds)
+    "WanTransformer3DModel": {"prompt_embeds": "encoder_hidden_states"},
 }
 
 #: FLUX.2's time coordinate of the i-th reference image's tokens is FLUX2_REFERENCE_TIME * (i + 1) (the generated
@@ -150,6 +159,15 @@ def geometry(teacher_class: str, config: Any) -> tuple[int, int, int]:
         return c, c, get("patch_size")
     if teacher_class == "DiTTransformer2DModel":
         return in_ch, (in_ch if out_ch is None else out_ch), get("patch_size")
+    if teacher_class == "WanTransformer3DModel":
+        patch = tuple(get("patch_size") or (1, 2, 2))
+        if len(patch) != 3 or patch[0] != 1 or patch[1] != patch[2]:
+            raise ValueError(
+                f"WanTransformer3DModel with patch_size={list(patch)} is not supported: a student needs patches "
+                "(1, p, p) (one frame, square)"
+            )
+        c = out_ch or in_ch
+        return c, c, patch[1]
     # UNet2DModel
     return in_ch, out_ch, 1
 
@@ -171,8 +189,8 @@ def native_inputs(
     first L are the generated image's. Returns (kwargs, (h, w) in tokens of the generated image).
     """
     arch = arch_for(teacher_class)
-    if arch.layout != "tokens":
-        return {arch.sample_arg: x_t, "timestep": timestep, **kwargs}, (x_t.shape[2], x_t.shape[3])
+    if arch.layout != "tokens":  # also Wan's video latents (B, C, T, H, W), passed as they are
+        return {arch.sample_arg: x_t, "timestep": timestep, **kwargs}, (x_t.shape[-2], x_t.shape[-1])
     h, w = x_t.shape[2] // p, x_t.shape[3] // p
     out = dict(kwargs)
     if teacher_class == "FluxTransformer2DModel":

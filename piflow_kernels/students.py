@@ -17,6 +17,13 @@ At initialisation the policy's velocity at the source point is therefore the tea
     ((B, 8, C, H, W), (B, 8, 1, H, W), (B, 1, 1, 1, 1))
     >>> flux2 = build_student(flux2_transformer, "GMFlow", num_components=8)       # FLUX.2: C = 32, 2x2 tokens
     >>> out = flux2(x_t, timestep, encoder_hidden_states=emb, guidance=g, condition_latents=[ref])   # editing
+    >>> wan = build_student(wan_transformer, "GMFlow", num_components=8)   # video: x_t (B, C, T, H, W)
+    >>> wan(video_latents, timestep, encoder_hidden_states=emb).means.shape
+    (B, 8, C, T, H, W)
+
+Video (new: no official pi-Flow video student exists). A ``WanTransformer3DModel`` student takes 5-D latents
+``(B, C, T, H, W)`` and ``t = sigma * 1000`` as ``WanPipeline`` passes them; its head keeps the trunk's (1, p, p)
+unpatchify (rows per pixel of a patch, as SD3's), so every policy field gains the frame axis T.
 
 Conventions (docs/design.md#conventions):
 
@@ -442,17 +449,24 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             if kept is not None:
                 self.teacher_modules = kept
 
+    @property
+    def _latent_dims(self) -> int:
+        """4 for image latents (B, C, H, W), 5 for video latents (B, C, T, H, W) (Wan)."""
+        return 5 if self._arch.video else 4
+
     def _check_latents(self, x_t: object) -> torch.Tensor:
         c, p = self._channels, self._patch
+        shape = "(B, C, T, H, W)" if self._arch.video else "(B, C, H, W)"
         if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point():
-            raise TypeError(f"x_t must be a floating-point tensor (B, C, H, W) with C = {c}, got {type(x_t).__name__}")
-        if x_t.dim() != 4 or x_t.shape[1] != c:
+            raise TypeError(f"x_t must be a floating-point tensor {shape} with C = {c}, got {type(x_t).__name__}")
+        if x_t.dim() != self._latent_dims or x_t.shape[1] != c:
             raise ValueError(
-                f"x_t must have shape (B, C, H, W) with C = {c} for this {self.teacher_class} student, got {tuple(x_t.shape)}"
+                f"x_t must have shape {shape} with C = {c} for this {self.teacher_class} student, got {tuple(x_t.shape)}"
             )
-        if x_t.shape[2] % p or x_t.shape[3] % p:
+        if x_t.shape[-2] % p or x_t.shape[-1] % p:
             raise ValueError(
-                f"x_t height and width must be multiples of {p} for this {self.teacher_class} student, got {tuple(x_t.shape[2:])}"
+                f"x_t height and width must be multiples of {p} for this {self.teacher_class} student, "
+                f"got {tuple(x_t.shape[-2:])}"
             )
         return x_t
 
@@ -479,7 +493,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
         """Policy at (x_t, timestep) in image layout.
 
         Args:
-            x_t: (B, C, H, W) noisy latents (unpacked, also for FLUX / Qwen-Image).
+            x_t: (B, C, H, W) noisy latents (unpacked, also for FLUX / Qwen-Image); Wan: video latents
+                (B, C, T, H, W), and every output field gains the frame axis T before H, W.
             timestep: sigma * 1000 (the diffusers scheduler timestep): float, 0-d or (B,) tensor.
             return_dict: False returns a 1-tuple holding the output.
             as_teacher: run the tied teacher instead (see :meth:`attach_teacher_head`): the trunk with its
@@ -495,7 +510,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
 
         Returns:
             GMFlowOutput (means (B, K, C, H, W), logweights (B, K, 1, H, W), logstds (B, 1, 1, 1, 1)) or
-            DXOutput (grid (B, N, C, H, W)), velocity parameterisation.
+            DXOutput (grid (B, N, C, H, W)), velocity parameterisation. Wan: means (B, K, C, T, H, W),
+            logweights (B, K, 1, T, H, W), logstds (B, 1, 1, 1, 1, 1), grid (B, N, C, T, H, W).
         """
         x_t = self._check_latents(x_t)
         t = self._trunk_timestep(timestep, x_t.shape[0], x_t.device)
@@ -548,7 +564,7 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
             parent = trunk.get_submodule(parent_path) if parent_path else trunk
             swaps.append((parent, attr, getattr(parent, attr)))
             setattr(parent, attr, module)
-        student_channels = getattr(trunk, "out_channels", None)
+        student_channels = getattr(trunk, "out_channels", None) if arch.sets_out_channels else None
         if arch.sets_out_channels:
             trunk.out_channels = self._teacher_channels  # what the teacher unpatchifies with
         adapters = _peft_layers(trunk)
@@ -599,8 +615,9 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
                 return DXOutput(grid=to_tokens(raw, c))
         else:
             per_pixel = width // p2
-            if raw.dim() != 4 or raw.shape[1] != per_pixel:
-                raise RuntimeError(f"trunk output {tuple(raw.shape)} is not (B, {per_pixel}, H, W)")
+            if raw.dim() != self._latent_dims or raw.shape[1] != per_pixel:
+                spatial = "T, H, W" if self._arch.video else "H, W"
+                raise RuntimeError(f"trunk output {tuple(raw.shape)} is not (B, {per_pixel}, {spatial})")
             if not gm:
                 return DXOutput(grid=raw.unflatten(1, (k, c)))
             means, logweights = raw[:, : k * c].unflatten(1, (k, c)), raw[:, k * c :].unsqueeze(2)
@@ -637,7 +654,8 @@ def build_student(
 
     Args:
         teacher: a diffusers ``UNet2DModel``, ``DiTTransformer2DModel``, ``SD3Transformer2DModel``,
-            ``FluxTransformer2DModel``, ``QwenImageTransformer2DModel`` or ``Flux2Transformer2DModel``.
+            ``FluxTransformer2DModel``, ``QwenImageTransformer2DModel``, ``Flux2Transformer2DModel`` or
+            ``WanTransformer3DModel`` (video, latents (B, C, T, H, W)).
         policy_type: "GMFlow" or "DX".
         num_components: K for GMFlow (the official students use 8 for FLUX.1 / FLUX.2 / Qwen-Image, 32 for DiT).
         num_points: N for DX.

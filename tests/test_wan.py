@@ -1,0 +1,143 @@
+"""Video: students of a Wan teacher (``WanTransformer3DModel``) on 5-D latents (B, C, T, H, W), ``to_piflow`` of a
+``WanPipeline``, and the data-free trainer on video latents. Everything is tiny and random, built from configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")  # students wrap diffusers models
+from piflow_kernels import DXOutput, GMFlowOutput, layouts  # noqa: E402
+from piflow_kernels.students import PiFlowStudent, build_student  # noqa: E402
+
+C, T, H, W, TEXT_LEN, TEXT_DIM = 3, 3, 6, 10, 7, 12
+
+
+def tiny_wan(seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised tiny ``WanTransformer3DModel`` (patches (1, 2, 2)), in eval mode."""
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=C,
+        text_dim=TEXT_DIM, freq_dim=8, ffn_dim=16, num_layers=2, rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+
+
+def wan_inputs(batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Fresh random (x_t (B, C, T, H, W), timestep = sigma * 1000 (B,), {"encoder_hidden_states": ...})."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, C, T, H, W, generator=g)
+    t = torch.rand(batch, generator=g) * 980 + 10
+    return x, t, {"encoder_hidden_states": torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g)}
+
+
+# ---------------------------------------------------------------------------- the student
+
+
+def test_geometry_and_arch_of_wan():
+    teacher = tiny_wan()
+    assert layouts.teacher_class_name(teacher) == "WanTransformer3DModel"
+    arch = layouts.arch_for("WanTransformer3DModel")
+    assert arch.video and arch.layout == "image" and arch.row_order == "pc" and not arch.sets_out_channels
+    assert layouts.geometry("WanTransformer3DModel", teacher.config) == (C, C, 2)
+    assert layouts.geometry("WanTransformer3DModel", dict(teacher.config)) == (C, C, 2)
+    assert layouts.TEXT_ARGS["WanTransformer3DModel"] == {"prompt_embeds": "encoder_hidden_states"}
+    with pytest.raises(ValueError, match=r"patches \(1, p, p\)"):
+        layouts.geometry("WanTransformer3DModel", {"in_channels": 3, "out_channels": 3, "patch_size": (2, 2, 2)})
+
+
+@pytest.mark.parametrize("k", [1, 3], ids=lambda k: f"K{k}")
+def test_gm_student_starts_at_the_teacher(k):
+    teacher = tiny_wan()
+    student = build_student(teacher, "GMFlow", num_components=k, init_noise=0.0, logstd_inner_dim=16).eval()
+    x, t, kwargs = wan_inputs()
+    with torch.no_grad():
+        ref = teacher(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0]
+        out = student(x, t, **kwargs)
+    assert ref.shape == x.shape
+    b = x.shape[0]
+    assert isinstance(out, GMFlowOutput)
+    assert out.means.shape == (b, k, C, T, H, W)
+    assert out.logweights.shape == (b, k, 1, T, H, W)
+    assert out.logstds.shape == (b, 1, 1, 1, 1, 1)
+    torch.testing.assert_close(out.logstds, torch.full_like(out.logstds, math.log(0.05)), atol=1e-6, rtol=0)
+    for i in range(k):
+        torch.testing.assert_close(out.means[:, i], ref, atol=1e-6, rtol=0)
+    velocity = (out.logweights.exp() * out.means).sum(1)  # the mixture's mean velocity at the source point
+    torch.testing.assert_close(velocity, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dx_student_starts_at_the_teacher():
+    teacher = tiny_wan()
+    student = build_student(teacher, "DX", num_points=4).eval()
+    x, t, kwargs = wan_inputs(batch=3)
+    with torch.no_grad():
+        ref = teacher(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0]
+        out = student(x, t, **kwargs)
+    assert isinstance(out, DXOutput) and out.grid.shape == (3, 4, C, T, H, W)
+    for n in range(4):
+        torch.testing.assert_close(out.grid[:, n], ref, atol=1e-6, rtol=0)
+
+
+def test_init_noise_is_per_component_and_channel():
+    teacher = tiny_wan()
+    student = build_student(teacher, num_components=4, logstd_inner_dim=16, generator=torch.Generator().manual_seed(5))
+    x, t, kwargs = wan_inputs()
+    with torch.no_grad():
+        ref = teacher(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0]
+        offset = student.eval()(x, t, **kwargs).means - ref[:, None]  # (B, K, C, T, H, W)
+    per_kc = offset[0, :, :, 0, 0, 0]
+    torch.testing.assert_close(offset, per_kc[None, :, :, None, None, None].expand_as(offset), atol=1e-5, rtol=0)
+    assert per_kc.abs().min() > 0
+
+
+def test_forward_matches_a_hand_trunk_call():
+    student = build_student(tiny_wan(), num_components=3, logstd_inner_dim=16).eval()
+    x, t, kwargs = wan_inputs()
+    with torch.no_grad():
+        out = student(x, t, **kwargs)
+        raw = student.trunk(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0]  # Wan takes t = sigma * 1000
+        native = student.forward_native(hidden_states=x, timestep=t, **kwargs)
+        temb = student.trunk.condition_embedder.time_embedder(
+            student.trunk.condition_embedder.timesteps_proj(t).float()
+        )
+        logstds = student.proj_out_logstds(temb)
+    assert raw.shape == (2, 3 * C + 3, T, H, W)  # the trunk's own unpatchify: (B, K*C + K, T, H, W)
+    torch.testing.assert_close(out.means, raw[:, : 3 * C].unflatten(1, (3, C)), atol=0, rtol=0)
+    torch.testing.assert_close(out.logweights, torch.log_softmax(raw[:, 3 * C :], dim=1).unsqueeze(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.logstds, logstds.reshape(2, 1, 1, 1, 1, 1), atol=1e-6, rtol=0)
+    for key in out.keys():
+        assert torch.equal(getattr(out, key), getattr(native, key)), key
+
+
+@pytest.mark.parametrize("policy", ["GMFlow", "DX"])
+def test_save_and_load_round_trip_exactly(tmp_path, policy):
+    student = build_student(tiny_wan(), policy, num_components=3, num_points=3, logstd_inner_dim=16).eval()
+    student.save_pretrained(tmp_path)
+    loaded = PiFlowStudent.from_pretrained(tmp_path).eval()
+    a, b = student.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x, t, kwargs = wan_inputs()
+    with torch.no_grad():
+        out_a, out_b = student(x, t, **kwargs), loaded(x, t, **kwargs)
+    for key in out_a.keys():
+        assert torch.equal(getattr(out_a, key), getattr(out_b, key)), key
+
+
+def test_tied_teacher_is_the_teacher():
+    teacher = tiny_wan()
+    student = build_student(teacher, num_components=2, logstd_inner_dim=16).eval()
+    student.attach_teacher_head(teacher.proj_out)
+    x, t, kwargs = wan_inputs()
+    with torch.no_grad():
+        ref = teacher(hidden_states=x, timestep=t, **kwargs, return_dict=False)[0]
+        torch.testing.assert_close(student(x, t, as_teacher=True, **kwargs), ref, atol=0, rtol=0)
+
+
+def test_image_latents_are_refused_with_the_video_shape():
+    student = build_student(tiny_wan(), num_components=2, logstd_inner_dim=16).eval()
+    with pytest.raises(ValueError, match=r"\(B, C, T, H, W\) with C = 3"):
+        student(torch.randn(1, C, H, W), 500.0, encoder_hidden_states=torch.randn(1, TEXT_LEN, TEXT_DIM))
+    with pytest.raises(ValueError, match="multiples of 2"):
+        student(torch.randn(1, C, T, 5, W), 500.0, encoder_hidden_states=torch.randn(1, TEXT_LEN, TEXT_DIM))

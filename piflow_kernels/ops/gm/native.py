@@ -3,9 +3,10 @@
 The torch twin (:mod:`piflow_kernels.ops.gm.torch_twin`) runs a rollout as one compiled substep per call,
 and each call streams the whole (B, K, C, L) policy through memory: at B=16, K=32, C=4, 32x32 that is 12 MB
 per substep. This module does what the Triton rollout kernel does on a GPU, on CPU cores: 16 pixels at a
-time (one AVX-512 register per quantity), their (K, C) policy slice (8 KB at K=32, C=4) loaded once and
-kept in L1, every substep of the rollout run on it, x written once. Same algebra as the Triton kernel
-(logits centred on the prior mixture mean, log2 units, an online max) in float32.
+time (one AVX-512 register per quantity; 8, one AVX2 register, on x86 without AVX-512), their (K, C) policy
+slice (8 KB at K=32, C=4) loaded once and kept in L1, every substep of the rollout run on it, x written once.
+The algebra is the torch twin's substep (centred on x_src, u formed without x0, per-component stds about the
+per-pixel pivot component), in float32 and log2 units.
 
 The C source is ``native.c`` beside this file (its ``@GM_EPS@`` and ``@LOG2E@`` come from
 :mod:`piflow_kernels.constants`), compiled at first use with the system C compiler into a cache folder
@@ -39,13 +40,12 @@ import torch
 
 from piflow_kernels.constants import GM_EPS, LOG2E
 from piflow_kernels.files import DamagedFileError, read_text, sha256_file
-from piflow_kernels.ops.gm.torch_twin import source_terms, variances
+from piflow_kernels.ops.gm.torch_twin import variances
 from piflow_kernels.ops.records import GMTensors, RolloutPlan
 from piflow_kernels.timesteps import sigma_table
 
 logger = logging.getLogger(__name__)
 
-VL = 16  # pixels per block: one 512-bit register of float32
 _PIXELS_PER_ITEM = 256  # pixels of one sample per work item handed to a thread
 
 
@@ -158,7 +158,7 @@ def _build() -> tuple[object | None, str | None]:
             errors.append(f"{' '.join(flags)}: {err}")
             continue
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr] * 9 + [i64] * 4 + [ctypes.c_int] + [i64] * 3
+        fn.argtypes = [ptr] * 7 + [i64] * 4 + [ctypes.c_int] + [i64] * 3
         fn.restype = ctypes.c_int
         return fn, None
     return None, "the C build failed: " + " | ".join(errors)
@@ -197,10 +197,9 @@ def gm_rollout_native(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPla
     """
     means = policy.means
     b, k, c, length = means.shape
-    cn_src, c_src = source_terms(policy.sigma_src)
     table = torch.stack(sigma_table(*plan.kernel_args), 1)  # (B, T): a finished sample repeats its last sigma
     var = variances(policy)  # per-sample std: the kernel reads var[:, 0]
-    inputs = (means, policy.logweights, policy.x_src, var, policy.sigma_src, cn_src, c_src, table)
+    inputs = (means, policy.logweights, policy.x_src, var, policy.sigma_src, table)
     args = [t.detach().float().contiguous() for t in inputs]
     out = x_start.detach().float().contiguous().clone()
     ptrs = [t.data_ptr() for t in args] + [out.data_ptr()]

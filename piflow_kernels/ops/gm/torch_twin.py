@@ -41,13 +41,6 @@ def variances(policy: GMTensors) -> torch.Tensor:
     return (torch.exp(2.0 * policy.logstds.float()) * policy.sigma_src.float()[:, None] ** 2).expand(b, k)
 
 
-def source_terms(sigma_src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a_src / s_src^2, (a_src / s_src)^2), (B,) float32 with s_src clamped: nu_src = the first times x_src."""
-    s_src = sigma_src.float().clamp(min=GM_EPS)
-    a_src = 1.0 - s_src
-    return a_src / s_src**2, (a_src / s_src) ** 2
-
-
 class _PivotedSoftmax(torch.autograd.Function):
     """softmax over dim 1 (B, K, L) whose backward shifts dL/dw by its value at the per-pixel argmax of w before
     forming w_k (e_k - sum_j w_j e_j) (the shift cancels exactly). Unshifted, the dominant component's
@@ -313,6 +306,5 @@ __all__ = [
     "gm_velocity_torch",
     "last_compile_seconds",
     "rollout_source",
-    "source_terms",
     "variances",
 ]

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a tiny random text-to-image pipeline (every component from a config, tokenizers from small "
         "in-memory vocabularies: nothing is downloaded) and save it with save_pretrained. Its images are noise.",
     )
-    tiny.add_argument("kind", choices=("flux", "sd3", "qwen", "flux2"), help="which pipeline")
+    tiny.add_argument("kind", choices=("flux", "sd3", "qwen", "flux2", "wan"), help="which pipeline")
     tiny.add_argument("out", help="the folder to write (new or empty)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.add_argument("--prompts", default=None, metavar="FILE",

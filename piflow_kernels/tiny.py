@@ -1,6 +1,6 @@
 """Tiny random text-to-image pipelines, saved like the real ones, to try a distillation recipe end to end on a CPU.
 
-    $ python -m piflow_kernels make-tiny-pipeline flux runs/tiny/flux      # or sd3, qwen, flux2
+    $ python -m piflow_kernels make-tiny-pipeline flux runs/tiny/flux      # or sd3, qwen, flux2, wan
     >>> save_tiny_pipeline("flux", "runs/tiny/flux", seed=0)
 
 Every component is built from a config with random weights (a few thousand parameters: the transformer, the VAE
@@ -11,7 +11,9 @@ command that takes a real pipeline folder takes these. The images they make are 
 the speed and the memory of a recipe, not its quality.
 
 Geometry (latent channels C, VAE downsampling 2, packing 2x2 for FLUX / Qwen-Image / FLUX.2): FLUX.1 C = 3, SD3
-C = 5, Qwen-Image C = 3, FLUX.2 C = 3; 16 x 16 images are 8 x 8 latents.
+C = 5, Qwen-Image C = 3, FLUX.2 C = 3; 16 x 16 images are 8 x 8 latents. Wan (text-to-video, ``WanPipeline``,
+the layout of ``Wan2.1-T2V-1.3B-Diffusers``): C = 3, VAE downsampling 2 in time and space, (1, 2, 2) patches; 5
+frames of 16 x 16 are latents (B, 3, 3, 8, 8). Its text encoder is a ``UMT5EncoderModel`` with the T5 tokenizer.
 
 FLUX.2's text encoder is a ``Mistral3ForConditionalGeneration`` of 30 layers (``encode_prompt`` stacks layers 10, 20
 and 30), and its tokenizer a ``PreTrainedTokenizerFast`` with a chat template, which ``encode_prompt`` calls as it
@@ -29,7 +31,7 @@ import torch
 
 __all__ = ["TINY_KINDS", "TINY_WORDS", "save_tiny_pipeline", "tiny_prompts"]
 
-TINY_KINDS = ("flux", "sd3", "qwen", "flux2")
+TINY_KINDS = ("flux", "sd3", "qwen", "flux2", "wan")
 #: the words the tiny tokenizers know as whole tokens (other text is split into characters, or bytes for Qwen)
 TINY_WORDS = "a photo of the cat dog red blue on in with big small tree house car sky".split()
 _TEXT_DIM = 12  # T5 width (FLUX, SD3), Qwen2.5-VL width and 3 Mistral layers (FLUX.2): the joint_attention_dim
@@ -197,11 +199,30 @@ def _flux2():
     return Flux2Pipeline(scheduler, vae, encoder, tok, transformer)
 
 
-_BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen": _qwen, "flux2": _flux2}
+def _wan():
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = _t5_tokenizer()
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=_TEXT_DIM, d_kv=6, d_ff=16, num_layers=1,
+                                          num_heads=2, relative_attention_num_buckets=8)).eval()  # fmt: skip
+    # 2x temporal and spatial downsampling: 5 frames of 16 x 16 are latents (3, 3, 8, 8)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[True], latents_mean=[0.0] * 3, latents_std=[1.0] * 3,
+                           scale_factor_temporal=2, scale_factor_spatial=2).eval()  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3,
+        text_dim=_TEXT_DIM, freq_dim=8, ffn_dim=16, num_layers=2, rope_max_seq_len=32,
+    )  # fmt: skip
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(tokenizer=tok, text_encoder=encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+
+
+_BUILDERS = {"flux": _flux, "sd3": _sd3, "qwen": _qwen, "flux2": _flux2, "wan": _wan}
 
 
 def save_tiny_pipeline(kind: str, folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny random ``kind`` pipeline ("flux", "sd3", "qwen" or "flux2") from ``seed`` and ``save_pretrained`` it
+    """Build the tiny random ``kind`` pipeline ("flux", "sd3", "qwen", "flux2" or "wan") from ``seed`` and ``save_pretrained`` it
     to ``folder`` (which must not hold files). Returns the folder."""
     if kind not in _BUILDERS:
         raise ValueError(f"kind must be one of {', '.join(TINY_KINDS)}, got {kind!r}")

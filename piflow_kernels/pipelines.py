@@ -32,6 +32,13 @@ to the network) works as usual. Classifier-free guidance (SD3's ``guidance_scale
 ``true_cfg_scale > 1`` with a negative prompt) would mix two policies arithmetically and is refused
 with an error: call SD3 pipelines with ``guidance_scale=1.0``.
 
+Video (Wan). ``WanPipeline`` (Wan2.1 text-to-video) keeps its latents as (B, C, T, H, W) and calls the transformer with
+``t = sigma * 1000``; a ``WanTransformer3DModel`` student returns policy fields with the frame axis, (B, K, C, T, H, W),
+and the scheduler steps the video latents as they are. Its ``UniPCMultistepScheduler``'s ``flow_shift`` becomes the
+pi-Flow ``shift``. Call it with ``guidance_scale=1.0`` (its default, 5.0, is classifier-free guidance). Wan2.2's
+two-stage denoising (``transformer_2``) and per-token timesteps (``expand_timesteps``) are refused. New: no official
+pi-Flow video student exists.
+
 Re-noising noise (``h > 0``). Stock pipelines do not pass their generator to ``scheduler.step``; the
 noise then comes from ``pipe.scheduler.generator`` when set, else from torch's global RNG.
 
@@ -90,7 +97,7 @@ __all__ = ["to_piflow", "load_piflow_pipeline", "PiFlowTransformer", "PiFlowPipe
 logger = logging.getLogger(__name__)
 
 # pipelines whose denoising loop this module is tested against (others with the same loop may work)
-TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
+TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline", "WanPipeline")
 
 # sampling steps of a converted pipeline called without num_inference_steps when the student does not record
 # its distilled step count: that of the released pi-FLUX / pi-Qwen-Image students and of PiIDConfig's nfe
@@ -347,8 +354,9 @@ class PiFlowTransformer(ModelMixin):
         return self.student.device
 
     @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
-        """The trunk's cache context; the "uncond" branch (true classifier-free guidance) is refused."""
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """The trunk's cache context; the "uncond" branch (true classifier-free guidance) is refused. Keywords
+        (``WanPipeline``'s ``step_index``, ``sigma``, ...) go to the trunk's."""
         if name == "uncond":
             raise ValueError(
                 "true classifier-free guidance (true_cfg_scale > 1 with a negative prompt) is not supported with a "
@@ -359,7 +367,7 @@ class PiFlowTransformer(ModelMixin):
         if inner is None:
             yield
             return
-        with inner(name):
+        with inner(name, **kwargs):
             yield
 
     def _pipeline(self) -> object | None:
@@ -464,6 +472,38 @@ def _check_scheduler_config(scheduler_config: dict[str, Any], student: PiFlowStu
         )
 
 
+def _check_wan(pipe: Any) -> None:
+    """``WanPipeline``: one transformer (Wan2.1), one timestep per sample; Wan2.2's two-stage denoising
+    (``transformer_2``, ``boundary_ratio``) and per-token timesteps (``expand_timesteps``) are refused."""
+    config = getattr(pipe, "config", {})
+    if getattr(pipe, "transformer_2", None) is not None or config.get("boundary_ratio") is not None:
+        raise ValueError(
+            "to_piflow: a WanPipeline with a second transformer (Wan2.2 two-stage denoising, transformer_2 / "
+            "boundary_ratio) is not supported: a student replaces one transformer for the whole schedule"
+        )
+    if config.get("expand_timesteps"):
+        raise ValueError(
+            "to_piflow: a WanPipeline with expand_timesteps=True (Wan2.2 TI2V, one timestep per token) is not supported: "
+            "a pi-Flow student takes one timestep per sample"
+        )
+
+
+# the keys of WanPipeline's UniPCMultistepScheduler (flow sigmas) that PiFlowScheduler does not take; flow_shift is
+# its time shift, the same sigma -> shift * sigma / (1 + (shift - 1) * sigma) as a flow-matching scheduler's shift
+_UNIPC_FLOW_KEYS = ("flow_shift", "use_flow_sigmas", "prediction_type")
+
+
+def _scheduler_base_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A pipeline's scheduler config as PiFlowScheduler config keys (``flow_shift`` read as ``shift``)."""
+    out = dict(config)
+    if out.get("flow_shift") is not None and "shift" not in out:
+        out["shift"] = out["flow_shift"]
+    if "flow_shift" in config:
+        for key in _UNIPC_FLOW_KEYS:
+            out.pop(key, None)
+    return out
+
+
 def to_piflow(
     pipe: Any,
     student: PiFlowStudent,
@@ -533,13 +573,15 @@ def to_piflow(
     if num_inference_steps is not None:
         num_inference_steps = positive_int("num_inference_steps", num_inference_steps)
     _check_scheduler_config(scheduler_config, student)
+    if pipe_name == "WanPipeline":
+        _check_wan(pipe)
     if pipe_name not in TESTED_PIPELINES:
         logger.warning("to_piflow: %s is not among the tested pipelines %s", pipe_name, TESTED_PIPELINES)
 
     if scheduler is None:
         # explicit keywords > the student's recorded settings > the pipeline's scheduler config > the defaults
         settings = {**student.sampling, **scheduler_config, "policy_type": student.policy_type}
-        new_scheduler = PiFlowPipelineScheduler.from_config(pipe.scheduler.config, **settings)
+        new_scheduler = PiFlowPipelineScheduler.from_config(_scheduler_base_config(pipe.scheduler.config), **settings)
     else:
         if not isinstance(scheduler, PiFlowScheduler):
             raise TypeError(

@@ -141,3 +141,110 @@ def test_image_latents_are_refused_with_the_video_shape():
         student(torch.randn(1, C, H, W), 500.0, encoder_hidden_states=torch.randn(1, TEXT_LEN, TEXT_DIM))
     with pytest.raises(ValueError, match="multiples of 2"):
         student(torch.randn(1, C, T, 5, W), 500.0, encoder_hidden_states=torch.randn(1, TEXT_LEN, TEXT_DIM))
+
+
+# ---------------------------------------------------------------------------- to_piflow(WanPipeline)
+
+FRAMES, SIZE = 5, 16  # pixels; the tiny VAE downsamples by 2 in time and space: latents (C, 3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    """The tiny random WanPipeline (UMT5 text encoder, AutoencoderKLWan, T5 tokenizer), saved as a real one is."""
+    from piflow_kernels.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("wan", tmp_path_factory.mktemp("wan") / "pipe", seed=0)
+
+
+def wan_pipe(folder):
+    pipe = diffusers.WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_student(pipe, policy_type="GMFlow"):
+    g = torch.Generator().manual_seed(7)
+    return build_student(pipe.transformer, policy_type, num_components=3, num_points=4, logstd_inner_dim=16, generator=g).eval()
+
+
+@torch.no_grad()
+def hand_loop(student, x, steps, shift, f, cond, temperature=1.0, dx=None):
+    """The sampler written from the public pieces on video latents, h = 0 (deterministic FlowMapSDE)."""
+    from piflow_kernels import make_policy, reference
+
+    sigmas = reference.flowmap_sde_sigmas(steps, shift, f).tolist()
+    for i in range(steps):
+        out = student(x, torch.tensor(sigmas[i], dtype=torch.float32) * 1000, **cond)
+        if dx is None:
+            policy = make_policy(out, x, sigmas[i])
+            if i < steps - 1:
+                policy = policy.temperature(temperature)
+        else:
+            policy = make_policy(out, x, sigmas[i], segment_size=dx, shift=shift)
+        x_dst = policy.rollout(x, sigmas[i], sigmas[i + 1], total_substeps=128, shift=shift)
+        _, m = reference.flowmap_sde_dst(sigmas[i], sigmas[i + 1], 0)
+        x = reference.flowmap_sde_step(x_dst, sigmas[i + 1], m, torch.zeros_like(x_dst))
+    return x
+
+
+@pytest.mark.parametrize("policy_type", ["GMFlow", "DX"])
+def test_wan_pipeline_matches_a_hand_loop(wan_folder, policy_type):
+    from piflow_kernels import to_piflow
+    from piflow_kernels.pipelines import PiFlowPipelineScheduler
+
+    steps, shift, f = 3, 3.0, 0.5
+    seg = 1.0 / (steps - 1 + f)
+    options = {"temperature": 0.7} if policy_type == "GMFlow" else {"dx_segment_size": seg, "dx_shift": shift}
+    pipe = wan_pipe(wan_folder)
+    student = wan_student(pipe, policy_type)
+    to_piflow(pipe, student, final_step_size_scale=f, **options)
+    assert isinstance(pipe.scheduler, PiFlowPipelineScheduler)
+    assert pipe.scheduler.config.shift == 3.0  # the UniPC scheduler's flow_shift
+    x0 = torch.randn(2, C, 3, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red cat", "a blue car on the sky"]
+    kw = {"num_frames": FRAMES, "height": SIZE, "width": SIZE, "max_sequence_length": 16}
+    got = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, latents=x0, output_type="latent", **kw).frames
+    assert got.shape == x0.shape and torch.isfinite(got).all()
+    embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=16)
+    dx = None if policy_type == "GMFlow" else seg
+    ref = hand_loop(student, x0, steps, shift, f, {"encoder_hidden_states": embeds}, 0.7, dx)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the pipeline's own noise (its generator) gives the same video as those latents drawn by hand
+    g = torch.Generator().manual_seed(4)
+    drawn = torch.randn(1, C, 3, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(4))
+    a = pipe("a cat", num_inference_steps=steps, guidance_scale=1.0, generator=g, output_type="latent", **kw).frames
+    b = pipe("a cat", num_inference_steps=steps, guidance_scale=1.0, latents=drawn, output_type="latent", **kw).frames
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_wan_pipeline_decodes_a_video_and_saves(wan_folder, tmp_path):
+    from piflow_kernels import load_piflow_pipeline, to_piflow
+
+    pipe = to_piflow(wan_pipe(wan_folder), wan_student(wan_pipe(wan_folder)), num_inference_steps=2)
+    kw = {"num_frames": FRAMES, "height": SIZE, "width": SIZE, "max_sequence_length": 16, "guidance_scale": 1.0}
+    video = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames
+    assert video.shape == (1, FRAMES, SIZE, SIZE, 3)
+    pipe.save_pretrained(tmp_path / "pi")
+    loaded = load_piflow_pipeline(tmp_path / "pi")
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded("a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames
+    assert again.shape == video.shape
+    assert abs(again - video).max() < 1e-5  # the default step count (2) came back too
+
+
+def test_wan_pipeline_refuses_guidance_and_two_stage_denoising(wan_folder):
+    from piflow_kernels import to_piflow
+
+    pipe = wan_pipe(wan_folder)
+    to_piflow(pipe, wan_student(pipe))
+    kw = {"num_frames": FRAMES, "height": SIZE, "width": SIZE, "max_sequence_length": 16, "output_type": "latent"}
+    with pytest.raises(ValueError, match="guidance_scale=1.0"):
+        pipe("a cat", num_inference_steps=2, **kw)  # WanPipeline's default guidance_scale is 5.0
+    two_stage = wan_pipe(wan_folder)
+    two_stage.register_modules(transformer_2=tiny_wan())
+    with pytest.raises(ValueError, match="transformer_2"):
+        to_piflow(two_stage, wan_student(two_stage))
+    ti2v = wan_pipe(wan_folder)
+    ti2v.register_to_config(expand_timesteps=True)
+    with pytest.raises(ValueError, match="expand_timesteps"):
+        to_piflow(ti2v, wan_student(ti2v))

@@ -89,7 +89,7 @@ from piflow_kernels.files import DamagedFileError, check_torch_file, read_json, 
 from piflow_kernels.layouts import packed_to_tokens, tokens_to_packed
 from piflow_kernels.outputs import DXOutput, GMFlowOutput
 from piflow_kernels.sampling import student_settings, warn_differing
-from piflow_kernels.scheduler import PiFlowScheduler
+from piflow_kernels.scheduler import PiFlowScheduler, check_strength
 from piflow_kernels.students import PiFlowStudent
 
 __all__ = ["to_piflow", "load_piflow_pipeline", "PiFlowTransformer", "PiFlowPipelineScheduler"]
@@ -97,7 +97,15 @@ __all__ = ["to_piflow", "load_piflow_pipeline", "PiFlowTransformer", "PiFlowPipe
 logger = logging.getLogger(__name__)
 
 # pipelines whose denoising loop this module is tested against (others with the same loop may work)
-TESTED_PIPELINES = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline", "WanPipeline")
+TESTED_PIPELINES = (
+    "FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline",
+    "FluxImg2ImgPipeline", "StableDiffusion3Img2ImgPipeline", "QwenImageImg2ImgPipeline",  # strength: part-way start
+    "FluxKontextPipeline", "QwenImageEditPipeline",  # editing: the reference image's tokens after the generated image's
+    "WanPipeline",  # video: latents (B, C, T, H, W), Wan2.1 text-to-video (one transformer, one timestep per sample)
+)  # fmt: skip
+# image-to-image pipelines whose ``strength`` starts the pi-Flow schedule part-way as the official sampler's ``denoise``
+# (the raw grid times strength, every step run); they call set_timesteps, get_timesteps(n, strength), scale_noise
+PART_WAY_PIPELINES = ("FluxImg2ImgPipeline", "StableDiffusion3Img2ImgPipeline", "QwenImageImg2ImgPipeline")
 
 # sampling steps of a converted pipeline called without num_inference_steps when the student does not record
 # its distilled step count: that of the released pi-FLUX / pi-Qwen-Image students and of PiIDConfig's nfe
@@ -177,6 +185,7 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
 
     def __init__(self, *args: Any, default_num_inference_steps: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._call_strength: float | None = None  # set by an image-to-image pipeline's call (:meth:`starting_at`)
         if default_num_inference_steps is not None:
             default_num_inference_steps = positive_int(_DEFAULT_STEPS_KEY, default_num_inference_steps)
         cfg = self.config
@@ -184,6 +193,30 @@ class PiFlowPipelineScheduler(PiFlowScheduler):
             **{theirs: cfg[ours] for theirs, ours in _FLOW_MATCH_ALIASES.items()},
             default_num_inference_steps=default_num_inference_steps,
         )
+
+    @contextlib.contextmanager
+    def starting_at(self, strength: float) -> Iterator[None]:
+        """Within the block, ``set_timesteps`` without a ``strength`` of its own uses ``strength`` (a converted
+        image-to-image pipeline's call sets it: the stock pipeline then runs with strength 1 on the part-way grid)."""
+        previous, self._call_strength = self._call_strength, check_strength(strength)
+        try:
+            yield
+        finally:
+            self._call_strength = previous
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: Any = None,
+        mu: float | None = None,
+        seq_len: int | None = None,
+        strength: float | None = None,
+    ) -> None:
+        """:meth:`PiFlowScheduler.set_timesteps`; ``strength`` None takes the one of :meth:`starting_at`, if any."""
+        if strength is None:
+            strength = getattr(self, "_call_strength", None)
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, seq_len=seq_len, strength=strength)
 
     def _interpret_sigmas(self, num_inference_steps: int | None, sigmas: object) -> tuple[int | None, object]:
         """The stock default ``sigmas = linspace(1, 1/n, n)`` means n steps of this scheduler's own grid (they
@@ -358,11 +391,7 @@ class PiFlowTransformer(ModelMixin):
         """The trunk's cache context; the "uncond" branch (true classifier-free guidance) is refused. Keywords
         (``WanPipeline``'s ``step_index``, ``sigma``, ...) go to the trunk's."""
         if name == "uncond":
-            raise ValueError(
-                "true classifier-free guidance (true_cfg_scale > 1 with a negative prompt) is not supported with a "
-                "pi-Flow student: it would mix two policies arithmetically. Drop the negative prompt or set "
-                "true_cfg_scale=1 (FLUX's embedded guidance_scale works as usual)."
-            )
+            raise ValueError(_TRUE_CFG_MESSAGE)
         inner = getattr(self.student.trunk, "cache_context", None)
         if inner is None:
             yield
@@ -427,6 +456,54 @@ def _fill_default_steps(pipe: Any, signature: inspect.Signature, args: tuple, kw
     return {**kwargs, "num_inference_steps": steps}
 
 
+_TRUE_CFG_MESSAGE = (
+    "true classifier-free guidance (true_cfg_scale > 1 with a negative prompt) is not supported with a "
+    "pi-Flow student: it would mix two policies arithmetically. Drop the negative prompt or set "
+    "true_cfg_scale=1 (FLUX's embedded guidance_scale works as usual)."
+)
+
+
+def _bound_arguments(signature: inspect.Signature, pipe: Any, args: tuple, kwargs: dict) -> inspect.BoundArguments | None:
+    try:
+        return signature.bind_partial(pipe, *args, **kwargs)
+    except TypeError:  # the pipeline's own call raises it, with its own message
+        return None
+
+
+def _check_true_cfg(pipe: Any, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+    """Refuse true CFG before the pipeline runs (``FluxKontextPipeline`` / ``FluxImg2ImgPipeline`` call the negative
+    branch without the "uncond" cache context that :meth:`PiFlowTransformer.cache_context` refuses)."""
+    if "true_cfg_scale" not in signature.parameters:
+        return
+    bound = _bound_arguments(signature, pipe, args, kwargs)
+    if bound is None:
+        return
+    given = bound.arguments
+    scale = given.get("true_cfg_scale", signature.parameters["true_cfg_scale"].default)
+    negative = any(given.get(k) is not None for k in ("negative_prompt", "negative_prompt_embeds"))
+    if negative and isinstance(scale, (int, float)) and scale > 1:
+        raise ValueError(_TRUE_CFG_MESSAGE)
+
+
+def _part_way_call(pipe: Any, signature: inspect.Signature, args: tuple, kwargs: dict) -> tuple[float, tuple, dict] | None:
+    """For an image-to-image pipeline of :data:`PART_WAY_PIPELINES` with a :class:`PiFlowPipelineScheduler`:
+    (strength, args, kwargs) with the call's ``strength`` (else the pipeline's default) checked and replaced by 1, so
+    that the stock ``get_timesteps`` keeps every step of the grid the scheduler lays out from ``strength``. None for
+    other pipelines."""
+    base = getattr(type(pipe), "_piflow_base_class", type(pipe))
+    if base.__name__ not in PART_WAY_PIPELINES or "strength" not in signature.parameters:
+        return None
+    if not isinstance(getattr(pipe, "scheduler", None), PiFlowPipelineScheduler):
+        return None
+    bound = _bound_arguments(signature, pipe, args, kwargs)
+    if bound is None:
+        return None
+    default = signature.parameters["strength"].default
+    strength = check_strength(bound.arguments.get("strength", None if default is inspect.Parameter.empty else default))
+    bound.arguments["strength"] = 1.0
+    return strength, bound.args[1:], bound.kwargs
+
+
 @functools.cache
 def _piflow_pipeline_class(cls: type) -> type:
     """``cls`` with a ``__call__`` whose default step count is the scheduler's ``default_num_inference_steps``.
@@ -439,7 +516,14 @@ def _piflow_pipeline_class(cls: type) -> type:
 
     @functools.wraps(base_call)
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return base_call(self, *args, **_fill_default_steps(self, signature, args, kwargs))
+        kwargs = _fill_default_steps(self, signature, args, kwargs)
+        _check_true_cfg(self, signature, args, kwargs)
+        part_way = _part_way_call(self, signature, args, kwargs)
+        if part_way is None:
+            return base_call(self, *args, **kwargs)
+        strength, args, kwargs = part_way
+        with self.scheduler.starting_at(strength):
+            return base_call(self, *args, **kwargs)
 
     namespace = {"__call__": __call__, "_piflow_base_class": cls, "__module__": cls.__module__,
                  "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}  # fmt: skip

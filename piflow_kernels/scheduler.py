@@ -98,6 +98,19 @@ def _check_temperature(temperature: float | str) -> float | str:
     return float(temperature)
 
 
+def check_strength(strength: object) -> float:
+    """An image-to-image ``strength`` as a float in (0, 1] (None: 1.0), else a ``ValueError`` naming it."""
+    if strength is None:
+        return 1.0
+    ok = not isinstance(strength, bool) and isinstance(strength, (int, float, np.integer, np.floating))
+    if not ok or not math.isfinite(strength) or not 0.0 < strength <= 1.0:
+        raise ValueError(
+            f"strength must be a number in (0, 1] (the fraction of the raw noise schedule an image-to-image run "
+            f"starts at; 1 starts from pure noise), got {strength!r}"
+        )
+    return float(strength)
+
+
 class PiFlowScheduler(SchedulerMixin, ConfigMixin):
     """Few-step pi-Flow sampler (FlowMapSDE) for students that output a policy.
 
@@ -368,6 +381,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         sigmas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
         mu: float | None = None,
         seq_len: int | None = None,
+        strength: float | None = None,
     ) -> None:
         """Set the sampling schedule of ``num_inference_steps`` steps (any number: elastic NFE).
 
@@ -381,7 +395,12 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
                 shifted like the default grid (diffusers' ``FlowMatchEulerDiscreteScheduler`` convention).
             mu: log-shift for dynamic shifting (``shift = exp(mu)``); used only when ``use_dynamic_shifting``.
             seq_len: number of latent positions for dynamic shifting when ``mu`` is not given.
+            strength: image-to-image start in (0, 1] (None: 1). The raw grid (default or ``sigmas``) is multiplied by
+                it before the shift, as the official pi-Flow sampler's ``denoise``: all ``num_inference_steps`` steps
+                run, from sigma ``warp(strength * max_raw_t)`` down to 0; start from
+                ``scale_noise(image_latents, timesteps[0], noise)``.
         """
+        strength = check_strength(strength)
         num_inference_steps, sigmas = self._interpret_sigmas(num_inference_steps, sigmas)
         if sigmas is not None:
             raw = self._check_raw_sigmas(sigmas)
@@ -391,6 +410,8 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("set_timesteps needs num_inference_steps or sigmas")
         else:
             raw = self.raw_sigmas(num_inference_steps)
+        if strength != 1.0:
+            raw = [r * strength for r in raw]
         use_fp64 = bool(self.config.get("use_fp64", True))
         schedule = flowmap_schedule(raw, self.get_shift(seq_len=seq_len, mu=mu), self._h, use_fp64=use_fp64)
 

@@ -26,11 +26,18 @@ FLUX.2 editing. ``Flux2Pipeline`` appends the reference images' tokens after the
 time coordinate 10, 20, ...) and keeps the first L tokens of the prediction (``noise_pred[:, :L]``), as the
 official ``PiFlux2Pipeline`` keeps the first L of the policy. :class:`PiFlowTransformer` returns a token-layout
 policy that takes that slice (on its token axis), so the policy covers the generated image only.
+``FluxKontextPipeline`` and ``QwenImageEditPipeline`` append their reference image's tokens and slice the same way.
+
+Image-to-image (``FluxImg2ImgPipeline``, ``StableDiffusion3Img2ImgPipeline``, ``QwenImageImg2ImgPipeline``).
+``strength`` starts the schedule part-way as the official pi-Flow sampler's ``denoise``: the raw grid of the
+``num_inference_steps`` steps is multiplied by ``strength`` before the shift, and every step runs (stock diffusers
+drops the first steps of the full grid instead). The converted ``__call__`` runs the stock one with ``strength=1``
+inside :meth:`PiFlowPipelineScheduler.starting_at`; the stock ``scale_noise`` at ``timesteps[0]`` makes the start.
 
 Guidance. pi-Flow students are guidance-distilled. FLUX's embedded guidance (``guidance_scale``, fed
 to the network) works as usual. Classifier-free guidance (SD3's ``guidance_scale > 1``, FLUX / Qwen
 ``true_cfg_scale > 1`` with a negative prompt) would mix two policies arithmetically and is refused
-with an error: call SD3 pipelines with ``guidance_scale=1.0``.
+with an error (true CFG as the call starts, before any step): call SD3 pipelines with ``guidance_scale=1.0``.
 
 Video (Wan). ``WanPipeline`` (Wan2.1 text-to-video) keeps its latents as (B, C, T, H, W) and calls the transformer with
 ``t = sigma * 1000``; a ``WanTransformer3DModel`` student returns policy fields with the frame axis, (B, K, C, T, H, W),
@@ -606,7 +613,8 @@ def to_piflow(
 
     Args:
         pipe: a ``FluxPipeline``, ``StableDiffusion3Pipeline``, ``QwenImagePipeline`` or ``Flux2Pipeline`` (its
-            reference images for editing included; others with the same
+            reference images for editing included), one of their image-to-image pipelines (``strength``: a
+            part-way start) or ``FluxKontextPipeline`` / ``QwenImageEditPipeline`` (:data:`TESTED_PIPELINES`; others with the same
             denoising loop and a ``transformer`` of the student's teacher class may work; untested), or a
             pipeline already converted (its student is replaced).
         student: a :class:`~piflow_kernels.PiFlowStudent` built from the pipeline's transformer class.

@@ -248,3 +248,99 @@ def test_wan_pipeline_refuses_guidance_and_two_stage_denoising(wan_folder):
     ti2v.register_to_config(expand_timesteps=True)
     with pytest.raises(ValueError, match="expand_timesteps"):
         to_piflow(ti2v, wan_student(ti2v))
+
+
+# ---------------------------------------------------------------------------- the trainer on video latents
+
+MSL = 8  # UMT5 tokens
+
+
+@pytest.fixture(scope="module")
+def wan_cache(wan_folder, tmp_path_factory):
+    from piflow_kernels.distill.prompt_cache import encode_prompts
+    from piflow_kernels.tiny import tiny_prompts
+
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("wan_cache") / "cache"
+    return encode_prompts(wan_folder, tiny_prompts(8), out, batch_size=4, dtype="float32", progress=False,
+                          max_sequence_length=MSL)  # fmt: skip
+
+
+def video_config(out_dir, pipeline, cache, **changes) -> dict:
+    """A tiny data-free LoRA run on the Wan teacher: latents (3, 3 frames, 4, 4), K = 2."""
+    cfg = {
+        "seed": 3, "max_iters": 3, "out_dir": str(out_dir), "log_every": 0, "progress": False, "tensorboard": False,
+        "teacher": {"kind": "diffusers", "pretrained": str(pipeline)},
+        "student": {"kind": "diffusers", "num_components": 2, "lora_rank": 4, "lora_dropout": 0.0,
+                    "kwargs": {"logstd_inner_dim": 8}},
+        "data": {"mode": "data_free", "batch_size": 2, "channels": C, "frames": 3, "height": 4, "width": 4,
+                 "prompt_cache": str(cache)},
+        "optim": {"lr": 1e-3},
+        "ema": {"decay": 0.5},
+        "piid": {"nfe": 2, "total_substeps": 8, "num_intermediate_states": 1},
+    }  # fmt: skip
+    for key, value in changes.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+def test_data_frames_defaults_to_images_and_is_checked():
+    from piflow_kernels.distill.config import ConfigError, TrainConfig
+
+    assert TrainConfig.from_dict({"data": {"mode": "data_free"}}).data.frames == 0
+    with pytest.raises(ConfigError, match="data.frames"):
+        TrainConfig.from_dict({"data": {"mode": "data_free", "frames": -1}})
+    with pytest.raises(ConfigError, match="data.frames.*data_free"):
+        TrainConfig.from_dict({"data": {"mode": "data_dependent", "frames": 3}})
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_prompt_cache_holds_what_wan_encode_prompt_returns(wan_folder, wan_cache):
+    from piflow_kernels.distill.prompt_cache import PromptCache
+    from piflow_kernels.tiny import tiny_prompts
+
+    cache = PromptCache(wan_cache)
+    pipe = wan_pipe(wan_folder)
+    # the cache's first batch of 4 prompts, encoded again as one batch
+    embeds, _ = pipe.encode_prompt(tiny_prompts(8)[:4], do_classifier_free_guidance=False, max_sequence_length=MSL)
+    for i in range(4):
+        assert set(cache[i]) == {"prompt_embeds"}
+        torch.testing.assert_close(cache[i]["prompt_embeds"], embeds[i], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_wan_teacher_distills_data_free_on_video_latents(tmp_path, wan_folder, wan_cache):
+    from piflow_kernels.distill.builders import build_teacher
+    from piflow_kernels.distill.config import TrainConfig
+    from piflow_kernels.distill.trainer import Trainer
+
+    trainer = Trainer(TrainConfig.from_dict(video_config(tmp_path, wan_folder, wan_cache)))
+    _, x, cond = trainer._micro_batch(0, 0)
+    assert x.shape == (2, C, 3, 4, 4)  # (B, C, frames, H, W)
+    assert set(cond) == {"encoder_hidden_states"} and cond["encoder_hidden_states"].shape == (2, MSL, TEXT_DIM)
+    # LoRA on the feed-forward layers and the timestep embedder; the head and log-std MLP trained fully
+    names = {n for n, p in trainer.student.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or n.startswith(("trunk.proj_out.", "proj_out_logstds.")) for n in names)
+    adapted = {n.split(".lora_")[0] for n in names if ".lora_" in n}
+    assert {"trunk.blocks.0.ffn.net.0.proj", "trunk.blocks.1.ffn.net.2"} <= adapted
+    assert "trunk.condition_embedder.time_embedder.linear_1" in adapted and not any("attn" in n for n in adapted)
+    # the tied teacher is the separately loaded model, bit for bit, before and after training
+    ref, model, _ = build_teacher(trainer.cfg)
+    t = torch.rand(2, generator=torch.Generator().manual_seed(5)) * 900 + 50
+    with torch.no_grad():
+        before = trainer.teacher(x, t, **cond)
+        assert before.shape == x.shape
+        assert torch.equal(before, ref(x, t, **cond))
+        assert torch.equal(before, model(hidden_states=x, timestep=t, **cond, return_dict=False)[0])
+    record = trainer.train()
+    assert math.isfinite(record["loss"]) and record["loss"] > 0
+    with torch.no_grad():
+        assert torch.equal(trainer.teacher(x, t, **cond), before)
+    # the student folder loads, and is the EMA student with its adapters merged
+    student = PiFlowStudent.from_pretrained(tmp_path / "students" / "iter_00000003").eval()
+    assert student.teacher_class == "WanTransformer3DModel"
+    with torch.no_grad():
+        out, ema = student(x, t, **cond), trainer.ema.module(x, t, **trainer._student_cond(cond))
+    assert out.means.shape == (2, 2, C, 3, 4, 4)
+    for name in ("means", "logweights", "logstds"):
+        torch.testing.assert_close(getattr(out, name), getattr(ema, name), rtol=1e-5, atol=1e-5)

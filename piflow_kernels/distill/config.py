@@ -398,6 +398,8 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("batch_size", "channels", "height", "width"):
         _checked(count, f"data.{key}", getattr(d, key), 1)
     _checked(count, "data.num_classes", d.num_classes, 0)
+    _checked(count, "data.frames", d.frames, 0)
+    _need(d.frames == 0 or d.mode == "data_free", "data.frames", "> 0 (video latents) needs data.mode = 'data_free'")
     _need(
         d.num_classes == 0 or s.kind == "diffusers",
         "data.num_classes",

@@ -108,6 +108,7 @@ class DataConfig:
     ``prompt_cache`` of their captions). ``mode`` "data_free": segments
     start from noise, no data needed.
     ``num_classes`` > 0 draws a class label per sample, passed to student and teacher as ``class_labels``.
+    ``frames`` 0: image latents (B, C, H, W); > 0: video latents (B, C, frames, H, W) (a Wan teacher), data-free.
     ``prompt_cache`` (a folder written by ``python -m piflow_kernels encode-prompts``) conditions every sample
     on a cached prompt: the micro-batch's prompts are drawn from the cache by the same stateless stream as
     tensor data (seeded epochs, sharded by rank), and their embeddings are passed to student and teacher
@@ -123,6 +124,7 @@ class DataConfig:
     width: int = 8
     num_classes: int = 0
     prompt_cache: str = ""
+    frames: int = 0
 
 
 @dataclass

@@ -46,6 +46,9 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
         "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out", "attn.to_out",
         "timestep_embedder.linear_1", "timestep_embedder.linear_2",
     ),
+    # Wan (video; no official pi-Flow recipe): FLUX.1's targets in Wan's names, the blocks' feed-forward layers
+    # (blocks.*.ffn) and the timestep embedder (condition_embedder.time_embedder)
+    "WanTransformer3DModel": ("ffn.net.0.proj", "ffn.net.2", "time_embedder.linear_1", "time_embedder.linear_2"),
 }  # fmt: skip
 
 #: teacher class -> module-name suffixes trained fully besides the policy head (the official ``freeze_exclude``)
@@ -54,6 +57,9 @@ TRAIN_MODULES: dict[str, tuple[str, ...]] = {
     "QwenImageTransformer2DModel": ("norm_out",),
     "SD3Transformer2DModel": ("norm_out",),
     "Flux2Transformer2DModel": ("norm_out",),
+    # Wan's norm_out is a LayerNorm without weights (its shift and scale come from the frozen scale_shift_table and
+    # the time embedding): nothing to train besides the head
+    "WanTransformer3DModel": (),
 }
 
 # module types that get adapters

@@ -10,6 +10,7 @@ The embeddings are what the pipeline's own ``encode_prompt`` returns, row by row
 (L, D) and ``pooled_prompt_embeds`` (P,); SD3: those and ``negative_*`` for classifier-free guidance;
 Qwen-Image: ``prompt_embeds`` (L_i, D) and ``prompt_embeds_mask`` (L_i,), L_i the prompt's own length;
 FLUX.2: ``prompt_embeds`` (L, D), the text encoder's layers 10, 20 and 30 side by side, padded to
+``max_sequence_length``; Wan: ``prompt_embeds`` (L, D), the UMT5 states zero-padded past the prompt's tokens to
 ``max_sequence_length``). FLUX.1's ``text_ids`` are not stored: the pipeline makes them as zeros (L, 3), the same for
 every prompt; nor are FLUX.2's, (0, 0, 0, l) for token l.
 
@@ -56,7 +57,7 @@ PathLike = str | os.PathLike
 FORMAT = "piflow-prompt-cache/1"
 INDEX = cache_files.INDEX
 SHARD_SIZE = 256  # prompts per shard: 1 GiB of FLUX.1 T5 embeddings (512 x 4096 bf16) per shard
-_SUPPORTED = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline")
+_SUPPORTED = ("FluxPipeline", "StableDiffusion3Pipeline", "QwenImagePipeline", "Flux2Pipeline", "WanPipeline")
 KIND = CacheKind(name="prompt cache", format=FORMAT, command="encode-prompts", identity_key="encoder",
                  identity_what="encoders", item="prompt", count_key="num_prompts", sha_key="prompts_sha256",
                  content_detail="text", salt="prompt-cache")  # fmt: skip
@@ -155,6 +156,10 @@ def _encode_batch(
         out["prompt_embeds"], _ = pipe.encode_prompt(texts, device=device, **extra)
         if negatives:
             out["negative_prompt_embeds"], _ = pipe.encode_prompt(negs, device=device, **extra)
+    elif kind == "WanPipeline":  # (prompt_embeds, negative_prompt_embeds), zero-padded to max_sequence_length
+        pe, npe = pipe.encode_prompt(texts, negs if negatives else None, do_classifier_free_guidance=negatives,
+                                     device=device, **extra)  # fmt: skip
+        out = {"prompt_embeds": pe, **({"negative_prompt_embeds": npe} if negatives else {})}
     elif kind == "FluxPipeline":
         out["prompt_embeds"], out["pooled_prompt_embeds"], _ = pipe.encode_prompt(texts, None, device=device, **extra)
         if negatives:

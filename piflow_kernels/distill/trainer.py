@@ -216,7 +216,8 @@ class Trainer:
     def _micro_batch(
         self, shard: int, iteration: int, seed: int | None = None
     ) -> tuple[torch.Generator, torch.Tensor, dict[str, Any]]:
-        """Generator, x0 (data-dependent) or noise (data-free) (B, C, H, W), and conditioning of one micro-batch.
+        """Generator, x0 (data-dependent) or noise (data-free) (B, C, H, W) (video: (B, C, frames, H, W)), and
+        conditioning of one micro-batch.
 
         The generator (CPU) is seeded by ``(cfg.seed, iteration, shard)`` unless ``seed`` is given.
         """
@@ -226,7 +227,7 @@ class Trainer:
         if d.mode == "data_dependent":
             x, labels = self.data.draw(d.batch_size, g, iteration, shard, self.num_shards)
         else:
-            x = torch.randn((d.batch_size, d.channels, d.height, d.width), generator=g)
+            x = torch.randn((d.batch_size, *_latent_shape(d)), generator=g)
         if labels is not None and d.num_classes == 0:
             if not self._warned_labels and self.ctx.is_main:
                 warnings.warn("the data holds class_labels but data.num_classes = 0: the labels are not used", stacklevel=2)
@@ -445,7 +446,7 @@ class Trainer:
         if self.prompts is not None:
             return self._evaluate_text(module, bar)
         g = seeded_generator(e.seed)
-        noise = torch.randn((e.num_samples, d.channels, d.height, d.width), generator=g)
+        noise = torch.randn((e.num_samples, *_latent_shape(d)), generator=g)
         labels = torch.randint(0, d.num_classes, (e.num_samples,), generator=g) if d.num_classes > 0 else None
         chunks = []
         for i in range(0, e.num_samples, e.batch_size):
@@ -618,3 +619,8 @@ class Trainer:
 def _every(period: int, iteration: int) -> bool:
     """Whether ``iteration`` is a multiple of ``period`` (a period of 0 never is)."""
     return bool(period) and iteration % period == 0
+
+
+def _latent_shape(d: Any) -> tuple[int, ...]:
+    """One sample's latent shape from ``[data]``: (C, H, W), or (C, frames, H, W) for video (``frames`` > 0)."""
+    return (d.channels, d.frames, d.height, d.width) if d.frames > 0 else (d.channels, d.height, d.width)

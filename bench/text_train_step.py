@@ -61,6 +61,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -652,13 +653,49 @@ def _run_in_fresh_process(spec_path: Path, variant: str, out_path: Path) -> dict
     """``run_variant`` in a fresh interpreter (no state of another variant: allocator, caches, compiled code)."""
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "bench.text_train_step", "--worker", str(spec_path), variant, str(out_path)],
                           cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0 or not out_path.is_file():
         tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-3000:]).strip()
         return dict(variant=variant, error=f"exit status {proc.returncode}: {tail}", rows=[])
     with open(out_path) as fh:
-        return json.load(fh)
+        result = json.load(fh)
+    # the process's CPU time: well under wall time x threads means it waited for the CPUs (another load)
+    result["process_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result
+
+
+def cpu_busy(seconds: float = 3.0) -> float | None:
+    """The fraction of the machine's CPU time spent busy over ``seconds`` (Linux ``/proc/stat``; None elsewhere)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+
+
+def wait_for_idle(max_wait_s: float, log: Callable[[str], None], threshold: float = 0.1) -> dict:
+    """Wait (up to ``max_wait_s``) until the CPUs are at most ``threshold`` busy over a 3 s sample; the
+    figures for the JSON. A CPU benchmark on a shared machine means nothing while other work runs."""
+    t0 = time.perf_counter()
+    busy = cpu_busy()
+    while busy is not None and busy > threshold and time.perf_counter() - t0 < max_wait_s:
+        busy = cpu_busy()
+    waited = time.perf_counter() - t0
+    if busy is not None and busy > threshold:
+        log(f"  (the CPUs are still {100 * busy:.0f}% busy after waiting {waited:.0f} s: going on)")
+    return dict(cpu_busy_before=busy, waited_s=waited)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -734,6 +771,8 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None]) -> di
     with tempfile.TemporaryDirectory(prefix="bench_text_") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
+        if args.wait_idle > 0:
+            doc["cache_idle"] = wait_for_idle(args.wait_idle, log)
         pipeline = build_pipeline(root / "flux", size)
         log(f"built the random FLUX.1 pipeline ({size_name}) in {time.perf_counter() - t0:.1f} s")
         doc["prompt_cache"] = cache_throughput(pipeline, root / "cache", size, teacher_dtype, device,
@@ -744,13 +783,16 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None]) -> di
         spec_path = root / "spec.json"
         spec_path.write_text(json.dumps(spec))
         for variant in variants:
+            idle = wait_for_idle(args.wait_idle, log) if args.wait_idle > 0 else {}
             t0 = time.perf_counter()
             if args.in_process:
                 result = run_variant(spec, variant)
             else:
                 result = _run_in_fresh_process(spec_path, variant, root / f"{variant}.json")
             rows = result.pop("rows")
-            doc["variants"][variant] = dict(result, wall_s=time.perf_counter() - t0)
+            doc["variants"][variant] = dict(result, wall_s=time.perf_counter() - t0, **idle)
+            if hasattr(os, "getloadavg"):
+                doc["variants"][variant]["load_average_after"] = list(os.getloadavg())
             doc["rows"] += rows
             if "error" in result:
                 log(f"  {variant}: FAILED: {result['error']}")
@@ -804,9 +846,14 @@ def format_report(doc: dict) -> str:
         if "error" in v:
             lines.append(f"{name}: FAILED: {v['error'][:500]}")
         else:
+            extra = ""
+            if "process_cpu_s" in v:
+                extra += f", {v['process_cpu_s']:.0f} CPU s in {v['wall_s']:.0f} s"
+            if v.get("cpu_busy_before") is not None:
+                extra += f", CPUs {100 * v['cpu_busy_before']:.0f}% busy before"
             lines.append(f"{name}: {v['trainable_parameters']:,} trained of {v['student_parameters']:,} student parameters, "
                          f"teacher {v['teacher']} ({v['teacher_own_parameters']:,} parameters of its own), "
-                         f"built in {v['build_s']:.1f} s")  # fmt: skip
+                         f"built in {v['build_s']:.1f} s{extra}")  # fmt: skip
     pc = doc.get("prompt_cache")
     if pc:
         e, rd = pc["encode"], pc["read"]
@@ -848,6 +895,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="!= 1: true CFG against cached negative prompts (default 1: FLUX.1-dev's embedded guidance only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick on CPU)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before the cache and each variant, wait up to S seconds for the CPUs to be idle (< 10%% busy)")
     p.add_argument("--in-process", action="store_true", help="run the variants in this process (default: one fresh each)")
     p.add_argument("--commit", default=None, help="git commit to record (the copy may have no .git)")
     args = p.parse_args(argv)

@@ -10,8 +10,8 @@
   shapes the pipelines build (their own static methods) and keeps the policy of the first L tokens.
 
 Tiny random components, no text encoders (precomputed prompt embeddings), except the smoke test of folders written by
-``piflow_kernels.tiny.save_tiny_pipeline``. ``QwenImageEditPipeline`` runs without its Qwen2.5-VL processor (the
-prompt embeddings are given, so the pipeline never calls it).
+``piflow_kernels.tiny.save_tiny_pipeline`` and one ``QwenImageEditPipeline`` test with a tiny Qwen2.5-VL encoder and
+a stand-in for its processor (``Qwen2VLProcessor`` itself needs torchvision for its video processor).
 """
 
 from __future__ import annotations
@@ -255,13 +255,18 @@ def test_flux_kontext_matches_a_hand_loop_over_the_reference_tokens():
     assert not torch.allclose(plain, got, atol=1e-3)  # the reference image conditions the sample
 
 
-def test_qwen_image_edit_matches_a_hand_loop_over_the_reference_tokens(monkeypatch):
+@pytest.fixture
+def small_edit_references(monkeypatch):
+    """QwenImageEditPipeline resizes the reference image to about 1024 x 1024 pixels: 32 x 32 here (8 x 8 tokens)."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
-    from PIL import Image
 
-    # the pipeline resizes the reference image to about 1024 x 1024 pixels: 32 x 32 here (8 x 8 tokens)
     original = pipeline_qwenimage_edit.calculate_dimensions
     monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda area, ratio: original(32 * 32, ratio))
+
+
+def test_qwen_image_edit_matches_a_hand_loop_over_the_reference_tokens(small_edit_references):
+    from PIL import Image
+
     # 4 latent channels: with 3 the pipeline would take the preprocessed RGB reference image for latents
     steps, c = 3, 4
     pipe = QwenImageEditPipeline(FlowMatchEulerDiscreteScheduler(shift=3.0), qwen_vae(c), None, None, None, qwen_teacher(c))
@@ -294,6 +299,73 @@ def test_qwen_image_edit_matches_a_hand_loop_over_the_reference_tokens(monkeypat
     ref = to_packed(hand_loop(policy_at, to_tokens(pack(x0)), reference.flowmap_sde_sigmas(steps, SHIFT, F).tolist()))
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+class TinyVLProcessor:
+    """What ``Qwen2VLProcessor`` does for ``QwenImageEditPipeline`` (the real one also needs a video processor, which
+    needs torchvision): the image processor's pixels and grid, each ``<|image_pad|>`` repeated once per image token."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        extra = {}
+        if images is not None:
+            extra = dict(self.image_processor(images=images, return_tensors="pt"))
+            n = int(extra["image_grid_thw"][0].prod()) // self.image_processor.merge_size**2
+            text = [t.replace("<|image_pad|>", "<|image_pad|>" * n) for t in text]
+        return BatchFeature({**self.tokenizer(text, padding=padding, return_tensors=return_tensors), **extra})
+
+
+def tiny_vl_encoder():
+    """A byte-level Qwen2 tokenizer with the vision tokens, a one-layer Qwen2.5-VL and its image processor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLImageProcessorPil
+
+    from piflow_kernels.tiny import _byte_level_vocab
+
+    special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+    tok = Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", additional_special_tokens=special)  # fmt: skip
+    ids = dict(zip(special, tok.convert_tokens_to_ids(special)))
+    text = {"vocab_size": len(tok), "hidden_size": TEXT_DIM, "intermediate_size": 24, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 1]},
+            "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": TEXT_DIM,
+              "patch_size": 2, "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4,
+              "fullatt_block_indexes": [0]}  # fmt: skip
+    torch.manual_seed(0)
+    tokens = {"image_token_id": ids["<|image_pad|>"], "vision_start_token_id": ids["<|vision_start|>"],
+              "vision_end_token_id": ids["<|vision_end|>"]}  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=2, temporal_patch_size=1, merge_size=1, min_pixels=16,
+                                               max_pixels=16 * 16)  # fmt: skip
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), tok, TinyVLProcessor(tok, image_processor)
+
+
+def test_qwen_image_edit_encodes_the_prompt_with_the_reference_image(small_edit_references):
+    """The prompt path: the pipeline's Qwen2.5-VL encoder reads the image; the converted pipeline given the prompt
+    samples what it samples given the embeddings its encode_prompt makes (whose sampling the hand loop above checks)."""
+    from PIL import Image
+
+    c = 4
+    encoder, tok, processor = tiny_vl_encoder()
+    pipe = QwenImageEditPipeline(FlowMatchEulerDiscreteScheduler(shift=3.0), qwen_vae(c), encoder, tok, processor,
+                                 qwen_teacher(c))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    to_piflow(pipe, student_for(pipe), PiFlowScheduler(shift=SHIFT, final_step_size_scale=F, temperature=TEMPERATURE))
+    rng = np.random.default_rng(0)
+    image, other = (Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)) for _ in range(2))
+    x0 = pack(torch.randn(1, c, LAT_H, LAT_W, generator=torch.Generator().manual_seed(0)))
+    run = {"latents": x0, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 2, "output_type": "latent"}
+    got = pipe(image=image, prompt="add a red hat", **run).images
+    emb, mask = pipe.encode_prompt("add a red hat", image=pipe.image_processor.resize(image, 32, 32))
+    torch.testing.assert_close(pipe(image=image, prompt_embeds=emb, prompt_embeds_mask=mask, **run).images, got,
+                               atol=0, rtol=0)  # fmt: skip
+    emb_other, _ = pipe.encode_prompt("add a red hat", image=pipe.image_processor.resize(other, 32, 32))
+    assert emb_other.shape == emb.shape and not torch.allclose(emb_other, emb)  # the encoder read the image
+    assert torch.isfinite(got).all()
 
 
 # ---------------------------------------------------------------------------- whole tiny folders

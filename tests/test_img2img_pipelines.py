@@ -426,3 +426,23 @@ def test_true_cfg_is_refused_before_the_edit_pipeline_runs():
         pipe(image=torch.randn(1, 3, 8, 8), **p, negative_prompt_embeds=neg["prompt_embeds"],
              negative_pooled_prompt_embeds=neg["pooled_prompt_embeds"], true_cfg_scale=2.0, height=HEIGHT, width=WIDTH,
              max_area=HEIGHT * WIDTH, num_inference_steps=2, output_type="latent")  # fmt: skip
+
+
+def test_a_saved_img2img_pipeline_loads_back_with_the_part_way_start(tmp_path):
+    from piflow_kernels import load_piflow_pipeline
+
+    pipe = img2img_pipe("flux")
+    to_piflow(pipe, student_for(pipe), PiFlowScheduler(shift=SHIFT, final_step_size_scale=F, temperature=TEMPERATURE))
+    image_latents = torch.randn(BATCH, 3, LAT_H, LAT_W, generator=torch.Generator().manual_seed(1))
+
+    def run(p):
+        return p(**prompt(), image=image_latents, height=HEIGHT, width=WIDTH, strength=0.5, num_inference_steps=3,
+                 guidance_scale=3.5, generator=torch.Generator().manual_seed(5), output_type="latent").images  # fmt: skip
+
+    expected = run(pipe)
+    pipe.save_pretrained(tmp_path)
+    loaded = load_piflow_pipeline(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded).__name__ == "FluxImg2ImgPipeline"
+    torch.testing.assert_close(run(loaded), expected, atol=0, rtol=0)
+    assert loaded.scheduler.sigmas.tolist() == pytest.approx(official_sigmas(3, 0.5), abs=1e-6)

@@ -232,7 +232,8 @@ class PiFlowStudent(ModelMixin, ConfigMixin):
 
     Shapes: ``forward(x_t (B, C, H, W), timestep)`` returns a :class:`GMFlowOutput` with means
     (B, K, C, H, W), logweights (B, K, 1, H, W) (log-softmax over K), logstds (B, 1, 1, 1, 1), or a
-    :class:`DXOutput` with grid (B, N, C, H, W).
+    :class:`DXOutput` with grid (B, N, C, H, W). A video (Wan) student takes (B, C, T, H, W) and every field gains
+    the frame axis T before H, W (logstds (B, 1, 1, 1, 1, 1)).
     """
 
     ignore_for_config = ["trunk"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -344,3 +345,19 @@ def test_a_wan_teacher_distills_data_free_on_video_latents(tmp_path, wan_folder,
     assert out.means.shape == (2, 2, C, 3, 4, 4)
     for name in ("means", "logweights", "logstds"):
         torch.testing.assert_close(getattr(out, name), getattr(ema, name), rtol=1e-5, atol=1e-5)
+
+
+def test_a_video_run_evaluates_against_the_teachers_samples(tmp_path, wan_folder, wan_cache):
+    from piflow_kernels.distill.config import TrainConfig
+    from piflow_kernels.distill.trainer import Trainer
+
+    cfg = video_config(tmp_path, wan_folder, wan_cache)
+    cfg.update(max_iters=2, eval_every=2, save_student=False)
+    cfg["eval"] = {"num_prompts": 2, "teacher_steps": 3, "batch_size": 2}
+    trainer = Trainer(TrainConfig.from_dict(cfg))
+    trainer.train()
+    assert trainer._text_eval.noise.shape == (2, C, 3, 4, 4)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/latent_rms" in r]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval/latent_rms"]) and evals[0]["eval/latent_rms"] > 0
+    assert (tmp_path / "eval" / "iter_00000002.png").is_file()  # the first frames, as latent previews

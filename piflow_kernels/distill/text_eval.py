@@ -59,7 +59,9 @@ class TextEvaluation:
             cond[key] = torch.full((num,), float(value), device=device)
         self.teacher_cond = cond
         self.student_cond = {k: v for k, v in cond.items() if not k.startswith("negative_")}
-        self.noise = fixed_noise(num, (d.channels, d.height, d.width), e.seed)
+        # (C, H, W), or (C, frames, H, W) for a video teacher
+        shape = (d.channels, d.frames, d.height, d.width) if d.frames else (d.channels, d.height, d.width)
+        self.noise = fixed_noise(num, shape, e.seed)
         self.folder = Path(cfg.out_dir) / "eval"
         self._reference: torch.Tensor | None = None
         self._vae: Any = None
@@ -122,8 +124,8 @@ class TextEvaluation:
     def _images(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self._decoder()
         kind = PIPELINE_KINDS.get(self.teacher_class)
-        if vae is None or kind is None:
-            return latents_preview(latents)
+        if vae is None or kind is None or latents.dim() != 4:  # no VAE, or video latents: a latent preview
+            return latents_preview(latents[:, :, 0] if latents.dim() == 5 else latents)
         return decode_latents(vae, latents, kind, batch_size=self.cfg.eval.batch_size)
 
     # ------------------------------------------------------------------ one evaluation

@@ -10,6 +10,16 @@ Domain (docs/design.md#domain-of-the-inputs): policy tensors finite (logweights 
 component at every pixel), sigmas in [0, 1], and a policy is only queried at or below its source point:
 ``velocity``'s ``sigma`` and ``rollout``'s ``sigma_start`` must not exceed ``sigma_src``. These data checks
 run on CPU tensors and are off on CUDA (each is a host sync) unless ``validate=True`` or ``PIFLOW_VALIDATE=1``.
+
+The velocity's floor of sigma (docs/design.md, "Conventions") is GM_EPS = 1e-6 for GMFlow and DX_EPS = 1e-4 for DX,
+the defaults of the official policies (and of LakonLab's diffusers pipelines). ``velocity_eps`` (a constructor
+keyword, or :meth:`~_PolicyBase.with_velocity_eps`) sets another floor, e.g. 1e-4 for GMFlow as LakonLab's training-side
+test sampler passes: u is then computed with sigma, sigma_src (GM, and the posterior's d_k) clamped at it, and DX's
+segment length too. The fused kernels keep their built-in floor as a compile-time constant; the eps is applied
+around them where that is exact (GM: u_eps(x, sigma) = u(x, max(sigma, eps)) for eps >= GM_EPS and
+sigma_src >= eps; DX: u_eps = u * max(sigma, DX_EPS) / max(sigma, eps), the segment through the policy record), and
+a rollout that evaluates u below the floor runs as a substep loop over that velocity. Other cases (GM: eps below
+GM_EPS or a source below eps; the "reference" backend) use the reference formula at that eps in float32.
 """
 
 from __future__ import annotations
@@ -37,10 +47,11 @@ from piflow_kernels.checks import (
     check_validate,
     validation_on,
 )
-from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS, DX_EPS
+from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS, DX_EPS, GM_EPS
 from piflow_kernels.ops.dispatch import load_triton_ops, require_runnable, resolve_backend
 from piflow_kernels.ops.records import DXSegment, DXTensors, GMTensors, RolloutPlan
-from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, check_substep_rule, unwarp
+from piflow_kernels.ops.utils import reference_rollout
+from piflow_kernels.timesteps import DEFAULT_SUBSTEP_RULE, check_substep_rule, unwarp, warp
 
 __all__ = ["GMFlowPolicy", "DXPolicy"]
 
@@ -51,6 +62,19 @@ __all__ = ["GMFlowPolicy", "DXPolicy"]
 SIGMA_SRC_RTOL = 1e-6
 
 _P = TypeVar("_P", bound="_PolicyBase")
+
+
+def check_velocity_eps(eps: object) -> float | None:
+    """``velocity_eps``: None (the built-in floor) or a finite number > 0, as a float."""
+    if eps is None:
+        return None
+    try:
+        value = as_float("velocity_eps", eps)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not value > 0:
+        raise ValueError(f"velocity_eps must be a finite number > 0 or None, got {eps!r}")
+    return value
 
 
 def _no_autocast(device: torch.device):
@@ -69,6 +93,9 @@ class _PolicyBase:
     # each policy names the two ops (piflow_kernels.ops) it calls; the dispatcher picks their implementation
     _velocity_op: Callable[..., torch.Tensor]
     _rollout_op: Callable[..., torch.Tensor]
+    _default_eps: float  # the floor the ops build in (GM_EPS, DX_EPS)
+    #: the velocity's floor of sigma, None for the built-in one (module docstring)
+    velocity_eps: float | None = None
 
     @property
     def batch_size(self) -> int:
@@ -149,6 +176,40 @@ class _PolicyBase:
     def _tensors(self):
         raise NotImplementedError
 
+    def with_velocity_eps(self: _P, eps: float | None) -> _P:
+        """A copy whose velocity (and rollout) floors sigma at ``eps`` (a finite number > 0) instead of the built-in
+        GM_EPS / DX_EPS; None gives the built-in floor back. See the module docstring."""
+        new = self._replace()
+        new._set_velocity_eps(check_velocity_eps(eps))
+        return new
+
+    def _set_velocity_eps(self, eps: float | None) -> None:
+        """Set ``velocity_eps`` and what follows from it (once: the check of sigma_src is a host sync)."""
+        self.velocity_eps = eps
+        self._eps_exact = eps is not None and self.backend != "reference" and self._eps_exact_for(eps)
+
+    def _eps_exact_for(self, eps: float) -> bool:
+        return True
+
+    def _eps_exact_around_ops(self) -> bool:
+        """Whether the fast ops with the eps applied around them give the velocity at ``velocity_eps`` exactly."""
+        return self.__dict__.get("_eps_exact", False)
+
+    def _eps_velocity(self, x: torch.Tensor, sigma: torch.Tensor, tensors) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _eps_floor(self) -> float:
+        """Below this sigma the velocity at ``velocity_eps`` differs from the built-in one."""
+        return self.velocity_eps
+
+    def _rollout_below_floor(self, plan: RolloutPlan) -> bool:
+        """Whether a substep of ``plan`` starts below the eps floor (one host sync)."""
+        if self.velocity_eps == self._default_eps:
+            return False
+        n = plan.n_substeps.to(plan.r_start.device)
+        last_start = warp((plan.r_start - (n - 1).to(plan.r_start.dtype) * plan.substep_size).clamp(min=0.0), plan.shift)
+        return bool((last_start < self._eps_floor()).any())
+
     def velocity(self, x: torch.Tensor, sigma: SigmaLike) -> torch.Tensor:
         """Velocity u(x, sigma) ([eq:gm-velocity], [eq:dx-velocity]), shape and dtype of ``x``; differentiable
         w.r.t. the policy tensors (means, logweights, logstds; or grid), x and x_src.
@@ -163,7 +224,10 @@ class _PolicyBase:
             self._check_sigma("sigma", sigma)
             check_finite("x", x)
         with _no_autocast(x.device):
-            u = self._velocity_op(self.backend, self._flat(x), sigma, self._tensors())
+            if self.velocity_eps is None:
+                u = self._velocity_op(self.backend, self._flat(x), sigma, self._tensors())
+            else:
+                u = self._eps_velocity(self._flat(x), sigma, self._tensors())
         return u.reshape(x.shape)
 
     @torch.no_grad()
@@ -191,8 +255,12 @@ class _PolicyBase:
             substep_rule: "ceil" (default) or "round".
         """
         x_start, plan = self._plan(x_start, sigma_start, sigma_end, total_substeps, shift, substep_rule)
+        tensors = self._tensors()
         with _no_autocast(x_start.device):
-            x_end = self._rollout_op(self.backend, self._flat(x_start), self._tensors(), plan)
+            if self.velocity_eps is None or (self._eps_exact_around_ops() and not self._rollout_below_floor(plan)):
+                x_end = self._rollout_op(self.backend, self._flat(x_start), tensors, plan)
+            else:  # a substep evaluates u below the floor: Euler substeps over the velocity at velocity_eps
+                x_end = reference_rollout(lambda x, s, pol: self._eps_velocity(x, s, pol), self._flat(x_start), tensors, plan)
         return x_end.reshape(x_start.shape)
 
 
@@ -210,6 +278,8 @@ class GMFlowPolicy(_PolicyBase):
             explicit backend that cannot run these shapes or this device raises a ``ValueError``.
         validate: the data checks (finite tensors, sigma <= sigma_src): None = on for CPU tensors, off on
             CUDA (each check is a host sync); ``PIFLOW_VALIDATE=1``/``0`` overrides it everywhere.
+        velocity_eps: the velocity's floor of sigma (keyword only): None (default) the built-in GM_EPS = 1e-6, as
+            the official GMFlow policy; e.g. 1e-4 as LakonLab's training-side test sampler (module docstring).
 
     Example:
         >>> pol = GMFlowPolicy(means, logweights, logstds, x_src, 0.9)
@@ -219,6 +289,7 @@ class GMFlowPolicy(_PolicyBase):
     _family = "gm"
     _velocity_op = staticmethod(ops.gm_velocity)
     _rollout_op = staticmethod(ops.gm_rollout)
+    _default_eps = GM_EPS
 
     def __init__(
         self,
@@ -229,8 +300,11 @@ class GMFlowPolicy(_PolicyBase):
         sigma_src: SigmaLike,
         backend: str | None = None,
         validate: bool | None = None,
+        *,
+        velocity_eps: float | None = None,
     ) -> None:
         self.validate = check_validate(validate)
+        velocity_eps = check_velocity_eps(velocity_eps)
         x_src = check_latent("x_src", x_src)
         means = check_float_tensor("means", means)
         logweights = check_float_tensor("logweights", logweights)
@@ -264,10 +338,30 @@ class GMFlowPolicy(_PolicyBase):
             check_finite("logstds", logstds)
             self._check_source()
         self._resolve(backend, device)
+        self._set_velocity_eps(velocity_eps)
 
     @property
     def num_components(self) -> int:
         return self.means.shape[1]
+
+    def _eps_exact_for(self, eps: float) -> bool:
+        # u_eps(x, s) = u(x, max(s, eps)) needs the ops' floors (GM_EPS on s, s_src, d_k) inactive there
+        return eps >= GM_EPS and bool((self.sigma_src >= eps).all())
+
+    def _eps_velocity(self, x: torch.Tensor, sigma: torch.Tensor, tensors: GMTensors) -> torch.Tensor:
+        eps = self.velocity_eps
+        if self._eps_exact_around_ops():
+            return self._velocity_op(self.backend, x, sigma.clamp(min=eps), tensors)
+        from piflow_kernels import reference
+
+        # the "reference" backend computes in float32 as its oracle does; a fallback of a fast backend in float64
+        dt = torch.float32 if self.backend == "reference" else torch.float64
+        means, logweights, logstds, x_src, sigma_src = tensors
+        u = reference.gm_velocity(
+            x.to(dt), sigma.to(dt), means.to(dt), logweights.to(dt).unsqueeze(2), logstds.to(dt)[:, :, None, None],
+            x_src.to(dt), sigma_src.to(dt), eps=eps,
+        )  # fmt: skip
+        return u.to(x.dtype)
 
     def _tensors(self) -> GMTensors:
         """The policy in the flat layout of the ops (:mod:`piflow_kernels.ops.records`)."""
@@ -356,6 +450,8 @@ class DXPolicy(_PolicyBase):
         backend: None (auto), "torch", "triton" or "reference"; an explicit backend that cannot run these
             shapes or this device raises a ``ValueError``.
         validate: the data checks, as for :class:`GMFlowPolicy`.
+        velocity_eps: the floor of sigma in the velocity and of the segment length (keyword only): None (default)
+            the built-in DX_EPS = 1e-4, the official DX policy's eps.
 
     Example:
         >>> pol = DXPolicy(grid, x_src, 1.0, segment_size=0.5, shift=3.0)
@@ -365,6 +461,7 @@ class DXPolicy(_PolicyBase):
     _family = "dx"
     _velocity_op = staticmethod(ops.dx_velocity)
     _rollout_op = staticmethod(ops.dx_rollout)
+    _default_eps = DX_EPS
 
     def __init__(
         self,
@@ -376,8 +473,11 @@ class DXPolicy(_PolicyBase):
         mode: str = "grid",
         backend: str | None = None,
         validate: bool | None = None,
+        *,
+        velocity_eps: float | None = None,
     ) -> None:
         self.validate = check_validate(validate)
+        velocity_eps = check_velocity_eps(velocity_eps)
         x_src = check_latent("x_src", x_src)
         grid = check_float_tensor("grid", grid)
         b = x_src.shape[0]
@@ -400,8 +500,9 @@ class DXPolicy(_PolicyBase):
             self._check_source()
         self.r_src = unwarp(self.sigma_src, self.shift)
         self.r_dst = (self.r_src - segment_size).clamp(min=0.0)
-        self.seg = (self.r_src - self.r_dst).clamp(min=DX_EPS)
+        self.seg = (self.r_src - self.r_dst).clamp(min=DX_EPS if velocity_eps is None else velocity_eps)
         self._resolve(backend, device)
+        self._set_velocity_eps(velocity_eps)
 
     @property
     def num_points(self) -> int:
@@ -420,6 +521,31 @@ class DXPolicy(_PolicyBase):
 
     def detach(self) -> DXPolicy:
         return self._replace(grid=self.grid.detach(), x_src=self.x_src.detach())
+
+    def _set_velocity_eps(self, eps: float | None) -> None:
+        super()._set_velocity_eps(eps)
+        # the official DX policy floors its segment length with the same eps
+        self.seg = (self.r_src - self.r_dst).clamp(min=DX_EPS if eps is None else eps)
+
+    def _eps_floor(self) -> float:
+        return max(self.velocity_eps, DX_EPS)
+
+    def _eps_velocity(self, x: torch.Tensor, sigma: torch.Tensor, tensors: DXTensors) -> torch.Tensor:
+        eps = self.velocity_eps
+        if self._eps_exact_around_ops():  # u = (x - x0) / max(s, DX_EPS): rescale to the floor eps
+            u = self._velocity_op(self.backend, x, sigma, tensors)
+            s = sigma.float()
+            scale = s.clamp(min=DX_EPS) / s.clamp(min=eps)
+            return (u.float() * scale[:, None, None]).to(x.dtype)
+        from piflow_kernels import reference
+
+        grid, x_src, sigma_src, segment = tensors
+        mode = "polynomial" if segment.polynomial else "grid"
+        u = reference.dx_velocity(
+            x.float(), sigma.float(), grid.float(), x_src.float(), sigma_src.float(), segment.segment_size, segment.shift,
+            mode, eps=eps,
+        )  # fmt: skip
+        return u.to(x.dtype)
 
     def __repr__(self) -> str:
         b, n, c = self.grid.shape[:3]

@@ -44,6 +44,7 @@ except ImportError as err:
 from piflow_kernels.checks import is_int, positive_float, positive_int
 from piflow_kernels.constants import DEFAULT_TOTAL_SUBSTEPS
 from piflow_kernels.outputs import POLICY_TYPES
+from piflow_kernels.policies import check_velocity_eps
 from piflow_kernels.sampling import (
     check_h,
     check_num_steps,
@@ -144,6 +145,11 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             mode ("grid" or "polynomial"); keep the values the student was trained with.
         backend: policy backend, None (auto: Triton on CUDA, fast CPU path otherwise), "torch", "triton",
             "reference".
+        velocity_eps: the floor of sigma in the policy velocity during the rollouts: None (default) the policies'
+            built-in floors, GM 1e-6 and DX 1e-4, which are the official policies' defaults and so what LakonLab's
+            diffusers pipelines (pi-FLUX.1, pi-Qwen-Image, pi-FLUX.2) sample with; 1e-4 reproduces LakonLab's
+            training-side test sampler (``PiFlowImitation``'s ``test_cfg`` eps, 1e-4 for both policies). It only
+            changes velocities evaluated below it (see :meth:`~piflow_kernels.GMFlowPolicy.with_velocity_eps`).
 
     A student that records its sampling settings (:class:`~piflow_kernels.PiFlowStudent`'s ``sampling``) gets
     its scheduler from :meth:`from_student`.
@@ -181,6 +187,7 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
         max_raw_t: float = 1.0,
         min_raw_t: float = 0.0,
         use_fp64: bool = True,
+        velocity_eps: float | None = None,
     ) -> None:
         positive_int("num_train_timesteps", num_train_timesteps)
         check_substep_rule(substep_rule)
@@ -204,6 +211,8 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"dx_mode must be 'grid' or 'polynomial', got {dx_mode!r}")
         if backend is not None and backend not in ("torch", "triton", "reference"):
             raise ValueError(f"backend must be None, 'torch', 'triton' or 'reference', got {backend!r}")
+        if velocity_eps is not None:  # stored as a plain float (the config is JSON)
+            self.register_to_config(velocity_eps=check_velocity_eps(velocity_eps))
 
         # before set_timesteps: the training grid, as diffusers' flow-matching schedulers expose
         raw = 1.0 - np.arange(num_train_timesteps, dtype=np.float64) / num_train_timesteps
@@ -565,6 +574,8 @@ class PiFlowScheduler(SchedulerMixin, ConfigMixin):
             backend=cfg.backend,
             where="PiFlowScheduler.step",
         )
+        if cfg.get("velocity_eps") is not None:
+            policy = policy.with_velocity_eps(cfg.velocity_eps)
         if noise is None and schedule.noise_scales[i] > 0.0:  # the rollout draws no random numbers: same stream
             noise = randn_tensor(tuple(sample.shape), generator=generator, device=sample.device, dtype=torch.float32)
         x_prev = flowmap_step(

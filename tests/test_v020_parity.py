@@ -431,7 +431,7 @@ def test_bad_sigmas(sigmas, message):
         pk.sample(Student(), _noise(), None, sigmas=sigmas, progress=False)
     with pytest.raises(ValueError, match="3 sigmas"):
         sched.set_timesteps(2, sigmas=[1.0, 0.6, 0.2])
-    with pytest.raises(ValueError, match="num_inference_steps or sigmas"):
+    with pytest.raises(ValueError, match=r"needs num_inference_steps \(the number of student calls\) or sigmas"):
         pk.sample(Student(), _noise(), None, progress=False)
 
 
@@ -473,3 +473,139 @@ def test_schedule_sigmas_feed_the_plan_unwarped():
                 r = unwarp(torch.tensor(schedule.sigmas, dtype=torch.float32), shift).double()
                 exact = torch.tensor([1 - i / n for i in range(n)] + [0.0], dtype=torch.float64)
                 assert float((r - exact).abs().max()) < 1e-5 / 10
+
+
+# ------------------------------------------------------------------------------------ the velocity's floor of sigma
+
+
+def _gm_case(seed, b=3, k=4, c=2, hw=4):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(b, k, c, hw, hw, generator=g)
+    logweights = torch.randn(b, k, 1, hw, hw, generator=g).log_softmax(1)
+    logstds = torch.randn(b, 1, 1, 1, 1, generator=g) * 0.3
+    x_src = torch.randn(b, c, hw, hw, generator=g)
+    sigma_src = torch.rand(b, generator=g) * 0.5 + 0.05
+    return means, logweights, logstds, x_src, sigma_src, torch.randn(b, c, hw, hw, generator=g)
+
+
+def _ref_gm(x, sigma, means, logweights, logstds, x_src, sigma_src, eps):
+    d = lambda t: torch.as_tensor(t).double()  # noqa: E731
+    return R.gm_velocity(d(x), d(sigma), d(means), d(logweights), d(logstds), d(x_src), d(sigma_src), eps=eps)
+
+
+LOW_SIGMAS = (3e-5, 1e-6, 0.0)  # below the official test-time eps 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gm_velocity_eps_matches_the_reference_at_that_eps(backend, seed):
+    """velocity_eps=1e-4 gives the reference's u at eps 1e-4 below it (where the default 1e-6 differs by percents), and
+    the built-in u bit for bit at or above it."""
+    means, logweights, logstds, x_src, sigma_src, x = _gm_case(seed)
+    plain = pk.GMFlowPolicy(means, logweights, logstds, x_src, sigma_src, backend=backend)
+    for pol in (plain.with_velocity_eps(1e-4), pk.GMFlowPolicy(means, logweights, logstds, x_src, sigma_src,
+                                                                backend=backend, velocity_eps=1e-4)):  # fmt: skip
+        assert pol.velocity_eps == 1e-4
+        for s in LOW_SIGMAS:
+            sigma = torch.full((3,), s)
+            ref = _ref_gm(x, sigma, means, logweights, logstds, x_src, sigma_src, 1e-4)
+            assert rel_err(pol.velocity(x, sigma), ref) < TOL["velocity"][torch.float32], s
+            assert rel_err(plain.velocity(x, sigma), ref) > 1e-3, s  # the floor matters there
+        for s in (1e-4, 2e-3, 0.04):
+            assert torch.equal(pol.velocity(x, torch.full((3,), s)), plain.velocity(x, torch.full((3,), s))), s
+    # temperature and dropout keep the floor; None gives the built-in one back
+    assert plain.with_velocity_eps(1e-4).temperature(0.5).velocity_eps == 1e-4
+    assert plain.with_velocity_eps(1e-4).with_velocity_eps(None).velocity_eps is None
+
+
+def test_gm_velocity_eps_fallbacks_and_the_reference_backend():
+    """A source below eps, or an eps below the built-in 1e-6, cannot be put around the fast ops: the reference formula
+    at that eps (float64) is used; the "reference" backend computes the reference at eps in float32 as its oracle."""
+    means, logweights, logstds, x_src, sigma_src, x = _gm_case(3)
+    low_src = sigma_src.clone()
+    low_src[2] = 5e-5
+    sigma = torch.tensor([3e-5, 1e-6, 2e-5])
+    for eps, src in ((1e-4, low_src), (1e-8, sigma_src)):
+        pol = pk.GMFlowPolicy(means, logweights, logstds, x_src, src, backend="torch", velocity_eps=eps)
+        ref = _ref_gm(x, sigma, means, logweights, logstds, x_src, src, eps)
+        assert rel_err(pol.velocity(x, sigma), ref) < TOL["velocity"][torch.float32], eps
+    pol = pk.GMFlowPolicy(means, logweights, logstds, x_src, sigma_src, backend="reference", velocity_eps=1e-4)
+    ref32 = R.gm_velocity(x, sigma, means, logweights, logstds, x_src, sigma_src, eps=1e-4)
+    assert rel_err(pol.velocity(x, sigma), ref32) < 1e-6
+
+
+def test_gm_rollout_eps():
+    """A rollout whose substeps start below eps runs them at eps (the reference rollout over the eps velocity); one
+    that never goes below it is the built-in fused rollout, bit for bit."""
+    means, logweights, logstds, x_src, sigma_src, _ = _gm_case(4)
+    plain = pk.GMFlowPolicy(means, logweights, logstds, x_src, sigma_src, backend="torch")
+    pol = plain.with_velocity_eps(1e-4)
+    assert torch.equal(pol.rollout(x_src, sigma_src, 0.0, 128, 3.2), plain.rollout(x_src, sigma_src, 0.0, 128, 3.2))
+    total = 12000  # the last substep starts near 4e-5
+    out = pol.rollout(x_src, sigma_src, 0.0, total)
+
+    def velocity(y, s):
+        return _ref_gm(y, s, means, logweights, logstds, x_src, sigma_src, 1e-4)
+
+    ref = R.rollout(velocity, x_src.double(), sigma_src.double(), torch.zeros(3, dtype=torch.float64), total)
+    assert rel_err(out, ref) < TOL["rollout"][torch.float32]
+
+
+@pytest.mark.parametrize("mode", ["grid", "polynomial"])
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_dx_velocity_eps(mode, eps):
+    """DX: the floor of sigma in u and of the segment length (the official DX policy's one eps) at ``eps``."""
+    g = torch.Generator().manual_seed(5)
+    grid = torch.randn(3, 4, 2, 4, 4, generator=g)
+    x_src, x = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    sigma_src = torch.tensor([0.7, 0.3, 2e-4])  # the last one's segment is floored
+    pol = pk.DXPolicy(grid, x_src, sigma_src, segment_size=0.5, shift=2.0, mode=mode, backend="torch", velocity_eps=eps)
+    for s in (5e-6, 5e-5, 1e-4, 0.01):
+        sigma = torch.minimum(torch.full((3,), s), sigma_src)
+        d = [t.double() for t in (x, sigma, grid, x_src, sigma_src)]
+        ref = R.dx_velocity(*d, 0.5, 2.0, mode, eps=eps)
+        assert rel_err(pol.velocity(x, sigma), ref) < TOL["velocity"][torch.float32], s
+    default = pk.DXPolicy(grid, x_src, sigma_src, segment_size=0.5, shift=2.0, mode=mode, backend="torch")
+    assert torch.equal(default.with_velocity_eps(1e-4).velocity(x, sigma), default.velocity(x, sigma))
+    if eps == 1e-3:  # a rollout below the floor, against the reference's at eps
+        out = pol.rollout(x_src, sigma_src, 0.0, total_substeps=4000, shift=2.0)
+
+        def velocity(y, s):
+            return R.dx_velocity(y, s, grid.double(), x_src.double(), sigma_src.double(), 0.5, 2.0, mode, eps=eps)
+
+        ref = R.rollout(velocity, x_src.double(), sigma_src.double(), torch.zeros(3, dtype=torch.float64), 4000, 2.0)
+        assert rel_err(out, ref) < TOL["rollout"][torch.float32]
+
+
+def eps_hand_loop(student, noise, sigmas, total, eps):
+    """The deterministic loop (shift 1) written out in float64 with the reference's velocity at ``eps``."""
+    x = sigmas[0] * noise.double()
+    for i in range(len(sigmas) - 1):
+        out = {k: v.double() for k, v in student(x.float(), torch.tensor([sigmas[i] * 1000] * x.shape[0])).to_dict().items()}
+
+        def velocity(y, s, out=out, x_src=x, s_src=sigmas[i]):
+            return R.gm_velocity(y, s, out["means"], out["logweights"], out["logstds"], x_src,
+                                 torch.tensor(s_src, dtype=torch.float64), eps=eps)  # fmt: skip
+
+        x = R.rollout(velocity, x, sigmas[i], sigmas[i + 1], total, 1.0)
+    return x
+
+
+def test_scheduler_velocity_eps_end_to_end(tmp_path):
+    """PiFlowScheduler(velocity_eps=1e-4) samples as the loop at eps 1e-4 (a last step from sigma 5e-5, below it), far
+    closer than the built-in floor's result; the key survives save/load and a student's recorded sampling."""
+    student, noise = Student(), _noise()
+    sigmas = [1.0, 0.5, 5e-5]
+    sched = pk.PiFlowScheduler(total_substeps=128, velocity_eps=1e-4)
+    assert pk.PiFlowScheduler().config.velocity_eps is None  # the default: the built-in floors (GM 1e-6, DX 1e-4)
+    out = pk.sample(student, noise, None, sched, sigmas=sigmas, progress=False)
+    ref = eps_hand_loop(student, noise, sigmas + [0.0], 128, 1e-4)
+    ref_default = eps_hand_loop(student, noise, sigmas + [0.0], 128, 1e-6)
+    err = rel_err(out, ref)
+    assert err < TOL["rollout"][torch.float32]
+    assert err < rel_err(ref_default, ref) / 10  # the eps, not the tolerance, decides
+    sched.save_config(tmp_path)
+    assert pk.PiFlowScheduler.from_pretrained(tmp_path).config.velocity_eps == 1e-4
+    for bad in (0.0, -1e-4, float("inf"), "1e-4x"):
+        with pytest.raises(ValueError, match="velocity_eps"):
+            pk.PiFlowScheduler(velocity_eps=bad)

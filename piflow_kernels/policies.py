@@ -19,7 +19,8 @@ segment length too. The fused kernels keep their built-in floor as a compile-tim
 around them where that is exact (GM: u_eps(x, sigma) = u(x, max(sigma, eps)) for eps >= GM_EPS and
 sigma_src >= eps; DX: u_eps = u * max(sigma, DX_EPS) / max(sigma, eps), the segment through the policy record), and
 a rollout that evaluates u below the floor runs as a substep loop over that velocity. Other cases (GM: eps below
-GM_EPS or a source below eps; the "reference" backend) use the reference formula at that eps in float32.
+GM_EPS or a source below eps; the "reference" backend) use the reference formula at that eps (float64; the
+"reference" backend in float32, as its oracle).
 """
 
 from __future__ import annotations

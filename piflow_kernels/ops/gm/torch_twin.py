@@ -218,17 +218,21 @@ def _gm_substep(x, s, s_next, y, y_sq, y_xs, var, lw, xs, xs_sq, sigma_src):
         num = (delta + q[:, :, None] * x - ybar + var[:, :, None] * h) * inv_d[:, :, None]
     else:  # per-component stds: logits relative to the per-pixel pivot component p (the argmax)
         r = (xs * dc).sum(1) + (rho + 0.5 * zeta)[:, None] * xs_sq  # x_src . (nu' + zeta x_src / 2)
-        var_p = _at_max(lw + (dot + r[:, None]) * inv_d[:, :, None], var[:, :, None])  # (B, L)
+        var_p = _at_max(torch.addcmul(lw, dot + r[:, None], inv_d[:, :, None]), var[:, :, None])  # (B, L)
         var_p = torch.where(zeta[:, None] >= 0, var_p, 0.0)
         d_p = 1.0 + zeta[:, None] * var_p
-        r_k = r[:, None] * ((zeta[:, None] * var_p)[:, None] - (vz + q)[:, :, None]) / d_p[:, None]
-        w = torch.softmax(lw + (dot + r_k) * inv_d[:, :, None], dim=1)
-        wd = w * inv_d[:, :, None]
-        ybar = (wd[:, :, None] * y).sum(1)
-        beta = (wd * (var[:, :, None] - var_p[:, None])).sum(1) / d_p  # sum_k w_k beta_k (B, L)
+        # r (1/d_k - 1/d_p) d_k = r (zeta var_p - (d_k - 1)) / d_p, d_k - 1 = var_k zeta + q_k
+        r_k = (r / d_p)[:, None] * ((zeta[:, None] * var_p)[:, None] - (vz + q)[:, :, None])
+        logits = torch.addcmul(lw, dot + r_k, inv_d[:, :, None])
+        # the softmax's normalisation applied to the sums over K, not to each w_k (one (B, K, L) pass fewer)
+        e = torch.exp(logits - logits.amax(1, keepdim=True))
+        inv_sum = 1.0 / e.sum(1)
+        ed = e * inv_d[:, :, None]  # w_k / d_k, unnormalised
+        ybar = (ed[:, :, None] * y).sum(1) * inv_sum[:, None]
+        beta = (ed * (var[:, :, None] - var_p[:, None])).sum(1) * (inv_sum / d_p)  # sum_k w_k beta_k (B, L)
+        wq = (ed * q[:, :, None]).sum(1) * inv_sum  # the clamped d_k's sum_k w_k q_k / d_k
         nup = dc + rho[:, None, None] * xs
-        num = (delta + var_p[:, None] * h) / d_p[:, None] - beta[:, None] * nup - ybar
-        num = num + (wd * q[:, :, None]).sum(1, keepdim=True) * xs  # the clamped d_k's q_k x_src / d_k
+        num = (delta + var_p[:, None] * h) / d_p[:, None] - beta[:, None] * nup - ybar + wq[:, None] * xs
     return x + (num / s_c[:, None, None]) * (s_next - s).to(x.dtype)[:, None, None]
 
 

@@ -18,6 +18,11 @@ student is written whole (the official loader puts every non-LoRA key over the b
 ``max_shard_size`` the weights are split into shards with an index (``*.safetensors.index.json``), which this
 library's loader reads; the official loader reads a single file only.
 
+A GMFlow student of a ``DiTTransformer2DModel`` with the official timestep embedding (``timestep_freq_shift=0``, as
+:func:`~piflow_kernels.load_official_adapter` builds GM-DiT students) is written as a full
+``GMDiTTransformer2DModelV2``: diffusers' per-block copies of the time/class embedding become the one shared
+``emb.*`` (they must agree), and the config holds the DiT arguments with ``out_channels`` = C.
+
     >>> export_official(student, "my_gmflux_k8_4step", policy_config={"type": "GMFlow"})
     >>> student2 = load_official_adapter("my_gmflux_k8_4step", teacher)      # the same student back
 """
@@ -48,7 +53,12 @@ _EXPORT_CLASSES = {
     ("QwenImageTransformer2DModel", "GMFlow"): "GMQwenImageTransformer2DModel",
     ("QwenImageTransformer2DModel", "DX"): "DXQwenImageTransformer2DModel",
     ("Flux2Transformer2DModel", "GMFlow"): "GMFlux2Transformer2DModel",  # pi-FLUX.2 (no official DX FLUX.2 class)
+    ("DiTTransformer2DModel", "GMFlow"): "GMDiTTransformer2DModelV2",  # GM-DiT: a full model, one shared emb.*
 }
+# the DiT arguments of LakonLab's _GMDiTTransformer2DModelV2 __init__ (after its head arguments)
+_GMDIT_TRUNK_KEYS = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "dropout", "norm_num_groups",
+                     "attention_bias", "sample_size", "patch_size", "activation_fn", "num_embeds_ada_norm",
+                     "upcast_attention", "norm_type", "norm_elementwise_affine", "norm_eps")  # fmt: skip
 # The trunk arguments of the official GM classes' registered config (LakonLab's _GMFluxTransformer2DModel,
 # _GMQwenImageTransformer2DModel and _GMFlux2Transformer2DModel __init__), after their head arguments; their channels
 # count packed tokens (FLUX.1 / Qwen-Image: 16 latent channels x 2 x 2 = 64; FLUX.2: 32 x 2 x 2 = 128). The DX
@@ -73,14 +83,28 @@ def official_class_name(student: PiFlowStudent) -> str:
     if key not in _EXPORT_CLASSES:
         supported = ", ".join(f"{t} {p}" for t, p in _EXPORT_CLASSES)
         raise ValueError(f"no official layout for a {key[1]} student of a {key[0]} teacher (supported: {supported})")
+    if key[0] == "DiTTransformer2DModel":
+        cfg = student.config
+        if cfg.get("timestep_freq_shift") != 0.0 or cfg.get("timestep_divisor") not in (None, 1.0):
+            raise ValueError(
+                f"no official layout for a {key[1]} student of a {key[0]} teacher with this timestep embedding: "
+                "GMDiTTransformer2DModelV2 has the official one (timestep_freq_shift=0, timestep_divisor 1), this student "
+                f"has timestep_freq_shift={cfg.get('timestep_freq_shift')}, timestep_divisor={cfg.get('timestep_divisor')}"
+            )
     return _EXPORT_CLASSES[key]
 
 
 def _official_config(student: PiFlowStudent, class_name: str) -> dict[str, Any]:
     cfg = student.config
     teacher = {k: v for k, v in dict(cfg.teacher_config).items() if not k.startswith("_")}
-    _, c_teacher, p = geometry(student.teacher_class, teacher)
+    c, c_teacher, p = geometry(student.teacher_class, teacher)
     packed = c_teacher * p * p  # output channels of one token
+    if student.teacher_class == "DiTTransformer2DModel":
+        constant = cfg.get("constant_logstd")
+        head = (int(cfg.num_components), None if constant is None else float(constant), int(cfg.logstd_inner_dim),
+                int(cfg.num_logstd_layers))  # fmt: skip
+        trunk = {k: teacher[k] for k in _GMDIT_TRUNK_KEYS if k in teacher}
+        return {"_class_name": class_name, **dict(zip(_GM_HEAD_KEYS[:4], head)), **trunk, "out_channels": int(c)}
     if student.policy_type == "GMFlow":
         constant = cfg.get("constant_logstd")  # None: the log-std MLP (proj_out_logstds.*) is in the weights
         constant = None if constant is None else float(constant)
@@ -150,7 +174,24 @@ def _official_state(student: PiFlowStudent, adapter: str | None) -> dict[str, to
         state[f"{path}.lora_A.weight"] = layer.lora_A[adapter].weight.detach().contiguous()
         up = layer.lora_B[adapter].weight.detach()
         state[f"{path}.lora_B.weight"] = (up if scaling == 1.0 else up * scaling).contiguous()
+    if student.teacher_class == "DiTTransformer2DModel":
+        _share_dit_emb(state)
     return state
+
+
+def _share_dit_emb(state: dict[str, torch.Tensor]) -> None:
+    """GM-DiT keeps one time/class embedding ``emb.*`` for all blocks where diffusers' DiT has one per block
+    (``transformer_blocks.i.norm1.emb.*``): the copies must agree, and become the one."""
+    shared: dict[str, tuple[str, torch.Tensor]] = {}
+    for key in [k for k in state if ".norm1.emb." in k and k.startswith("transformer_blocks.")]:
+        name = "emb." + key.split(".norm1.emb.", 1)[1]
+        tensor = state.pop(key)
+        if name in shared and not torch.equal(shared[name][1], tensor):
+            raise ValueError(
+                f"{key} differs from {shared[name][0]}: GM-DiT shares one time/class embedding (emb.*) between its blocks"
+            )
+        shared.setdefault(name, (key, tensor))
+    state.update({name: tensor for name, (_, tensor) in shared.items()})
 
 
 def _shard_bytes(size: int | str | None) -> int | None:
@@ -183,7 +224,7 @@ def export_official(
 
     Args:
         student: a :class:`~piflow_kernels.PiFlowStudent` of a FLUX.1 or Qwen-Image teacher, or a GMFlow student
-            of a FLUX.2 teacher.
+            of a FLUX.2 or DiT (GM-DiT) teacher.
         out_dir: the folder to create (refused when it exists and is not empty, unless ``overwrite``).
         adapter_name: the trunk's PEFT adapter to write (default: the only active one; none: the whole student).
         policy_config: sampling settings for the ``policy_config`` metadata (e.g. a DX student's

@@ -303,6 +303,7 @@ def test_gm_dit_v1_full_model(tmp_path, constant):
     """GM-DiT v1 (gm_out.*): the v1 forward written out (proj_out_2, unpatchify, split into K*C means and K
     logweights per pixel, gm_out's log-std MLP or the constant) equals the loaded student's policy."""
     dit = tiny_teacher("dit")
+    dit = type(dit).from_config({**dit.config, "num_layers": 2})  # two blocks sharing the official emb
     k, c, p, const = 3, 3, 2, -0.75
     tensors = official_gmdit_v1(dit, k, constant)
     config = {key: dit.config[key] for key in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers",
@@ -334,20 +335,36 @@ def test_gm_dit_v1_full_model(tmp_path, constant):
         mlp = {key.replace("gm_out.logstd_layers.", "proj_out_logstds."): v for key, v in tensors.items() if "gm_out" in key}
         torch.testing.assert_close(out.logstds, official_logstds(mlp, temb["value"]).reshape(b, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
-    student.save_pretrained(tmp_path / "ours")  # no official DiT export: our own format keeps every weight
-    again = PiFlowStudent.from_pretrained(tmp_path / "ours").eval()
-    assert again.constant_logstd == student.constant_logstd
-    mine, theirs = student.state_dict(), again.state_dict()
-    assert mine.keys() == theirs.keys() and all(torch.equal(mine[key], theirs[key]) for key in mine)
-    with torch.no_grad():
-        back = again(x, t, **kwargs)
-    for field in ("means", "logweights", "logstds"):
-        torch.testing.assert_close(getattr(back, field), getattr(out, field), atol=1e-6, rtol=1e-6)
+    from piflow_kernels.official_export import export_official
+
+    # exported as the current official class (v2: proj_out_means / proj_out_logweights, one shared emb.*) and back
+    exported = export_official(student, tmp_path / "v2")
+    written = json.loads((exported / "config.json").read_text())
+    assert written["_class_name"] == "GMDiTTransformer2DModelV2" and written["constant_logstd"] == (const if constant else None)
+    assert written["num_gaussians"] == k and written["out_channels"] == c
+    student.save_pretrained(tmp_path / "ours")  # and our own format
+    for again in (load_official_adapter(exported), PiFlowStudent.from_pretrained(tmp_path / "ours").eval()):
+        assert again.constant_logstd == student.constant_logstd
+        mine, theirs = student.state_dict(), again.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[key], theirs[key]) for key in mine)
+        with torch.no_grad():
+            back = again(x, t, **kwargs)
+        for field in ("means", "logweights", "logstds"):
+            torch.testing.assert_close(getattr(back, field), getattr(out, field), atol=1e-6, rtol=1e-6)
 
     bad = dict(tensors, **{"proj_out_2.weight": tensors["proj_out_2.weight"][:-1]})
     folder = write_checkpoint(tmp_path / "bad", bad, "GMDiTTransformer2DModel", None, **head_cfg, **config)
     with pytest.raises(ValueError, match="proj_out_2.weight has"):
         load_official_adapter(folder)
+    if not constant:  # what the official class cannot hold: per-block embeddings, diffusers' own sinusoid shift
+        from piflow_kernels import build_student
+
+        with torch.no_grad():
+            student.trunk.transformer_blocks[-1].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
+        with pytest.raises(ValueError, match="shares one time/class embedding"):
+            export_official(student, tmp_path / "unshared")
+        with pytest.raises(ValueError, match="timestep_freq_shift=0"):
+            export_official(build_student(tiny_teacher("dit")), tmp_path / "shift1")
 
 
 # ---------------------------------------------------------------------------- bad input

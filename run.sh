@@ -12,7 +12,7 @@ PY="${PYTHON:-python3}"
 TEST_EXTRA_PROBE='
 import importlib.metadata, platform
 importlib.metadata.distribution("piflow_kernels")
-import datasets, diffusers, hypothesis, matplotlib, peft, pyarrow, pytest, pytest_benchmark, ruff, transformers
+import datasets, diffusers, hypothesis, matplotlib, peft, pyarrow, pytest, pytest_benchmark, ruff, torchao, transformers
 if platform.system() == "Linux" and platform.machine() == "x86_64":
     import triton
 '

@@ -7,8 +7,9 @@ kept here as the baseline (``mu_k = x_src - s_src means_k``, ``x0`` formed, ``u 
 precomputed terms; ``velocity`` is :func:`gm_velocity_centred` itself as the substep (nothing precomputed). Each
 for one std per sample and per-component stds. Compiled: ``torch.compile(fn, dynamic=False)`` with the batch
 dimension marked dynamic, as ``torch_twin._call_substep`` does. Timing: ``time.perf_counter`` around each call
-after warm-up, median and p20/p80 in ms (bench/timing.py); the substep runs at sigma 0.5 -> 0.49 of a policy
-built at sigma_src 0.9.
+after warm-up, median and p20/p80 in ms, the substep at sigma 0.5 -> 0.49 of a policy built at sigma_src 0.9. The
+variants of one (std, mode) are called in turn, one call each per round (a change of load on a shared machine
+falls on all of them alike); the CPU column is ``time.process_time`` of the same calls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -77,8 +79,24 @@ def _compiled(fn):
     return call
 
 
+def _round_robin(calls: dict, target_ms: float, min_reps: int = 10, max_reps: int = 400) -> dict:
+    """{name: (wall ms list, CPU ms list)}: one call of each in turn per round, so that a change of load on a shared
+    machine falls on every variant alike."""
+    times = {name: ([], []) for name in calls}
+    t_end = time.perf_counter() + target_ms * len(calls) / 1e3
+    while True:
+        for name, call in calls.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            call()
+            times[name][0].append((time.perf_counter() - t0) * 1e3)
+            times[name][1].append((time.process_time() - c0) * 1e3)
+        reps = len(times[name][0])
+        if reps >= max_reps or (reps >= min_reps and time.perf_counter() >= t_end):
+            return times
+
+
 def measure(b: int, k: int, c: int, side: int, target_ms: float) -> list[dict]:
-    from bench.timing import time_cpu
+    from bench.timing import _quantiles
 
     rows = []
     s, s_next = torch.full((b,), 0.5), torch.full((b,), 0.49)
@@ -90,16 +108,22 @@ def measure(b: int, k: int, c: int, side: int, target_ms: float) -> list[dict]:
             "velocity": (velocity_substep, tuple(policy)),
         }
         for mode in ("eager", "compiled"):
+            calls = {}
             for name, (fn, terms) in variants.items():
                 call = _compiled(fn) if mode == "compiled" else fn
-                with torch.no_grad():
-                    call(x, s, s_next, *terms)  # compile outside the timing
-                    run = lambda call=call, x=x, terms=terms: call(x, s, s_next, *terms)  # noqa: E731
-                    t = time_cpu(run, target_ms=target_ms, min_reps=10, max_reps=400, warmup=3)
+                calls[name] = lambda call=call, x=x, terms=terms: call(x, s, s_next, *terms)
+            with torch.no_grad():
+                for call in calls.values():  # compile and warm up outside the timing
+                    for _ in range(3):
+                        call()
+                times = _round_robin(calls, target_ms)
+            for name, (wall, cpu) in times.items():
+                t, tc = _quantiles(wall), _quantiles(cpu)
                 rows.append({"substep": name, "std": "per-comp" if per_component else "per-sample", "mode": mode,
-                             "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps})  # fmt: skip
-                print(f"{name:>10} {rows[-1]['std']:>10} {mode:>8}  {t.median_ms:8.2f} ms  "
-                      f"(p20 {t.p20_ms:.2f}, p80 {t.p80_ms:.2f}, {t.reps} reps)", flush=True)  # fmt: skip
+                             "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "cpu_median_ms": tc.median_ms,
+                             "reps": t.reps})  # fmt: skip
+                print(f"{name:>10} {rows[-1]['std']:>10} {mode:>8}  {t.median_ms:8.2f} ms  (p20 {t.p20_ms:.2f}, "
+                      f"p80 {t.p80_ms:.2f}; CPU {tc.median_ms:.2f} ms; {t.reps} reps)", flush=True)  # fmt: skip
     return rows
 
 
@@ -119,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"B={args.b} K={args.k} C={args.c} {args.side}x{args.side}, {args.threads} thread(s), load {os.getloadavg()}")
     rows = measure(args.b, args.k, args.c, args.side, args.target_ms)
     by = {(r["substep"], r["std"], r["mode"]): r["median_ms"] for r in rows}
+    cpu = {(r["substep"], r["std"], r["mode"]): r["cpu_median_ms"] for r in rows}
     for std in ("per-sample", "per-comp"):
         for mode in ("eager", "compiled"):
-            ratio = by[("centred", std, mode)] / by[("uncentred", std, mode)]
-            print(f"centred / uncentred, std {std}, {mode}: {ratio:.2f}x")
+            key, base = ("centred", std, mode), ("uncentred", std, mode)
+            print(f"centred / uncentred, std {std}, {mode}: {by[key] / by[base]:.2f}x wall, {cpu[key] / cpu[base]:.2f}x CPU")
     if args.json:
         doc = {"config": vars(args), "device": device_name("cpu"), "versions": versions(), "commit": git_commit(),
                "load_before": os.getloadavg(), "rows": rows}  # fmt: skip

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from piflow_kernels import GMFlowOutput, make_policy, reference
+from piflow_kernels import GMFlowOutput, reference
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -98,22 +98,10 @@ def official_sigmas(steps: int, strength: float, shift: float = SHIFT, f: float 
 
 @torch.no_grad()
 def hand_loop(policy_at, x, sigmas, shift=SHIFT, temperature=TEMPERATURE, dx=None):
-    """FlowMapSDE with h = 0 over the given sigmas: policy at each sigma, rolled out to the next; ``policy_at(x, t)``
-    returns the policy output in the layout of ``x`` (t = sigma * 1000 in float32)."""
-    n = len(sigmas) - 1
-    for i in range(n):
-        t = torch.tensor(sigmas[i], dtype=torch.float32) * 1000
-        out = policy_at(x, t)
-        if dx is None:
-            policy = make_policy(out, x, sigmas[i])
-            if i < n - 1:
-                policy = policy.temperature(temperature)
-        else:
-            policy = make_policy(out, x, sigmas[i], segment_size=dx, shift=shift)
-        x_dst = policy.rollout(x, sigmas[i], sigmas[i + 1], total_substeps=128, shift=shift)
-        _, m = reference.flowmap_sde_dst(sigmas[i], sigmas[i + 1], 0)
-        x = reference.flowmap_sde_step(x_dst, sigmas[i + 1], m, torch.zeros_like(x_dst))
-    return x
+    """FlowMapSDE with h = 0 over the given sigmas (test_pipelines.rollout_loop at this file's settings)."""
+    from test_pipelines import rollout_loop
+
+    return rollout_loop(policy_at, x, sigmas, shift, temperature, dx)
 
 
 def conditioning(kind: str) -> tuple[dict, dict]:

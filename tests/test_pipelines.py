@@ -80,15 +80,15 @@ def call(pipe, kind: str, steps: int, **kwargs):
 
 
 @torch.no_grad()
-def manual_loop(student, x, steps, shift, f, cond, temperature=1.0, dx=None):
-    """The sampler written from the public pieces, in image layout, h = 0 (deterministic FlowMapSDE)."""
-    sigmas = reference.flowmap_sde_sigmas(steps, shift, f).tolist()
-    for i in range(steps):
-        t = torch.tensor(sigmas[i], dtype=torch.float32) * 1000
-        out = student(x, t, **cond)
+def rollout_loop(policy_at, x, sigmas, shift, temperature=1.0, dx=None):
+    """FlowMapSDE with h = 0 over ``sigmas`` from the public pieces: the policy at each sigma (``policy_at(x, t)``,
+    t = sigma * 1000 in float32, in the layout of ``x``: image, video or tokens), rolled out to the next."""
+    n = len(sigmas) - 1
+    for i in range(n):
+        out = policy_at(x, torch.tensor(sigmas[i], dtype=torch.float32) * 1000)
         if dx is None:
             policy = make_policy(out, x, sigmas[i])
-            if i < steps - 1:
+            if i < n - 1:
                 policy = policy.temperature(temperature)
         else:
             policy = make_policy(out, x, sigmas[i], segment_size=dx, shift=shift)
@@ -96,6 +96,12 @@ def manual_loop(student, x, steps, shift, f, cond, temperature=1.0, dx=None):
         _, m = reference.flowmap_sde_dst(sigmas[i], sigmas[i + 1], 0)
         x = reference.flowmap_sde_step(x_dst, sigmas[i + 1], m, torch.zeros_like(x_dst))
     return x
+
+
+def manual_loop(student, x, steps, shift, f, cond, temperature=1.0, dx=None):
+    """The sampler written from the public pieces on the student's latents, h = 0 (deterministic FlowMapSDE)."""
+    sigmas = reference.flowmap_sde_sigmas(steps, shift, f).tolist()
+    return rollout_loop(lambda x, t: student(x, t, **cond), x, sigmas, shift, temperature, dx)
 
 
 # ---------------------------------------------------------------------------- end to end

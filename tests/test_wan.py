@@ -168,26 +168,6 @@ def wan_student(pipe, policy_type="GMFlow"):
     return build_student(pipe.transformer, policy_type, num_components=3, num_points=4, logstd_inner_dim=16, generator=g).eval()
 
 
-@torch.no_grad()
-def hand_loop(student, x, steps, shift, f, cond, temperature=1.0, dx=None):
-    """The sampler written from the public pieces on video latents, h = 0 (deterministic FlowMapSDE)."""
-    from piflow_kernels import make_policy, reference
-
-    sigmas = reference.flowmap_sde_sigmas(steps, shift, f).tolist()
-    for i in range(steps):
-        out = student(x, torch.tensor(sigmas[i], dtype=torch.float32) * 1000, **cond)
-        if dx is None:
-            policy = make_policy(out, x, sigmas[i])
-            if i < steps - 1:
-                policy = policy.temperature(temperature)
-        else:
-            policy = make_policy(out, x, sigmas[i], segment_size=dx, shift=shift)
-        x_dst = policy.rollout(x, sigmas[i], sigmas[i + 1], total_substeps=128, shift=shift)
-        _, m = reference.flowmap_sde_dst(sigmas[i], sigmas[i + 1], 0)
-        x = reference.flowmap_sde_step(x_dst, sigmas[i + 1], m, torch.zeros_like(x_dst))
-    return x
-
-
 @pytest.mark.parametrize("policy_type", ["GMFlow", "DX"])
 def test_wan_pipeline_matches_a_hand_loop(wan_folder, policy_type):
     from piflow_kernels import to_piflow
@@ -208,7 +188,9 @@ def test_wan_pipeline_matches_a_hand_loop(wan_folder, policy_type):
     assert got.shape == x0.shape and torch.isfinite(got).all()
     embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=16)
     dx = None if policy_type == "GMFlow" else seg
-    ref = hand_loop(student, x0, steps, shift, f, {"encoder_hidden_states": embeds}, 0.7, dx)
+    from test_pipelines import manual_loop
+
+    ref = manual_loop(student, x0, steps, shift, f, {"encoder_hidden_states": embeds}, 0.7, dx)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # the pipeline's own noise (its generator) gives the same video as those latents drawn by hand
     g = torch.Generator().manual_seed(4)

@@ -194,7 +194,7 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def cache_throughput(pipeline_dir: Path, cache_dir: Path, size: dict, dtype: str, device: str, negatives: bool,
-                     log: Callable[[str], None]) -> dict:  # fmt: skip
+                     log: Callable[[str], None], guard: ContentionGuard | None = None) -> tuple[dict, Path]:  # fmt: skip
     """Encode the prompts into ``cache_dir`` and read them back through ``PromptSource.draw``, timed.
 
     Encoding: ``encode_prompts`` end to end (loading the text encoders, hashing the encoder files, writing the
@@ -203,7 +203,8 @@ def cache_throughput(pipeline_dir: Path, cache_dir: Path, size: dict, dtype: str
     the FLUX argument names), one epoch of micro-batches, three ways: a fresh ``PromptCache`` (each shard opened
     and its sha256 checked: the first epoch of a run), the same cache's second epoch (shards opened again, at
     most ``max_open_shards`` = 2 held, already verified), and a cache holding every shard (stacking rows
-    only); prompts/s and MB/s of the tensors returned.
+    only); prompts/s and MB/s of the tensors returned. Each measurement is repeated while ``guard`` finds other
+    processes busy (an encode into a fresh folder each time). Returns the figures and the cache folder.
     """
     from piflow_kernels.distill import prompt_cache
     from piflow_kernels.distill.data import PromptSource
@@ -221,21 +222,31 @@ def cache_throughput(pipeline_dir: Path, cache_dir: Path, size: dict, dtype: str
         batch_s.append(time.perf_counter() - t0)
         return out
 
-    prompt_cache._encode_batch = timed_batch
-    try:
+    guard = guard or ContentionGuard(0.0, 0)
+    guard.reset()
+    folders: list[Path] = []
+
+    def encode() -> float:
+        batch_s.clear()
+        folders.append(cache_dir.with_name(f"{cache_dir.name}-{len(folders)}"))
         t0 = time.perf_counter()
-        prompt_cache.encode_prompts(pipeline_dir, prompts, cache_dir, batch_size=size["encode_batch_size"], dtype=dtype,
+        prompt_cache.encode_prompts(pipeline_dir, prompts, folders[-1], batch_size=size["encode_batch_size"], dtype=dtype,
                                     progress=False, max_sequence_length=size["max_sequence_length"],
                                     shard_size=size["shard_size"], device=device)  # fmt: skip
-        total_s = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    prompt_cache._encode_batch = timed_batch
+    try:
+        total_s = guard.run(encode)
     finally:
         prompt_cache._encode_batch = real
+    cache_dir = folders[-1]
     n = len(prompts)
-    encode = dict(num_prompts=n, batch_size=size["encode_batch_size"], batches=len(batch_s), total_s=total_s,
+    encoded = dict(num_prompts=n, batch_size=size["encode_batch_size"], batches=len(batch_s), total_s=total_s,
                   prompts_per_s=n / total_s, batches_s=sum(batch_s), batches_prompts_per_s=n / sum(batch_s),
                   dtype=dtype, negatives=negatives)  # fmt: skip
-    log(f"encoded {n} prompts in {total_s:.2f} s ({encode['prompts_per_s']:.0f} prompts/s end to end, "
-        f"{encode['batches_prompts_per_s']:.0f} prompts/s in the batches)")  # fmt: skip
+    log(f"encoded {n} prompts in {total_s:.2f} s ({encoded['prompts_per_s']:.0f} prompts/s end to end, "
+        f"{encoded['batches_prompts_per_s']:.0f} prompts/s in the batches)")  # fmt: skip
 
     b = size["batch_size"]
     steps = n // b
@@ -251,17 +262,21 @@ def cache_throughput(pipeline_dir: Path, cache_dir: Path, size: dict, dtype: str
         return dict(prompts=steps * b, bytes=nbytes, seconds=s, prompts_per_s=steps * b / s, mb_per_s=nbytes / s / 1e6,
                     draw_ms=s / steps * 1e3)  # fmt: skip
 
-    fresh = PromptSource(prompt_cache.PromptCache(cache_dir), names, seed=0)
+    def first_and_second() -> tuple[dict, dict]:
+        fresh = PromptSource(prompt_cache.PromptCache(cache_dir), names, seed=0)
+        return epoch(fresh, 0), epoch(fresh, steps)
+
     held = PromptSource(prompt_cache.PromptCache(cache_dir, max_open_shards=shards), names, seed=0)
     epoch(held, 0)  # opens (and verifies) every shard of the held cache once
-    read = dict(first_epoch=epoch(fresh, 0), second_epoch=epoch(fresh, steps), shards_held=epoch(held, 0),
+    first, second = guard.run(first_and_second)
+    read = dict(first_epoch=first, second_epoch=second, shards_held=guard.run(lambda: epoch(held, 0)),
                 batch_size=b, shards=shards, shard_size=size["shard_size"],
-                bytes_per_prompt=_nbytes(fresh.cache[0]))  # fmt: skip
+                bytes_per_prompt=_nbytes(held.cache[0]))  # fmt: skip
     for key in ("first_epoch", "second_epoch", "shards_held"):
         r = read[key]
         log(f"read ({key.replace('_', ' ')}): {r['prompts_per_s']:.0f} prompts/s, {r['mb_per_s']:.1f} MB/s, "
             f"{r['draw_ms']:.3f} ms per draw of {b}")  # fmt: skip
-    return dict(encode=encode, read=read)
+    return dict(encode=encoded, read=read, contention=guard.figures()), cache_dir
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -608,6 +623,7 @@ def run_variant(spec: dict, variant: str) -> dict:
             torch_threads=torch.get_num_threads(), rows=[],
         )  # fmt: skip
         probe = IterationProbe(trainer)
+        guard = ContentionGuard(spec.get("max_others", 0.0) if not cuda else 0.0, spec.get("max_repeats", 0))
         for q in spec["teacher_ratios"]:
             it = iteration_for_ratio(q)
 
@@ -616,15 +632,17 @@ def run_variant(spec: dict, variant: str) -> dict:
                 trainer.iteration = it
                 return fn()
 
-            for _ in range(spec["warmup"]):
-                step()
-            bare = []
-            for _ in range(spec["iters"]):
+            def bare_step() -> float:
                 t0 = probe.clock()
                 step()
-                bare.append((probe.clock() - t0) * 1e3)
+                return (probe.clock() - t0) * 1e3
+
+            for _ in range(spec["warmup"]):
+                step()
+            guard.reset()
+            bare = [guard.run(bare_step) for _ in range(spec["iters"])]
             with probe.installed():
-                probed = [step(probe.iteration) for _ in range(spec["iters"])]
+                probed = [guard.run(lambda: step(probe.iteration)) for _ in range(spec["iters"])]
             peak = step(lambda: peak_iteration_bytes(trainer))
             k = sorted(range(len(probed)), key=lambda i: probed[i]["iteration_probed_ms"])[(len(probed) - 1) // 2]
             row = dict(probed[k], variant=variant, teacher_ratio=teacher_ratio(cfg.piid, it), iteration=it,
@@ -632,11 +650,61 @@ def run_variant(spec: dict, variant: str) -> dict:
                        iteration_probed_ms_all=[r["iteration_probed_ms"] for r in probed],
                        peak_iteration_mib=peak / 2**20, state_mib=state_bytes(trainer) / 2**20)  # fmt: skip
             row["policy_share"] = row["policy_ms"] / row["iteration_probed_ms"]
+            row["contention"] = guard.figures()
             if cuda:
                 row["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
             out["rows"].append(row)
         trainer.close()
     return out
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds every process of the machine has spent busy since boot (Linux ``/proc/stat``; None elsewhere)."""
+    try:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(values) - values[3] - values[4]  # less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+class ContentionGuard:
+    """Repeats a timed call during which other processes used the CPUs (a shared machine).
+
+    Others' share of a call = (the machine's busy CPU time, ``/proc/stat``, less this process's own,
+    ``time.process_time``) / (wall time x CPUs). A call whose share is above ``max_others`` is discarded and run
+    again, at most ``max_repeats`` times in all per :meth:`reset`; then the calls are kept as they come (the rows
+    say how many were discarded and the largest share kept). ``max_others`` 0 turns it off (CUDA: the device's
+    time is what is measured).
+    """
+
+    def __init__(self, max_others: float, max_repeats: int) -> None:
+        self.max_others = max_others
+        self.max_repeats = max_repeats
+        self.enabled = max_others > 0 and _machine_busy_s() is not None
+        self.reset()
+
+    def reset(self) -> None:
+        self.discarded = 0
+        self.kept: list[float] = []
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        while True:
+            busy0, own0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
+            out = fn()
+            if not self.enabled:
+                return out
+            wall = time.perf_counter() - t0
+            others = max(0.0, (_machine_busy_s() - busy0) - (time.process_time() - own0)) / (wall * (os.cpu_count() or 1))
+            if others <= self.max_others or self.discarded >= self.max_repeats:
+                self.kept.append(others)
+                return out
+            self.discarded += 1
+
+    def figures(self) -> dict:
+        return dict(enabled=self.enabled, max_others=self.max_others, discarded_iterations=self.discarded,
+                    others_share_max=max(self.kept) if self.kept else None)  # fmt: skip
 
 
 def _worker_main(spec_path: str, variant: str, out_path: str) -> int:
@@ -686,12 +754,15 @@ def cpu_busy(seconds: float = 3.0) -> float | None:
 
 
 def wait_for_idle(max_wait_s: float, log: Callable[[str], None], threshold: float = 0.1) -> dict:
-    """Wait (up to ``max_wait_s``) until the CPUs are at most ``threshold`` busy over a 3 s sample; the
-    figures for the JSON. A CPU benchmark on a shared machine means nothing while other work runs."""
+    """Wait (up to ``max_wait_s``) until the CPUs are at most ``threshold`` busy over 3 s and then over 10 s more;
+    the figures for the JSON. A CPU benchmark on a shared machine means nothing while other work runs."""
     t0 = time.perf_counter()
-    busy = cpu_busy()
-    while busy is not None and busy > threshold and time.perf_counter() - t0 < max_wait_s:
-        busy = cpu_busy()
+    while True:
+        busy = cpu_busy(3.0)
+        if busy is not None and busy <= threshold:
+            busy = cpu_busy(10.0)  # a lull of a few seconds between someone's jobs is not an idle machine
+        if busy is None or busy <= threshold or time.perf_counter() - t0 >= max_wait_s:
+            break
     waited = time.perf_counter() - t0
     if busy is not None and busy > threshold:
         log(f"  (the CPUs are still {100 * busy:.0f}% busy after waiting {waited:.0f} s: going on)")
@@ -760,7 +831,8 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None]) -> di
             logstd_inner_dim=size["logstd_inner_dim"], piid=dict(PIID, **size["piid"]), mode="data_free",
             teacher_dtype=teacher_dtype, guidance_scale=args.guidance_scale, embedded_guidance=3.5,
             num_prompts=size["num_prompts"], shard_size=size["shard_size"], encode_batch_size=size["encode_batch_size"],
-            teacher_ratios=ratios, warmup=args.warmup, iters=args.iters,
+            teacher_ratios=ratios, warmup=args.warmup, iters=args.iters, max_others=args.max_others,
+            max_repeats=args.max_repeats,
         ),
         timer="time.perf_counter" + (", torch.cuda.synchronize() at every mark" if device == "cuda" else ""),
         memory_method=("torch.cuda.max_memory_allocated() - memory_allocated() over one step" if device == "cuda" else
@@ -770,16 +842,18 @@ def run(args: argparse.Namespace, device: str, log: Callable[[str], None]) -> di
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_text_") as tmp:
         root = Path(tmp)
-        t0 = time.perf_counter()
         if args.wait_idle > 0:
             doc["cache_idle"] = wait_for_idle(args.wait_idle, log)
+        t0 = time.perf_counter()
         pipeline = build_pipeline(root / "flux", size)
         log(f"built the random FLUX.1 pipeline ({size_name}) in {time.perf_counter() - t0:.1f} s")
-        doc["prompt_cache"] = cache_throughput(pipeline, root / "cache", size, teacher_dtype, device,
-                                               negatives=args.guidance_scale != 1.0, log=log)  # fmt: skip
-        spec = dict(device=device, pipeline=str(pipeline), cache=str(root / "cache"), size_config=size,
+        guard = ContentionGuard(args.max_others if device == "cpu" else 0.0, args.max_repeats)
+        doc["prompt_cache"], cache = cache_throughput(pipeline, root / "cache", size, teacher_dtype, device,
+                                                      negatives=args.guidance_scale != 1.0, log=log, guard=guard)  # fmt: skip
+        spec = dict(device=device, pipeline=str(pipeline), cache=str(cache), size_config=size,
                     teacher_dtype=teacher_dtype, guidance_scale=args.guidance_scale, teacher_ratios=ratios,
-                    warmup=args.warmup, iters=args.iters, threads=args.threads)  # fmt: skip
+                    warmup=args.warmup, iters=args.iters, threads=args.threads, max_others=args.max_others,
+                    max_repeats=args.max_repeats)  # fmt: skip
         spec_path = root / "spec.json"
         spec_path.write_text(json.dumps(spec))
         for variant in variants:
@@ -838,7 +912,8 @@ def format_report(doc: dict) -> str:
             f"{r['variant']:<9}{r['teacher_ratio']:>6.2f}  {r['policy_build_ms']:.2f} / {r['policy_rollout_ms']:.1f} / "
             f"{r['policy_mean_velocity_forward_ms']:.1f} / {r['policy_mean_velocity_backward_ms']:.1f};  "
             f"{r['optimizer_ema_ms']:.1f};  mean-velocity substeps run {r['mean_velocity_substeps']['run']}, "
-            f"needed {r['mean_velocity_substeps']['sample_mean']:.0f} (batch max {r['mean_velocity_substeps']['batch_max']})"
+            f"needed {r['mean_velocity_substeps']['sample_mean']:.0f} (batch max {r['mean_velocity_substeps']['batch_max']}); "
+            f"{r['contention']['discarded_iterations']} contended iterations repeated"
         )  # fmt: skip
     if doc["rows"]:
         lines.append(f"calls per iteration: {doc['rows'][0]['calls']}")
@@ -897,6 +972,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick on CPU)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before the cache and each variant, wait up to S seconds for the CPUs to be idle (< 10%% busy)")
+    p.add_argument("--max-others", type=float, default=None, metavar="F",
+                   help="CPU: repeat a timed iteration during which other processes used more than F of the CPUs "
+                        "(default 0.05; 0 with --quick: off)")
+    p.add_argument("--max-repeats", type=int, default=None,
+                   help="at most this many repeated iterations per variant and ratio (default 4 x --iters)")
     p.add_argument("--in-process", action="store_true", help="run the variants in this process (default: one fresh each)")
     p.add_argument("--commit", default=None, help="git commit to record (the copy may have no .git)")
     args = p.parse_args(argv)
@@ -907,6 +987,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup = 1 if args.quick else 2
     if args.iters is None:
         args.iters = 2 if args.quick else 5
+    if args.max_others is None:
+        args.max_others = 0.0 if args.quick else 0.05
+    if args.max_repeats is None:
+        args.max_repeats = 4 * args.iters
     return args
 
 

@@ -420,3 +420,34 @@ def test_peft_comes_with_the_diffusers_extra_and_the_setup_probe():
     assert any(req.replace(" ", "").startswith("peft>=") for req in extras["diffusers"])
     probe = (root / "run.sh").read_text().split("TEST_EXTRA_PROBE='", 1)[1].split("'", 1)[0]
     assert "peft" in [name.strip() for line in probe.splitlines() if line.startswith("import ") for name in line[7:].split(",")]
+
+
+@pytest.mark.cuda
+def test_nf4_base_takes_the_adapter_on_cuda(tmp_path):
+    """bitsandbytes 4-bit (NF4) FLUX base on CUDA, as the torchao test above: fusing is refused, the adapter loads on
+    the quantized layers and the student is the unquantized one up to the quantization error."""
+    pytest.importorskip("bitsandbytes")
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    kind = "gm-flux"
+    teacher, _, folder = make_adapter(tmp_path, kind)
+    teacher.save_pretrained(tmp_path / "base")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                llm_int8_skip_modules=["proj_out"])  # fmt: skip
+    quantized = FluxTransformer2DModel.from_pretrained(tmp_path / "base", quantization_config=config, torch_dtype=torch.float32)
+    quantized.eval()
+    path = LORA_TARGETS["flux"][0]
+    assert "bitsandbytes" in type(quantized.get_submodule(path)).__module__
+    with pytest.raises(ValueError, match="fuse=False"):
+        load_official_adapter(folder, quantized, fuse=True, copy_teacher=False)
+    reference = load_official_adapter(folder, teacher.cuda())
+    student = load_official_adapter(folder, quantized)
+    x, t, kwargs = teacher_inputs("flux")
+    inputs = [v.cuda() if isinstance(v, torch.Tensor) else v for v in (x, t)]
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        got, want = student(*inputs, **kwargs), reference(*inputs, **kwargs)
+    for name in ("means", "logweights", "logstds"):
+        a, b = getattr(got, name).float(), getattr(want, name).float()
+        error = (a - b).norm() / b.norm()
+        assert error < 1e-1, (name, error)  # NF4 keeps about 3 bits of each weight

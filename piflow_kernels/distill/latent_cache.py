@@ -194,16 +194,10 @@ def _folder_source(root: Path, caption_column: str) -> ImageSource:
 
 
 def _dataset_source(root: Path, image_column: str, caption_column: str) -> ImageSource:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(f"reading the dataset folder {root} needs the datasets package: pip install datasets") from None
-    try:
-        ds = datasets.load_from_disk(str(root))
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{root}: not a datasets.save_to_disk folder ({err})") from err
-    if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"{root}: a DatasetDict with splits {sorted(ds)}: pass the folder of one split")
+    from piflow_kernels.distill.prompts import load_dataset_folder
+
+    ds = load_dataset_folder(root)  # datasets imports there, with a clear error when missing
+    import datasets
     for column in (image_column, caption_column):
         if column not in ds.column_names:
             raise ValueError(f"{root}: no column {column!r} (columns: {ds.column_names})")

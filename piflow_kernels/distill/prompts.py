@@ -117,7 +117,8 @@ def _parquet_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return list(enumerate(table.to_pylist(), 1))
 
 
-def _dataset_rows(path: Path, column: str, negative_column: str | None) -> list[tuple[int, dict[str, Any]]]:
+def load_dataset_folder(path: Path) -> Any:
+    """The ``datasets.Dataset`` of a ``save_to_disk`` folder of one split, else a clear error naming the folder."""
     try:
         import datasets
     except ImportError:
@@ -128,6 +129,11 @@ def _dataset_rows(path: Path, column: str, negative_column: str | None) -> list[
         raise FileNotFoundError(f"{path}: not a datasets.save_to_disk folder ({err})") from err
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{path}: a DatasetDict with splits {sorted(ds)}: pass the folder of one split")
+    return ds
+
+
+def _dataset_rows(path: Path, column: str, negative_column: str | None) -> list[tuple[int, dict[str, Any]]]:
+    ds = load_dataset_folder(path)
     names = [n for n in (column, negative_column) if n is not None and n in ds.column_names]
     if column not in names:
         raise ValueError(f"{path}: no column {column!r} (columns: {ds.column_names})")

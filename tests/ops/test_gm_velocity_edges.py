@@ -31,7 +31,6 @@ import torch
 from conftest import TOL, rel_err
 
 from piflow_kernels.constants import GM_EPS
-from piflow_kernels.ops.gm import triton_common
 from piflow_kernels.ops.gm.oracle import gm_rollout_reference, gm_velocity_reference
 from piflow_kernels.ops.gm.torch_twin import gm_velocity_centred, gm_velocity_torch
 from piflow_kernels.ops.records import GMTensors, RolloutPlan
@@ -77,24 +76,6 @@ def _errors(out, ref64, floor) -> list[float]:
     return [rel_err(out[0], ref64[0])] + [rel_err_floored(g, r, floor) for g, r in zip(out[1:], ref64[1:])]
 
 
-# Where the fused Triton kernels miss the rule (in the interpreter; each a gradient, u passes everywhere): with
-# per-component stds, far from the source at sigma_src = 1e-2, their logits are taken relative to component 0
-# (r (1/d_k - 1/d_0)), not to the dominant component as the torch twin's pivot does, and the logit and logstds
-# gradients inherit that rounding. The fix belongs to ops/gm/triton_common.py (_gm_logits2, shared with the
-# forward and the rollout); strict, so that fixing it turns these into failures to remove. (The x gradient's
-# cancellation of two ~1/s terms at sigma -> 0, and the logstds gradient's there, are fixed in the backward.)
-TRITON_GAPS = {
-    ("fp32", "std-per-comp", 1e-2, 1e-3): "logweights gradient 0.48, logstds 2.6e-3 (float32 reference 6e-8, 2e-6)",
-    ("bf16", "std-per-comp", 1e-2, 1e-3): "logweights gradient 0.37 (bf16 reference 7e-6)",
-}
-
-
-def _mark_known_gap(request, impl, dtype_name, std, point) -> None:
-    gap = TRITON_GAPS.get((dtype_name, std, *point)) if impl == "triton" else None
-    if gap is not None:
-        request.applymarker(pytest.mark.xfail(reason=f"Triton backward: {gap}", strict=triton_common.INTERPRET))
-
-
 def _centred64(x, sigma, policy, grad_u) -> list[torch.Tensor]:
     """[u, grads...] of the torch twin's algebra evaluated in float64."""
     return cases.gm_value_and_grads(lambda *a: gm_velocity_centred(*a, torch.float64), x, sigma, policy, grad_u, torch.float64)
@@ -118,19 +99,17 @@ def _assert_within_rule(impl, dtype_name, sigma_src, ratio, per_component):
 @pytest.mark.parametrize("point", POINTS, ids=POINT_IDS)
 @pytest.mark.parametrize("std", STDS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_gm_velocity_edges_within_2x_of_float32_reference(impl, std, point, poisoned, request):
+def test_gm_velocity_edges_within_2x_of_float32_reference(impl, std, point, poisoned):
     """The rule of the module docstring in float32, forward and all five gradients, at every point."""
-    _mark_known_gap(request, impl, "fp32", std, point)
     _assert_within_rule(impl, "fp32", *point, STDS[std])
 
 
 @pytest.mark.parametrize("point", [p for p in POINTS if p[1] in (1.0, 1e-3)], ids=lambda p: _point_id(*p))
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_gm_velocity_edges_low_precision_inputs(impl, dtype, point, poisoned, request):
+def test_gm_velocity_edges_low_precision_inputs(impl, dtype, point, poisoned):
     """bf16 / fp16 inputs (float32 math, outputs and gradients in the input dtype) under the same rule with their
     TOL; fp16 only where the float64 answer fits its range (|u| and the gradients reach 1e6 at small sigma)."""
-    _mark_known_gap(request, impl, dtype, "std-per-comp", point)
     sigma_src, ratio = point
     _, ref64, _, _ = _point(sigma_src, ratio, True, dtype)
     if dtype == "fp16" and max(float(t.abs().max()) for t in ref64) > torch.finfo(torch.float16).max:
@@ -233,11 +212,9 @@ def test_gm_velocity_torch_within_float64_uncertainty(std, point):
 @pytest.mark.parametrize("impl", cases.IMPLEMENTATIONS["gm_rollout"])
 def test_gm_rollout_edges_within_2x_of_float32_reference(impl, std, sigma_src, end, monkeypatch, poisoned):
     """The rollout from sigma_src to end * sigma_src (128 substeps per unit raw time: one substep up to
-    sigma_src = 1/128) under the rule of the module docstring, TOL["rollout"] as the floor. The Triton rollout
-    runs only the one-substep cases (each interpreted substep costs seconds); the torch twin runs eagerly (its
-    compiled substep has its own test)."""
-    if impl == "triton" and sigma_src > 1 / 128:
-        pytest.skip("many interpreted substeps")
+    sigma_src = 1/128, 128 from 1) under the rule of the module docstring, TOL["rollout"] as the floor: every
+    implementation, the Triton kernel's previous-substep pivot included (per-component stds, many substeps); the
+    torch twin runs eagerly (its compiled substep has its own test)."""
     monkeypatch.setenv("PIFLOW_COMPILE", "0")
     x, _, policy = cases.gm_edge_inputs(*SHAPE, sigma_src, 1.0, per_component=STDS[std], seed=51)
     sigma_start = policy.sigma_src.clone()

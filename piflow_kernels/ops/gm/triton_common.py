@@ -5,23 +5,24 @@ Flat layout as in :mod:`piflow_kernels.ops.records`; the velocity kernels live i
 Layers (as Liger-Kernel and flash-attention's Triton ops): ``_gm_*_kernel`` -> launcher (``_gm_velocity_fwd`` ...)
 -> ``torch.library`` op (``piflow::gm_velocity``, ``piflow::gm_velocity_bwd``, ``piflow::gm_rollout``) ->
 public function (``gm_velocity_triton``, ``gm_rollout_triton``). The dispatcher
-(:mod:`piflow_kernels.ops.dispatch`) checks the range below before it picks these.
-
-back to the CPU twin (one logged warning per reason) outside the kernels' range.
+(:mod:`piflow_kernels.ops.dispatch`) checks the range below before it picks these, and falls back to the
+CPU twin (one logged warning per reason) outside it.
 
 Kernel design. One program owns BLOCK_L pixels of one sample and all K components, so the softmax
 over K and the contractions over C stay in registers; all math is float32. Components are walked in
 chunks of BLOCK_K with an online softmax (running max in log2 units, rescaled sums) when a
 (K, C) tile does not fit the register budget. Logits are kept pre-scaled by log2(e) so every
-exponential is an exp2, and are evaluated centred on a per-pixel point c (x_src in the velocity
-kernel, the prior mixture mean in the rollout): (mu_k - c) . (nu - zeta c) is much smaller than
-mu_k . nu at small sigma, and so is its float32 rounding. The rollout kernel keeps the whole policy
-tile (mu_k - c, ||mu_k - c||^2, log2-scaled logweights) in registers across all substeps when it fits
+exponential is an exp2. Every kernel evaluates the torch twin's algebra (docs/design.md [eq:gm-centred],
+:func:`piflow_kernels.ops.gm.torch_twin.gm_velocity_centred`): logits centred on x_src (the chunks load as
+y_k = -s_src means_k, formed directly), u formed without x0 (x - x0 is O(sigma) out of O(1) terms), and with
+per-component stds the logits taken relative to a per-pixel pivot component (the running argmax, see
+:func:`_gm_centred_num`), so that what rounds is relative to the dominant component. The rollout kernel keeps
+the whole policy tile (y_k, ||y_k||^2, log2-scaled logweights) in registers across all substeps when it fits
 (NUM_K_CHUNKS == 1), loops over its sample's substep count read from memory, and writes x once. The
 backward kernel recomputes everything from the inputs in ONE pass over the chunks, as flash
-attention does: the forward also writes the log-sum-exp of the logits and the softmax-weighted
-means of the centred component means (C + 1 floats per pixel, C + 3 with per-component stds; not
-K * C), which give every chunk its normalised weights and its logit gradients without the other
+attention does: the forward also writes the log-sum-exp of the logits and ybar = sum_k w_k y_k [/ d_k]
+(C + 1 floats per pixel; C + 3 with per-component stds, adding sum_k w_k beta_k and the pivot's variance;
+not K * C), which give every chunk its normalised weights and its logit gradients without the other
 chunks. The logstds gradient is reduced over pixels per program into a small
 (B, tiles, K) buffer summed on the host side of the op.
 
@@ -51,10 +52,10 @@ MAX_COMPONENTS = 64  # K range of the kernels (chunked over K beyond the registe
 MAX_CHANNELS = 64  # C range of the kernels
 # Per-thread register budget in fp32 elements of one (BLOCK_K, BLOCK_C) chunk. At 128 a K=32, C=4
 # (ImageNet) or K=8, C=16 (FLUX) policy tile stays resident over a rollout (255 registers, no spill
-# with Triton 3.6 for sm_90; with per-component stds K=32, C=4 spills 248 bytes). The velocity kernels
+# with Triton 3.6 for sm_90; with per-component stds K=32, C=4 spills 424 bytes). The velocity kernels
 # are memory-bound and stream chunks: smaller chunks, fewer registers, more warps in flight. At K=32,
-# C=4, one std per sample (python -m bench.sass, Triton 3.6): forward 95 registers at budget 64 (64 at
-# 32), backward 168 at budget 32 (47 at 16); the GPU check's sweep times these points.
+# C=4, one std per sample (python -m bench.sass, Triton 3.6): forward 96 registers at budget 64,
+# backward 168 at budget 32; the GPU check's sweep times other budgets.
 TILE_BUDGET_ROLLOUT = 128
 TILE_BUDGET_FWD = 64
 TILE_BUDGET_BWD = 32
@@ -124,7 +125,6 @@ def _gm_load_chunk(
     m_cl,  # (BLOCK_C, BLOCK_L) valid channel and pixel
     m_l,  # (BLOCK_L,) valid pixel
     s_src,  # sigma_src of this sample, unclamped (mu and var use it raw, as the reference does)
-    b_xs,  # (BLOCK_C, BLOCK_L) x_src, fp32, 0 where masked
     stride_mk,  # means stride over K
     stride_mc,  # means stride over C
     stride_ml,  # means stride over L
@@ -134,9 +134,9 @@ def _gm_load_chunk(
     BLOCK_K: tl.constexpr,  # components per chunk
     PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
 ):
-    """One chunk of the policy in x0 space: mu (BK, BC, BL), ||mu||^2 (BK, BL), log2-scaled logweights
-    (BK, BL) with -inf on padded components, var (BK, BL) per component (broadcast over pixels) or a
-    scalar per sample, m_k (BK,).
+    """One chunk of the policy centred on x_src: y_k = mu_k - x_src = -s_src means_k (BK, BC, BL), formed
+    directly (never as a difference), ||y_k||^2 (BK, BL), log2-scaled logweights (BK, BL) with -inf on padded
+    components, var (BK, BL) per component (broadcast over pixels) or a scalar per sample, m_k (BK,).
 
     Every (BK, BL) tile is loaded as (BK, 1, BL) and reduced over the unit axis, so it carries the
     same register layout as the reductions of the 3-D tile over C: the compiler then keeps one copy
@@ -146,115 +146,112 @@ def _gm_load_chunk(
     o_k64 = o_k.to(tl.int64)
     p_m = p_means + o_k64[:, None, None] * stride_mk + o_c[None, :, None] * stride_mc + o_l[None, None, :] * stride_ml
     b_means = tl.load(p_m, mask=m_k[:, None, None] & m_cl[None, :, :], other=0.0).to(tl.float32)
-    b_mu = b_xs[None, :, :] - s_src * b_means
+    b_y = -s_src * b_means
     m_kl = m_k[:, None, None] & m_l[None, None, :]
     p_w = p_lw + o_k64[:, None, None] * stride_wk + o_l[None, None, :] * stride_wl
     b_lw = tl.sum(tl.load(p_w, mask=m_kl, other=0.0).to(tl.float32), axis=1)
     # padded components get -inf (weight 0); padded pixels keep finite 0 so no NaN is ever formed
     b_lw2 = tl.where(m_k[:, None], b_lw * LOG2E_K, float("-inf"))
-    b_musq = tl.sum(b_mu * b_mu, axis=1)
+    b_ysq = tl.sum(b_y * b_y, axis=1)
     if PER_K_STD:
         b_ls = tl.load(p_ls + o_k64 * stride_sk, mask=m_k, other=0.0).to(tl.float32)
-        # broadcast over pixels in the layout of b_musq (0 * a finite tile is exactly 0)
-        b_var = (tl.exp(2.0 * b_ls) * (s_src * s_src))[:, None] + 0.0 * b_musq
+        # broadcast over pixels in the layout of b_ysq (0 * a finite tile is exactly 0)
+        b_var = (tl.exp(2.0 * b_ls) * (s_src * s_src))[:, None] + 0.0 * b_ysq
     else:
         b_var = tl.exp(2.0 * tl.load(p_ls).to(tl.float32)) * (s_src * s_src)
-    return b_mu, b_musq, b_lw2, b_var, m_k
+    return b_y, b_ysq, b_lw2, b_var, m_k
+
+
+@triton.jit
+def _gm_scalars(s_raw, s_src_raw, FAST_RCP: tl.constexpr):
+    """Per-sample scalars of the centred velocity at noise level s_raw ([eq:gm-centred]), s and s_src clamped at
+    eps: s, a = 1 - s, 1 / s, rho = 1/s - 1/s_src as (s_src - s) / (s s_src) (exactly 0 at the source; the
+    difference of the reciprocals loses 0.06 of each 1e6 at sigma 1e-6), zeta = (a/s)^2 - (a_src/s_src)^2 as
+    rho (a/s + a_src/s_src), and a_src / s_src^2."""
+    s = tl.maximum(s_raw, EPS_K)
+    s_src = tl.maximum(s_src_raw, EPS_K)
+    a = 1.0 - s
+    inv_s = _rcp(s, FAST_RCP)
+    inv_ssrc = 1.0 / s_src
+    rho = (s_src - s) * inv_s * inv_ssrc
+    zeta = rho * (a * inv_s + (1.0 - s_src) * inv_ssrc)
+    return s, a, inv_s, rho, zeta, (1.0 - s_src) * inv_ssrc * inv_ssrc
+
+
+@triton.jit
+def _gm_centred_terms(b_x, b_xs, a, inv_s, rho, a_src_s2):
+    """delta = x - x_src, nu' = nu - zeta x_src = (a/s^2) delta + rho x_src and h = zeta x - nu =
+    -rho x - (a_src/s_src^2) delta, each (BC, BL) ([eq:gm-centred]); no two ~1/s^2 terms are subtracted."""
+    b_delta = b_x - b_xs
+    b_nup = (a * inv_s * inv_s) * b_delta + rho * b_xs
+    b_h = -rho * b_x - a_src_s2 * b_delta
+    return b_delta, b_nup, b_h
+
+
+@triton.jit
+def _gm_d(b_var, zeta):
+    """1 / d_k and q_k = d_k - 1 - var_k zeta (0 unless d_k = 1 + var_k zeta is clamped at eps, which only
+    happens outside the domain, sigma > sigma_src), per component (BK, BL) or a per-sample scalar."""
+    vz = b_var * zeta
+    return 1.0 / tl.maximum(vz + 1.0, EPS_K), tl.maximum((EPS_K - 1.0) - vz, 0.0)
+
+
+@triton.jit
+def _gm_dot(b_y, b_nup, zeta):
+    """A_k = y_k . (nu' - zeta y_k / 2) (BK, BL), the literal contraction: it cancels less than
+    y_k . nu' - zeta ||y_k||^2 / 2 far from the source (the logstds gradient's error at sigma 0.05)."""
+    return tl.sum(b_y * (b_nup[None, :, :] - (0.5 * zeta) * b_y), axis=1)
+
+
+@triton.jit
+def _gm_pivot_of_chunk(b_l2pre, b_var):
+    """The largest log2 logit of a chunk per pixel (BL,) and the variance of its component (BL,): the pivot
+    candidate (the largest variance where the maximum is tied)."""
+    b_m = tl.max(b_l2pre, axis=0)
+    return b_m, tl.max(tl.where(b_l2pre == b_m[None, :], b_var, float("-inf")), axis=0)
+
+
+@triton.jit
+def _gm_pivot_merge(b_m, b_vp, b_mc, b_vpc):
+    """Running pivot (max, variance) merged with a chunk's candidate."""
+    b_vp = tl.where(b_mc > b_m, b_vpc, tl.where(b_mc == b_m, tl.maximum(b_vp, b_vpc), b_vp))
+    return tl.maximum(b_m, b_mc), b_vp
+
+
+@triton.jit
+def _gm_pivot_finish(b_vp, zeta):
+    """var_p and 1 / d_p (BL,) of the pivot; outside the domain (zeta < 0) a virtual component of variance 0."""
+    b_vp = tl.where(zeta >= 0.0, b_vp, 0.0)
+    return b_vp, 1.0 / (1.0 + zeta * b_vp)
 
 
 @triton.jit
 def _gm_logits2(
-    b_mu,  # (BK, BC, BL) centred component means mu_k - c in x0 space
-    b_musq,  # (BK, BL) ||mu_k - c||^2
     b_lw2,  # (BK, BL) logweights * log2(e)
+    b_a,  # (BK, BL) A_k (_gm_dot)
+    b_invd,  # (BK, BL) or scalar 1 / d_k
+    b_q,  # (BK, BL) or scalar q_k (_gm_d)
     b_var,  # (BK, BL) or scalar component variance
-    b_nup,  # (BC, BL) centred nu' = nu - zeta c
-    b_r,  # (BL,) c . nu - zeta/2 ||c||^2 (per-component stds only)
-    zeta,  # scalar (a/s)^2 - (a_src/s_src)^2
-    g0,  # scalar log2(e) / d_0 (per-component stds only)
-    PER_K_STD: tl.constexpr,  # b_var per component (else a scalar)
-):
-    """Centred log2 logits (BK, BL), 1 / d ((BK, BL), or a scalar per sample) and the dot (mu_k - c) . nu'
-    (BK, BL) they contain (the backward reuses it).
-
-    logit_k = lw_k + (mu_k . nu - zeta/2 ||mu_k||^2) / d_k = lw_k + (A_k + r) / d_k with
-    A_k = (mu_k - c) . nu' - zeta/2 ||mu_k - c||^2; r is the same for every k, so it is dropped when d
-    is, and only its k-varying part r (1/d_k - 1/d_0) is kept with per-component d. The forward, the
-    rollout and the backward all evaluate the logits here, so the backward's softmax is normalised by
-    the forward's log-sum-exp to within float32 rounding."""
-    b_dot = tl.sum(b_mu * b_nup[None, :, :], axis=1)
-    if PER_K_STD:
-        b_invd = 1.0 / tl.maximum(b_var * zeta + 1.0, EPS_K)
-        b_g = LOG2E_K * b_invd
-        b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * b_g + b_r[None, :] * (b_g - g0)
-        return b_l2, b_invd, b_dot
-    else:
-        invd = 1.0 / tl.maximum(b_var * zeta + 1.0, EPS_K)
-        g = LOG2E_K * invd
-        b_l2 = b_lw2 + b_dot * g - b_musq * (g * (0.5 * zeta))
-        return b_l2, invd, b_dot
-
-
-@triton.jit
-def _gm_chunk_update(
-    b_mu,  # (BK, BC, BL) centred component means mu_k - c in x0 space
-    b_musq,  # (BK, BL) ||mu_k - c||^2
-    b_lw2,  # (BK, BL) logweights * log2(e)
-    b_var,  # (BK, BL) or scalar component variance
-    b_nup,  # (BC, BL) centred nu' = nu - zeta c
-    b_r,  # (BL,) c . nu - zeta/2 ||c||^2 (used with per-component stds only)
-    zeta,  # scalar (a/s)^2 - (a_src/s_src)^2
-    g0,  # scalar log2(e) / d of a reference component (per-component stds only)
-    b_mrun,  # (BL,) running max of the log2 logits
-    b_lrun,  # (BL,) running sum of p_k = exp2(logit_k - max)
-    b_accx,  # (BC, BL) running sum_k p_k (mu_k - c) / d_k (per sample: sum_k p_k (mu_k - c))
-    b_accv,  # (BL,) running sum_k p_k var_k / d_k (per sample: unused)
-    b_accg,  # (BL,) running sum_k p_k / d_k (per sample: unused)
-    PER_K_STD: tl.constexpr,  # b_var per component (else a scalar)
-):
-    """Online-softmax update of the posterior-mean accumulators with one chunk of components (logits
-    centred on c, see :func:`_gm_logits2`)."""
-    b_l2, b_invd, _ = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
-    b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
-    b_alpha = tl.exp2(b_mrun - b_mnew)
-    b_p = tl.exp2(b_l2 - b_mnew[None, :])
-    b_lrun = b_lrun * b_alpha + tl.sum(b_p, axis=0)
-    if PER_K_STD:
-        b_pg = b_p * b_invd
-        b_accx = b_accx * b_alpha[None, :] + tl.sum(b_pg[:, None, :] * b_mu, axis=0)
-        b_accv = b_accv * b_alpha + tl.sum(b_pg * b_var, axis=0)
-        b_accg = b_accg * b_alpha + tl.sum(b_pg, axis=0)
-    else:
-        b_accx = b_accx * b_alpha[None, :] + tl.sum(b_p[:, None, :] * b_mu, axis=0)
-    return b_mnew, b_lrun, b_accx, b_accv, b_accg
-
-
-@triton.jit
-def _gm_x0_from_acc(
-    b_lrun,  # (BL,) sum_k p_k
-    b_accx,  # (BC, BL) accumulators of _gm_chunk_update
-    b_accv,  # (BL,)
-    b_accg,  # (BL,)
-    b_nu,  # (BC, BL) nu (not centred)
-    b_c,  # (BC, BL) the centre c
-    var,  # scalar variance (per-sample stds)
-    zeta,  # scalar zeta
-    acc_scale,  # scalar the per-component accumulators are divided by (they may carry a log2(e))
-    FAST_RCP: tl.constexpr,  # approximate reciprocal
+    b_r,  # (BL,) r = x_src . (nu' + zeta x_src / 2) (per-component stds only)
+    b_vp,  # (BL,) var_p of the pivot (per-component stds only)
+    b_idp,  # (BL,) 1 / d_p (per-component stds only)
+    zeta,  # scalar
     PER_K_STD: tl.constexpr,  # per-component stds
 ):
-    """x0 = sum_k w_k (var_k nu + mu_k) / d_k from the (centred) accumulators."""
+    """Log2 logits (BK, BL) ([eq:gm-centred]). With one std per sample lw_k + A_k / d (r drops out of the
+    softmax); with per-component stds lw_k + (A_k + r (1/d_k - 1/d_p) d_k) / d_k, relative to the per-pixel
+    pivot p, r (1/d_k - 1/d_p) d_k formed as r (zeta var_p - (d_k - 1)) / d_p. The forward, the rollout and the
+    backward all evaluate the logits here, so the backward's softmax is normalised by the forward's
+    log-sum-exp to within float32 rounding."""
     if PER_K_STD:
-        b_inv = _rcp(b_lrun * acc_scale, FAST_RCP)
-        return (b_accx + b_c * b_accg[None, :] + b_nu * b_accv[None, :]) * b_inv[None, :]
+        b_rk = (b_r * b_idp)[None, :] * ((zeta * b_vp)[None, :] - (b_var * zeta + b_q))
+        return b_lw2 + (b_a + b_rk) * (LOG2E_K * b_invd)
     else:
-        invd = _rcp(tl.maximum(var * zeta + 1.0, EPS_K), FAST_RCP)
-        b_inv = _rcp(b_lrun, FAST_RCP)
-        return (b_accx * b_inv[None, :] + b_c + b_nu * var) * invd
+        return b_lw2 + b_a * (LOG2E_K * b_invd)
 
 
 @triton.jit
-def _gm_posterior_x0(
+def _gm_centred_num(
     p_means,  # means of this sample
     p_lw,  # logweights of this sample
     p_ls,  # logstds of this sample
@@ -264,12 +261,13 @@ def _gm_posterior_x0(
     m_cl,  # (BC, BL) valid mask
     m_l,  # (BL,) valid pixel
     s_src,  # raw sigma_src
-    b_xsc,  # (BC, BL) x_src - c, so that the loaded chunks are mu_k - c
-    b_c,  # (BC, BL) the centre c
-    b_csq,  # (BL,) ||c||^2
-    b_nu,  # (BC, BL) nu
+    b_x,  # (BC, BL) x
+    b_xs,  # (BC, BL) x_src
+    b_delta,  # (BC, BL) x - x_src
+    b_nup,  # (BC, BL) nu'
+    b_h,  # (BC, BL) h
+    b_r,  # (BL,) r (per-component stds)
     zeta,  # scalar zeta
-    var0,  # scalar: variance of component 0 (the reference d_0), or the per-sample variance
     stride_mk,  # means stride over K
     stride_mc,  # means stride over C
     stride_ml,  # means stride over L
@@ -281,33 +279,77 @@ def _gm_posterior_x0(
     BLOCK_L: tl.constexpr,  # pixels per program
     NUM_K_CHUNKS: tl.constexpr,  # ceil(K / BLOCK_K)
     PER_K_STD: tl.constexpr,  # logstds per component
-    FAST_RCP: tl.constexpr,  # approximate reciprocal
 ):
-    """x0 (BC, BL) of the GM posterior at (nu, zeta), streaming the components from memory, and the
-    softmax statistics of the centred log2 logits: running max (BL,) and sum of exp2(logit - max) (BL,)."""
+    """u s (BC, BL) of [eq:gm-centred], streaming the components from memory (online softmax), and what the
+    backward reuses: ybar = sum_k w_k y_k [/ d_k] (BC, BL), the log2-sum-exp2 of the logits (BL,), and with
+    per-component stds bbar = sum_k w_k beta_k (BL,) and var_p (BL,) (one std: zeros).
+
+    With one std per sample u s = (delta + q x - ybar) / d + var h / d. With per-component stds
+    u s = (delta + var_p h) / d_p - bbar nu' - ybar + (sum_k w_k q_k / d_k) x_src,
+    beta_k = (var_k - var_p) / (d_k d_p); the pivot p is the argmax of the unpivoted logits lw_k + (A_k + r) / d_k,
+    found on the way (see the loop)."""
+    b_vp = tl.zeros((BLOCK_L,), tl.float32)  # the pivot's variance (per-component stds), after _gm_pivot_finish
+    b_idp = tl.zeros((BLOCK_L,), tl.float32) + 1.0  # 1 / d_p
+    b_mp = tl.full((BLOCK_L,), float("-inf"), tl.float32)  # the running pivot's unpivoted logit
+    b_vpraw = tl.zeros((BLOCK_L,), tl.float32)  # its variance
+    var1 = _gm_var1(p_ls, s_src)  # one std per sample: its variance (with per-component stds unused)
     b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
     b_lrun = tl.zeros((BLOCK_L,), tl.float32)
-    b_accx = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
-    b_accv = tl.zeros((BLOCK_L,), tl.float32)
-    b_accg = tl.zeros((BLOCK_L,), tl.float32)
-    b_nup = b_nu - zeta * b_c
-    b_r = tl.sum(b_c * b_nu, axis=0) - (0.5 * zeta) * b_csq
-    g0 = LOG2E_K / tl.maximum(var0 * zeta + 1.0, EPS_K)
+    b_accy = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    b_accb = tl.zeros((BLOCK_L,), tl.float32)
+    b_accq = tl.zeros((BLOCK_L,), tl.float32)
+    b_accg = tl.zeros((BLOCK_L,), tl.float32)  # sum_k p_k / d_k: moves b_accb to a new pivot
     for i_k in range(NUM_K_CHUNKS):
-        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means, p_lw, p_ls, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src, b_xsc,
+        b_y, b_ysq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means, p_lw, p_ls, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src,
             stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
-        b_mrun, b_lrun, b_accx, b_accv, b_accg = _gm_chunk_update(
-            b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, b_mrun, b_lrun, b_accx, b_accv, b_accg, PER_K_STD
-        )
-    b_x0 = _gm_x0_from_acc(b_lrun, b_accx, b_accv, b_accg, b_nu, b_c, var0, zeta, 1.0, FAST_RCP, PER_K_STD)
-    return b_x0, b_mrun, b_lrun, b_accx, b_accv, b_accg
+        b_invd, b_q = _gm_d(b_var, zeta)
+        b_a = _gm_dot(b_y, b_nup, zeta)
+        if PER_K_STD:
+            # The pivot is the running argmax over the chunks seen so far, this one included, so the dominant
+            # component's logit never carries r; when it moves, what is accumulated moves to its frame: every
+            # earlier logit by log2(e) r (1/d_old - 1/d_new) = log2(e) r zeta (var_new - var_old) / (d_old d_new),
+            # and sum_k p_k beta_k d_p by (var_old - var_new) sum_k p_k / d_k. One pass over the chunks: a
+            # separate pivot pass let the compiler keep every chunk in registers (255 at K=32, C=4 on sm_90).
+            b_mc, b_vpc = _gm_pivot_of_chunk(b_lw2 + (b_a + b_r[None, :]) * (LOG2E_K * b_invd), b_var)
+            b_mp, b_vpraw = _gm_pivot_merge(b_mp, b_vpraw, b_mc, b_vpc)
+            b_vpn, b_idpn = _gm_pivot_finish(b_vpraw, zeta)
+            b_move = (LOG2E_K * zeta) * b_r * (b_vpn - b_vp) * (b_idp * b_idpn)
+            b_mrun = tl.where(b_lrun > 0.0, b_mrun + b_move, b_mrun)
+            b_accb = b_accb + (b_vp - b_vpn) * b_accg
+            b_vp = b_vpn
+            b_idp = b_idpn
+        b_l2 = _gm_logits2(b_lw2, b_a, b_invd, b_q, b_var, b_r, b_vp, b_idp, zeta, PER_K_STD)
+        b_mnew = tl.maximum(b_mrun, tl.max(b_l2, axis=0))
+        b_alpha = tl.exp2(b_mrun - b_mnew)
+        b_p = tl.exp2(b_l2 - b_mnew[None, :])
+        b_lrun = b_lrun * b_alpha + tl.sum(b_p, axis=0)
+        if PER_K_STD:
+            b_pd = b_p * b_invd
+            b_accy = b_accy * b_alpha[None, :] + tl.sum(b_pd[:, None, :] * b_y, axis=0)
+            b_accb = b_accb * b_alpha + tl.sum(b_pd * (b_var - b_vp[None, :]), axis=0)
+            b_accq = b_accq * b_alpha + tl.sum(b_pd * b_q, axis=0)
+            b_accg = b_accg * b_alpha + tl.sum(b_pd, axis=0)
+        else:
+            b_accy = b_accy * b_alpha[None, :] + tl.sum(b_p[:, None, :] * b_y, axis=0)
+        b_mrun = b_mnew
+    b_inv = 1.0 / b_lrun
+    b_ybar = b_accy * b_inv[None, :]
+    if PER_K_STD:
+        b_bbar = b_accb * b_inv * b_idp
+        b_num = (b_delta + b_vp[None, :] * b_h) * b_idp[None, :] - b_bbar[None, :] * b_nup - b_ybar
+        b_num = b_num + (b_accq * b_inv)[None, :] * b_xs
+    else:
+        invd, q = _gm_d(var1, zeta)
+        b_bbar = tl.zeros((BLOCK_L,), tl.float32)
+        b_num = (b_delta + q * b_x - b_ybar) * invd + (var1 * invd) * b_h
+    return b_num, b_ybar, b_mrun + tl.log2(b_lrun), b_bbar, b_vp
 
 
 @triton.jit
-def _gm_var0(p_ls, s_src):
-    """Variance of component 0 (per-sample std: the variance), the reference of the centred logits."""
+def _gm_var1(p_ls, s_src):
+    """The variance of the first logstds entry: with one std per sample, the variance."""
     return tl.exp(2.0 * tl.load(p_ls).to(tl.float32)) * (s_src * s_src)
 
 
@@ -324,40 +366,14 @@ def _gm_program(n_tiles, C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     return i_b, i_t, i_b.to(tl.int64), o_l, o_c, m_l, (o_c < C)[:, None] & m_l[None, :]
 
 
-@triton.jit
-def _gm_sigmas(p_sigma, p_ssrc, i_b):
-    """Per-sample scalars of the velocity at sigma: raw sigma_src, clamped sigma, a, a_src, 1/s, 1/s_src, zeta."""
-    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
-    s = tl.maximum(tl.load(p_sigma + i_b).to(tl.float32), EPS_K)
-    s_src = tl.maximum(s_src_raw, EPS_K)
-    a = 1.0 - s
-    a_src = 1.0 - s_src
-    inv_s = 1.0 / s
-    inv_ssrc = 1.0 / s_src
-    zeta = a * a * inv_s * inv_s - a_src * a_src * inv_ssrc * inv_ssrc
-    return s_src_raw, s, a, a_src, inv_s, inv_ssrc, zeta
-
-
 # Pointers are not specialized on 16-byte alignment. Aligned, Triton vectorizes the loads 4-wide along L
 # and the compute layout follows (4 pixels per thread, the rest of the warp and the other warps spread
 # over C and K), so every reduction over K or C becomes shuffles or shared memory plus barriers. Measured
 # on an H100 (Triton 3.6) with aligned pointers, the 128-substep B=512, K=32, C=4, 32x32 rollout took
 # 8.3 / 3.1 / 1.8 ms at 4 / 2 / 1 warps. Unaligned, a warp still reads 32 consecutive floats per
 # load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 by Triton 3.6 with
-# the launch's own specialization (python -m bench.sass), the substep loop is 472 instructions per pixel
-# (312 FFMA, 32 MUFU.EX2), with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
-# pointer is enough to bring the vectorized layout back (a store of the backward's statistics did: 9
-# barriers in the forward), so every pointer to a per-pixel tensor is listed; only the (B,)-sized
-
-
-# Pointers are not specialized on 16-byte alignment. Aligned, Triton vectorizes the loads 4-wide along L
-# and the compute layout follows (4 pixels per thread, the rest of the warp and the other warps spread
-# over C and K), so every reduction over K or C becomes shuffles or shared memory plus barriers. Measured
-# on an H100 (Triton 3.6) with aligned pointers, the 128-substep B=512, K=32, C=4, 32x32 rollout took
-# 8.3 / 3.1 / 1.8 ms at 4 / 2 / 1 warps. Unaligned, a warp still reads 32 consecutive floats per
-# load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 by Triton 3.6 with
-# the launch's own specialization (python -m bench.sass), the substep loop is 472 instructions per pixel
-# (312 FFMA, 32 MUFU.EX2), with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
+# the launch's own specialization (python -m bench.sass), the substep loop is 487 instructions per pixel,
+# with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
 # pointer is enough to bring the vectorized layout back (a store of the backward's statistics did: 9
 # barriers in the forward), so every pointer to a per-pixel tensor is listed; only the (B,)-sized
 # per-sample vectors and the per-program logstds partials keep the specialization.

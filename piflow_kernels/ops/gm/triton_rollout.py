@@ -2,10 +2,11 @@
 
     >>> x_end = gm_rollout_triton(x_start, GMTensors(means, logweights, logstds, x_src, sigma_src), plan)
 
-The rollout kernel keeps the whole policy tile (mu_k - c, ||mu_k - c||^2, log2-scaled logweights) in
+The rollout kernel keeps the whole policy tile (y_k = -s_src means_k, ||y_k||^2, log2-scaled logweights) in
 registers across all substeps when it fits (NUM_K_CHUNKS == 1, K * C <= 128 at C <= 16), loops over its
-sample's substep count read from memory (no host synchronisation), and writes x once. Logits are centred
-on the prior mixture mean (design: :mod:`.triton_common`).
+sample's substep count read from memory (no host synchronisation), and writes x once. Each substep is the
+torch twin's centred substep: logits centred on x_src, u formed without x0, per-component stds about the
+per-pixel pivot component (design: :mod:`.triton_common`, docs/design.md [eq:gm-centred]).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
     LOG2E_K,
     UNALIGNED,
+    _gm_centred_num,
+    _gm_centred_terms,
     _gm_load_chunk,
-    _gm_posterior_x0,
+    _gm_pivot_finish,
+    _gm_pivot_of_chunk,
     _gm_program,
-    _gm_var0,
-    _gm_x0_from_acc,
+    _gm_scalars,
+    _gm_var1,
     _in_thread_slice,
     _neg_zero,
     _rcp,
@@ -33,16 +37,15 @@ from piflow_kernels.ops.records import GMTensors, RolloutPlan
 
 
 @triton.jit
-def _gm_substep_start(r, h, s, shift, c_src, b_x, b_nusrc, FAST_RCP: tl.constexpr):
+def _gm_substep_start(r, h, s, shift, s_src_raw, a_src_s2, b_x, b_xs, FAST_RCP: tl.constexpr):
     """One substep's scalars at raw time r (before the step) and noise level s: the raw time and sigma after it,
-    1 / s, zeta and nu (BC, BL) at x = b_x (b_nusrc = (a_src / s_src^2) x_src)."""
+    1 / s, zeta, 1 / d (the scalar of one std per sample needs the variance: see the caller), and the centred terms
+    delta, nu', h (BC, BL) at x = b_x ([eq:gm-centred])."""
     r = tl.maximum(r - h, 0.0)
     s_next = shift * r * _rcp(1.0 + (shift - 1.0) * r, FAST_RCP)
-    s_c = tl.maximum(s, EPS_K)
-    inv_s = _rcp(s_c, FAST_RCP)
-    a = 1.0 - s_c
-    zeta = a * a * inv_s * inv_s - c_src
-    return r, s_next, inv_s, zeta, (a * inv_s * inv_s) * b_x - b_nusrc
+    _, a, inv_s, rho, zeta, _ = _gm_scalars(s, s_src_raw, FAST_RCP)
+    b_delta, b_nup, b_h = _gm_centred_terms(b_x, b_xs, a, inv_s, rho, a_src_s2)
+    return r, s_next, inv_s, rho, zeta, b_delta, b_nup, b_h
 
 
 @triton.jit(do_not_specialize_on_alignment=UNALIGNED)
@@ -78,14 +81,13 @@ def _gm_rollout_kernel(
     i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
     shift = tl.cast(shift, tl.float32)  # inductor passes Python floats as fp64
 
-    # constant over the rollout: sigma_src terms, x_src part of nu
+    # constant over the rollout: sigma_src terms and x_src
     s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
     s_src = tl.maximum(s_src_raw, EPS_K)
-    a_src = 1.0 - s_src
-    c_src = (a_src / s_src) * (a_src / s_src)
+    a_src_s2 = (1.0 - s_src) / (s_src * s_src)
     o_y = i_b64 * stride_yb + o_c[:, None] * stride_yc + o_l[None, :] * stride_yl
     b_xs = tl.load(p_xs + o_y, mask=m_cl, other=0.0).to(tl.float32)
-    b_nusrc = (a_src / (s_src * s_src)) * b_xs
+    b_xsq = tl.sum(b_xs * b_xs, axis=0)  # ||x_src||^2 (BL,)
     o_x = i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl
     b_x = tl.load(p_x + o_x, mask=m_cl, other=0.0).to(tl.float32)
 
@@ -97,94 +99,92 @@ def _gm_rollout_kernel(
     p_lw_b = p_lw + i_b64 * stride_wb
     p_ls_b = p_ls + i_b64 * stride_sb
 
-    # Logits are evaluated centred on the prior mixture mean c = sum_k softmax(lw)_k mu_k (per pixel):
-    # (mu_k - c) . (nu - zeta c) is ~10x smaller than mu_k . nu at small sigma, and so is its float32
-    # rounding: on the FLUX-shape check the error of a rollout to sigma = 0 drops from 2.6e-4 to 3.4e-5.
-    var0 = _gm_var0(p_ls_b, s_src_raw)
-    b_zero = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    # Each substep is x <- x + u (s_next - s), u of [eq:gm-centred] (the torch twin's substep algebra, same clamps):
+    # the logits centred on x_src (y_k = -s_src means_k), u formed without x0 (x - x0 is O(s) out of O(1)
+    # terms), per-component stds about the per-pixel pivot component.
+    var1 = _gm_var1(p_ls_b, s_src_raw)  # one std per sample: the variance
     if NUM_K_CHUNKS == 1:
         # the whole policy tile lives in registers: read once, used n_sub times
-        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means_b, p_lw_b, p_ls_b, 0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_zero,
+        b_y, b_ysq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means_b, p_lw_b, p_ls_b, 0, K, o_c, o_l, m_cl, m_l, s_src_raw,
             stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
-        b_p0 = tl.exp2(b_lw2 - tl.max(b_lw2, axis=0)[None, :])
-        b_cxs = tl.sum(b_p0[:, None, :] * b_mu, axis=0) / tl.sum(b_p0, axis=0)[None, :]  # c - x_src
-        b_mu = b_mu - b_cxs[None, :, :]  # mu_k - c
-        b_musq = tl.sum(b_mu * b_mu, axis=1)
-        b_c = b_xs + b_cxs
-        b_csq = tl.sum(b_c * b_c, axis=0)
         # axis indices in the layouts of the slices taken below
         o_k3 = tl.arange(0, BLOCK_K)[:, None, None]
         o_c3 = tl.arange(0, BLOCK_C)[None, :, None]
         o_k2 = tl.arange(0, BLOCK_K)[:, None]
         o_c2 = tl.arange(0, BLOCK_C)[:, None]
+        b_vpraw = tl.zeros((BLOCK_L,), tl.float32)
+        if PER_K_STD:  # the first substep's pivot: the argmax of the unpivoted logits lw_k + (A_k + r) / d_k at sigma_start
+            _, _, _, _, zeta0, _, b_nup0, _ = _gm_substep_start(r, h, s, shift, s_src_raw, a_src_s2, b_x, b_xs, FAST_RCP)
+            b_a0 = tl.sum(b_y * b_nup0[None, :, :], axis=1) - (0.5 * zeta0) * b_ysq
+            b_r0 = tl.sum(b_xs * b_nup0, axis=0) + (0.5 * zeta0) * b_xsq
+            b_g0 = LOG2E_K * _rcp(tl.maximum(b_var * zeta0 + 1.0, EPS_K), FAST_RCP)
+            _, b_vpraw = _gm_pivot_of_chunk(b_lw2 + (b_a0 + b_r0[None, :]) * b_g0, b_var)
         for _ in range(n_sub):
-            r, s_next, inv_s, zeta, b_nu = _gm_substep_start(r, h, s, shift, c_src, b_x, b_nusrc, FAST_RCP)
+            r, s_next, inv_s, rho, zeta, b_delta, b_nup, b_h = _gm_substep_start(
+                r, h, s, shift, s_src_raw, a_src_s2, b_x, b_xs, FAST_RCP
+            )
             if PER_K_STD:
-                b_dot = tl.sum(b_mu * (b_nu - zeta * b_c)[None, :, :], axis=1)
-                # only g_k = log2(e) / d_k is kept per component (registers: the tile already holds ~200)
-                b_g = LOG2E_K * _rcp(tl.maximum(b_var * zeta + 1.0, EPS_K), FAST_RCP)
-                g0 = LOG2E_K / tl.maximum(var0 * zeta + 1.0, EPS_K)
-                b_r = tl.sum(b_c * b_nu, axis=0) - (0.5 * zeta) * b_csq
-                b_l2 = b_lw2 + (b_dot - (0.5 * zeta) * b_musq) * b_g + b_r[None, :] * (b_g - g0)
-                b_m = tl.max(b_l2, axis=0)
+                # A_k = y_k . nu' - zeta/2 ||y_k||^2 (||y_k||^2 kept from the load); only g_k = log2(e) / d_k and
+                # q_k are kept per component (registers: the tile already holds ~200). The pivot is the argmax of
+                # the previous substep's logits (b_vpraw; before the first, of the logits at sigma_start): one
+                # evaluation of the logits per substep instead of two (loop body 1424 -> 1190 instructions at
+                # K=32, C=4 on sm_90, Triton 3.6; the rollout edge tests hold it to the float64 reference)
+                b_a = tl.sum(b_y * b_nup[None, :, :], axis=1) - (0.5 * zeta) * b_ysq
+                b_vz = b_var * zeta
+                b_g = LOG2E_K * _rcp(tl.maximum(b_vz + 1.0, EPS_K), FAST_RCP)
+                b_q = tl.maximum((EPS_K - 1.0) - b_vz, 0.0)
+                b_r = tl.sum(b_xs * b_nup, axis=0) + (0.5 * zeta) * b_xsq
+                b_vp, b_idp = _gm_pivot_finish(b_vpraw, zeta)
+                b_rk = (b_r * b_idp)[None, :] * ((zeta * b_vp)[None, :] - (b_vz + b_q))
+                b_l2 = b_lw2 + (b_a + b_rk) * b_g
+                b_m, b_vpraw = _gm_pivot_of_chunk(b_l2, b_var)
                 b_p = tl.exp2(b_l2 - b_m[None, :])
-                b_pg = b_p * b_g  # p_k / d_k, times log2(e), undone in _gm_x0_from_acc
-                b_x0 = _gm_x0_from_acc(
-                    tl.sum(b_p, axis=0), tl.sum(b_pg[:, None, :] * b_mu, axis=0), tl.sum(b_pg * b_var, axis=0),
-                    tl.sum(b_pg, axis=0), b_nu, b_c, var0, zeta, LOG2E_K, FAST_RCP, PER_K_STD,
-                )  # fmt: skip
+                b_inv = _rcp(tl.sum(b_p, axis=0) * LOG2E_K, FAST_RCP)  # 1 / sum_k p_k, undoing the log2(e) in g_k
+                b_pg = b_p * b_g  # p_k / d_k, times log2(e)
+                b_ybar = tl.sum(b_pg[:, None, :] * b_y, axis=0) * b_inv[None, :]  # sum_k w_k y_k / d_k
+                b_bbar = tl.sum(b_pg * (b_var - b_vp[None, :]), axis=0) * (b_inv * b_idp)  # sum_k w_k beta_k
+                b_qbar = tl.sum(b_pg * b_q, axis=0) * b_inv
+                b_num = (b_delta + b_vp[None, :] * b_h) * b_idp[None, :] - b_bbar[None, :] * b_nup - b_ybar
+                b_num = b_num + b_qbar[None, :] * b_xs
             else:
                 # The contractions are written as explicit chains of FMAs, one term per (unrolled) channel or
                 # component, instead of tl.sum over a product: Triton may reduce in-thread axes as a tree
                 # (3.9 does: mul, then adds), and a chain that starts from the logit's other terms folds
                 # them in. Slices of in-thread axes cost no instructions (_in_thread_slice).
-                g1 = LOG2E_K * _rcp(tl.maximum(b_var * zeta + 1.0, EPS_K), FAST_RCP)
-                b_gnup = (b_nu - zeta * b_c) * g1
-                b_l2 = b_lw2 - b_musq * (g1 * (0.5 * zeta))
+                vz = var1 * zeta
+                invd = _rcp(tl.maximum(vz + 1.0, EPS_K), FAST_RCP)
+                g1 = LOG2E_K * invd
+                b_gnup = b_nup * g1
+                b_l2 = b_lw2 - b_ysq * (g1 * (0.5 * zeta))
                 for i_c in tl.static_range(BLOCK_C):
-                    b_mu_c = _in_thread_slice(b_mu, o_c3, i_c, 1)  # (BK, BL)
-                    b_l2 = b_l2 + b_mu_c * _in_thread_slice(b_gnup, o_c2, i_c, 0)[None, :]
-                b_m = tl.max(b_l2, axis=0)
-                b_p = tl.exp2(b_l2 - b_m[None, :])
+                    b_y_c = _in_thread_slice(b_y, o_c3, i_c, 1)  # (BK, BL)
+                    b_l2 = b_l2 + b_y_c * _in_thread_slice(b_gnup, o_c2, i_c, 0)[None, :]
+                b_p = tl.exp2(b_l2 - tl.max(b_l2, axis=0)[None, :])
                 b_acc = _neg_zero((BLOCK_C, BLOCK_L))
                 for i_k in tl.static_range(BLOCK_K):
-                    b_acc = b_acc + _in_thread_slice(b_p, o_k2, i_k, 0)[None, :] * _in_thread_slice(b_mu, o_k3, i_k, 0)
-                b_x0 = _gm_x0_from_acc(
-                    tl.sum(b_p, axis=0), b_acc, b_var, b_var, b_nu, b_c, b_var, zeta, 1.0, FAST_RCP, PER_K_STD,
-                )  # fmt: skip
-            # x += u (s_next - s) with u = (x - x0) / s
-            b_x = b_x + (b_x - b_x0) * ((s_next - s) * inv_s)
+                    b_acc = b_acc + _in_thread_slice(b_p, o_k2, i_k, 0)[None, :] * _in_thread_slice(b_y, o_k3, i_k, 0)
+                b_ybar = b_acc * _rcp(tl.sum(b_p, axis=0), FAST_RCP)[None, :]
+                q = tl.maximum((EPS_K - 1.0) - vz, 0.0)
+                # (delta + q x - ybar + var h) / d with h = -rho x - (a_src / s_src^2) delta expanded: h is not
+                # kept over the components (4 registers spilled at K=32, C=4 on sm_90, Triton 3.6)
+                b_num = (b_delta * (1.0 - var1 * a_src_s2) + (q - var1 * rho) * b_x - b_ybar) * invd
+            b_x = b_x + b_num * ((s_next - s) * inv_s)
             s = s_next
     else:
-        # tile too large for registers: centre from one pass over the chunks, then stream them (from
-        # cache) at every substep
-        b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
-        b_lrun = tl.zeros((BLOCK_L,), tl.float32)
-        b_acc = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
-        for i_k in range(NUM_K_CHUNKS):
-            b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
-                p_means_b, p_lw_b, p_ls_b, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src_raw, b_zero,
-                stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
-            )  # fmt: skip
-            b_mnew = tl.maximum(b_mrun, tl.max(b_lw2, axis=0))
-            b_alpha = tl.exp2(b_mrun - b_mnew)
-            b_p0 = tl.exp2(b_lw2 - b_mnew[None, :])
-            b_lrun = b_lrun * b_alpha + tl.sum(b_p0, axis=0)
-            b_acc = b_acc * b_alpha[None, :] + tl.sum(b_p0[:, None, :] * b_mu, axis=0)
-            b_mrun = b_mnew
-        b_cxs = b_acc / b_lrun[None, :]  # c - x_src
-        b_c = b_xs + b_cxs
-        b_csq = tl.sum(b_c * b_c, axis=0)
+        # tile too large for registers: stream the chunks (from cache) at every substep
         for _ in range(n_sub):
-            r, s_next, inv_s, zeta, b_nu = _gm_substep_start(r, h, s, shift, c_src, b_x, b_nusrc, FAST_RCP)
-            b_x0, _, _, _, _, _ = _gm_posterior_x0(
-                p_means_b, p_lw_b, p_ls_b, K, o_c, o_l, m_cl, m_l, s_src_raw, -b_cxs, b_c, b_csq, b_nu, zeta,
-                var0, stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
-                BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD, FAST_RCP,
+            r, s_next, inv_s, rho, zeta, b_delta, b_nup, b_h = _gm_substep_start(
+                r, h, s, shift, s_src_raw, a_src_s2, b_x, b_xs, FAST_RCP
+            )
+            b_r = tl.sum(b_xs * b_nup, axis=0) + (0.5 * zeta) * b_xsq
+            b_num, _, _, _, _ = _gm_centred_num(
+                p_means_b, p_lw_b, p_ls_b, K, o_c, o_l, m_cl, m_l, s_src_raw, b_x, b_xs, b_delta, b_nup, b_h, b_r,
+                zeta, stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
+                BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD,
             )  # fmt: skip
-            b_x = b_x + (b_x - b_x0) * ((s_next - s) * inv_s)
+            b_x = b_x + b_num * ((s_next - s) * inv_s)
             s = s_next
 
     o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]

@@ -20,14 +20,16 @@ from piflow_kernels.ops import utils
 from piflow_kernels.ops.gm import triton_common as common
 from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
-    LOG2E_K,
     UNALIGNED,
+    _gm_centred_num,
+    _gm_centred_terms,
+    _gm_d,
+    _gm_dot,
     _gm_load_chunk,
     _gm_logits2,
-    _gm_posterior_x0,
     _gm_program,
-    _gm_sigmas,
-    _gm_var0,
+    _gm_scalars,
+    _gm_var1,
 )
 from piflow_kernels.ops.records import GMTensors
 
@@ -46,9 +48,9 @@ def _gm_velocity_fwd_kernel(
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_u,  # out: u (B, C, L) contiguous, dtype of x
-    p_ybar,  # out (SAVE_STATS): sum_k w_k (mu_k - c) [/ d_k with per-component stds] (B, C, L) float32
+    p_ybar,  # out (SAVE_STATS): ybar = sum_k w_k y_k [/ d_k with per-component stds] (B, C, L) float32
     p_stats,  # out (SAVE_STATS): (B, S, L) float32: lse2 = log2 sum_k 2^logit2_k, then for per-component
-    #           stds (S = 3) sum_k w_k var_k / d_k and sum_k w_k / d_k
+    #           stds (S = 3) bbar = sum_k w_k beta_k and the pivot's variance var_p
     K,  # number of components
     C,  # number of channels
     L,  # pixels per sample
@@ -67,33 +69,31 @@ def _gm_velocity_fwd_kernel(
     SAVE_STATS: tl.constexpr,  # write ybar and stats for the backward
 ):
     i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
-    s_src_raw, s, a, a_src, inv_s, inv_ssrc, zeta = _gm_sigmas(p_sigma, p_ssrc, i_b)
+    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
+    s, a, inv_s, rho, zeta, a_src_s2 = _gm_scalars(tl.load(p_sigma + i_b).to(tl.float32), s_src_raw, FAST_RCP)
 
     o_x = i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl
     b_x = tl.load(p_x + o_x, mask=m_cl, other=0.0).to(tl.float32)
     o_y = i_b64 * stride_yb + o_c[:, None] * stride_yc + o_l[None, :] * stride_yl
     b_xs = tl.load(p_xs + o_y, mask=m_cl, other=0.0).to(tl.float32)
-    b_nu = (a * inv_s * inv_s) * b_x - (a_src * inv_ssrc * inv_ssrc) * b_xs
+    b_delta, b_nup, b_h = _gm_centred_terms(b_x, b_xs, a, inv_s, rho, a_src_s2)
+    b_r = tl.sum(b_xs * (b_nup + (0.5 * zeta) * b_xs), axis=0)  # (BL,) x_src . (nu' + zeta x_src / 2)
 
-    # logits centred on c = x_src (free: the chunks then load as mu_k - c = -s_src means_k)
-    p_ls_b = p_ls + i_b64 * stride_sb
-    b_x0, b_mrun, b_lrun, b_accx, b_accv, b_accg = _gm_posterior_x0(
-        p_means + i_b64 * stride_mb, p_lw + i_b64 * stride_wb, p_ls_b, K,
-        o_c, o_l, m_cl, m_l, s_src_raw, tl.zeros_like(b_xs), b_xs, tl.sum(b_xs * b_xs, axis=0), b_nu, zeta,
-        _gm_var0(p_ls_b, s_src_raw), stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
-        BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD, FAST_RCP,
+    b_num, b_ybar, b_lse, b_bbar, b_vp = _gm_centred_num(
+        p_means + i_b64 * stride_mb, p_lw + i_b64 * stride_wb, p_ls + i_b64 * stride_sb, K,
+        o_c, o_l, m_cl, m_l, s_src_raw, b_x, b_xs, b_delta, b_nup, b_h, b_r, zeta,
+        stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
+        BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD,
     )  # fmt: skip
-    b_u = (b_x - b_x0) * inv_s
     o_u = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
-    tl.store(p_u + o_u, b_u.to(p_u.dtype.element_ty), mask=m_cl)
+    tl.store(p_u + o_u, (b_num * inv_s).to(p_u.dtype.element_ty), mask=m_cl)
     if SAVE_STATS:
-        b_invl = 1.0 / b_lrun
-        tl.store(p_ybar + o_u, b_accx * b_invl[None, :], mask=m_cl)
+        tl.store(p_ybar + o_u, b_ybar, mask=m_cl)
         o_s = i_b64 * (3 if PER_K_STD else 1) * L + o_l
-        tl.store(p_stats + o_s, b_mrun + tl.log2(b_lrun), mask=m_l)
+        tl.store(p_stats + o_s, b_lse, mask=m_l)
         if PER_K_STD:
-            tl.store(p_stats + o_s + L, b_accv * b_invl, mask=m_l)
-            tl.store(p_stats + o_s + 2 * L, b_accg * b_invl, mask=m_l)
+            tl.store(p_stats + o_s + L, b_bbar, mask=m_l)
+            tl.store(p_stats + o_s + 2 * L, b_vp, mask=m_l)
 
 
 @triton.jit(do_not_specialize_on_alignment=UNALIGNED)
@@ -107,7 +107,7 @@ def _gm_velocity_bwd_kernel(
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_ybar,  # the forward's ybar (B, C, L) float32, contiguous
-    p_stats,  # the forward's stats (B, S, L) float32, contiguous: lse2 [, vbar, hbar with per-component stds]
+    p_stats,  # the forward's stats (B, S, L) float32, contiguous: lse2 [, bbar, var_p with per-component stds]
     p_dx,  # out: dL/dx (B, C, L) contiguous, dtype of x (written when NEED_DX)
     p_dmeans,  # out: dL/dmeans (B, K, C, L) contiguous, dtype of means
     p_dlw,  # out: dL/dlogweights (B, K, L) contiguous, dtype of logweights
@@ -131,23 +131,25 @@ def _gm_velocity_bwd_kernel(
     NEED_DX: tl.constexpr,  # write dL/dx
     NEED_DXS: tl.constexpr,  # write dL/dx_src
 ):
-    # Notation: gx0 = dL/dx0 = -g / s, m_k = (var_k nu + mu_k) / d_k, e_k = gx0 . m_k,
-    # q_k = (mu_k . nu - zeta/2 ||mu_k||^2) / d_k (logit minus logweight), w = softmax(lw + q).
-    #   dL/dlogit_k = w_k (e_k - sum_j w_j e_j)                      =: gl_k
-    #   dL/dmu_k    = (w_k gx0 + gl_k (nu - zeta mu_k)) / d_k
-    #   dL/dnu      = sum_k (gl_k mu_k + w_k var_k gx0) / d_k
-    #   dL/dd_k     = -(w_k e_k + gl_k q_k) / d_k ;  dL/dvar_k = w_k (gx0 . nu) / d_k + zeta dL/dd_k
-    # One pass over the components, as in flash attention: the forward saved the softmax normaliser
-    # (its log-sum-exp) and the weighted means of what e_k is linear in, so the weights and gl_k of a
-    # chunk need no other chunk. Everything is evaluated centred on c = x_src like the forward (the
-    # chunks load as mu'_k = mu_k - c = -s_src means_k; nu - zeta mu_k = nu' - zeta mu'_k, nu' = nu - zeta c):
-    #   e_k = (gx0 . mu'_k + var_k gx0 . nu + gx0 . c) / d_k, and gl_k = w_k (e_k - ebar) is formed as
-    #   w_k [gx0 . (mu'_k / d_k - ybar) + gx0.nu (var_k / d_k - vbar) + gx0.c (1 / d_k - hbar)] with the
-    #   forward's ybar = sum_j w_j mu'_j / d_j, vbar, hbar; with one d the last two terms are 0 and
-    #   gl_k = w_k gx0 . (mu'_k - ybar) / d, ybar = sum_j w_j mu'_j. No large terms cancel, and a pixel
-    #   whose weight sits on one component gets gl = 0 exactly, as it should.
+    # Notation ([eq:gm-backward]): gx0 = -g / s (g = dL/du), y_k = mu_k - x_src = -s_src means_k, w the softmax of
+    # the logits of [eq:gm-centred]; u is a function of w, so with dL/dw_k the derivative at fixed weights,
+    #   dL/dlogit_k = w_k (dL/dw_k - sum_j w_j dL/dw_j) =: gl_k, and in the domain (no d_k clamped)
+    #   one std:        gl_k = w_k gx0 . (y_k - ybar) / d
+    #   per component:  gl_k = w_k [gx0 . (y_k / d_k - ybar) + (beta_k - bbar) gx0 . nu'],  beta_k = (var_k - var_p) / (d_k d_p)
+    # with the forward's ybar, bbar (and var_p), so no chunk needs another: one pass over the components, as in
+    # flash attention, and a pixel whose weight sits on one component gets gl = 0 exactly. In x0 terms (m_k =
+    # (var_k nu + mu_k) / d_k, x0 = sum_k w_k m_k, u = (x - x0) / s, the same function):
+    #   dL/dmu_k = (w_k gx0 + gl_k (nu' - zeta y_k)) / d_k,    dL/dnu = sum_k (gl_k mu_k + w_k var_k gx0) / d_k
+    # and through the variances (the pivot is not differentiated: u does not depend on it)
+    #   dL/dvar_k = (w_k gx0 . (nu' - zeta y_k) - zeta gl_k (A_k + r)) / d_k^2.
+    # With one std, sum_k gl_k = 0 lets A_k + r move by any per-pixel constant: A_k - d lse (natural units) makes
+    # it d (log w_k - lw_k), O(1) where the weight is, and the direct part is (zeta gx0 . (delta - ybar) - gx0 . h)
+    # / d^2 (the x0 form's gx0 . nu d - zeta var gx0 . nu cancels two ~1/s^4 terms: 0.9 of the logstds gradient
+    # lost at sigma 0).
     i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
-    s_src_raw, s, a, a_src, inv_s, inv_ssrc, zeta = _gm_sigmas(p_sigma, p_ssrc, i_b)
+    s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
+    s, a, inv_s, rho, zeta, a_src_s2 = _gm_scalars(tl.load(p_sigma + i_b).to(tl.float32), s_src_raw, False)
+    c_src = a_src_s2 * (1.0 - tl.maximum(s_src_raw, EPS_K))  # (a_src / s_src)^2
 
     o_out = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
     b_x = tl.load(p_x + i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl, mask=m_cl, other=0.0)
@@ -159,64 +161,58 @@ def _gm_velocity_bwd_kernel(
     b_x = b_x.to(tl.float32)
     b_xs = b_xs.to(tl.float32)
     b_g = b_g.to(tl.float32)
-    b_nu = (a * inv_s * inv_s) * b_x - (a_src * inv_ssrc * inv_ssrc) * b_xs
-    b_nup = b_nu - zeta * b_xs
+    b_delta, b_nup, b_hx = _gm_centred_terms(b_x, b_xs, a, inv_s, rho, a_src_s2)
+    b_r = tl.sum(b_xs * (b_nup + (0.5 * zeta) * b_xs), axis=0)  # (BL,)
     b_gx0 = -b_g * inv_s
-    b_gxnu = tl.sum(b_gx0 * b_nu, axis=0)  # (BL,)
-    b_gxc = tl.sum(b_gx0 * b_xs, axis=0)  # gx0 . c
-    b_r = tl.sum(b_xs * b_nu, axis=0) - (0.5 * zeta) * tl.sum(b_xs * b_xs, axis=0)  # q_k = (A_k + r) / d_k
-    if PER_K_STD:
-        b_vbar = tl.load(p_stats + o_s + L, mask=m_l, other=0.0)
-        b_hbar = tl.load(p_stats + o_s + 2 * L, mask=m_l, other=0.0)
-        b_gxnup = tl.sum(b_gx0 * b_nup, axis=0)  # gx0 . nu'
-    else:
-        b_gxybar = tl.sum(b_gx0 * b_ybar, axis=0)
-
     p_means_b = p_means + i_b64 * stride_mb
     p_lw_b = p_lw + i_b64 * stride_wb
     p_ls_b = p_ls + i_b64 * stride_sb
-    g0 = LOG2E_K / tl.maximum(_gm_var0(p_ls_b, s_src_raw) * zeta + 1.0, EPS_K)
-    b_zero = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
+    if PER_K_STD:
+        b_bbar = tl.load(p_stats + o_s + L, mask=m_l, other=0.0)
+        b_vp = tl.load(p_stats + o_s + 2 * L, mask=m_l, other=0.0)
+        b_idp = 1.0 / (1.0 + zeta * b_vp)
+        b_gxnup = tl.sum(b_gx0 * b_nup, axis=0)  # gx0 . nu'
+    else:
+        b_vp = tl.zeros((BLOCK_L,), tl.float32)  # (not read by _gm_logits2 with one std)
+        b_idp = b_vp
+        b_gxybar = tl.sum(b_gx0 * b_ybar, axis=0)
+        var1 = _gm_var1(p_ls_b, s_src_raw)
+        invd1, _ = _gm_d(var1, zeta)
+        # the logstds gradient's part at fixed weights, (zeta gx0 . (delta - ybar) - gx0 . h) / d^2 per pixel
+        b_direct = (zeta * tl.sum(b_gx0 * (b_delta - b_ybar), axis=0) - tl.sum(b_gx0 * b_hx, axis=0)) * (invd1 * invd1)
 
-    # Three terms are rewritten so that no two ~1/s or ~1/d quantities cancel; the identities hold wherever no
-    # d_k = 1 + var_k zeta is clamped at eps, which includes the whole domain (sigma <= sigma_src: zeta >= 0):
+    # dL/dx and dL/dx_src are rewritten so that no two ~1/s or ~1/d quantities cancel (the identities hold
+    # wherever no d_k is clamped, which includes the whole domain, sigma <= sigma_src: zeta >= 0):
     #   dL/dx = g / s + (a / s^2) dL/dnu: the part of a / s^2 dL/dnu along g is -(a / s^3) g sum_k w_k var_k / d_k,
-    #     so dL/dx = g sum_k w_k h_k + (a / s^2) sum_k gl_k mu_k / d_k [+ c sum_k gl_k / d_k] with
+    #     so dL/dx = g sum_k w_k h_k + (a / s^2) sum_k gl_k mu_k / d_k with
     #     h_k = 1 / s - a var_k / (s^3 d_k) = (s - var_k (a + s c_src)) / (s^2 d_k), c_src = (a_src / s_src)^2
-    #     (s^2 d_k = s^2 + var_k (a^2 - s^2 c_src) and a^2 - a = -a s);
-    #   with per-component stds, var_k / d_k - vbar = (var_k hbar - vbar) / d_k and 1 / d_k - hbar =
-    #     -zeta (var_k hbar - vbar) / d_k (as 1 - zeta vbar = hbar when sum_k w_k = 1), so the logit gradient's
-    #     two variance terms are (var_k hbar - vbar) / d_k gx0 . nu', nu' = nu - zeta c: far from the source
-    #     every var_k / d_k is ~1 / zeta and their differences ~1 / zeta^2, and gx0 . nu and zeta gx0 . c cancel;
-    #     likewise dL/dlogstd_k = 2 var_k (w_k / d_k gx0 . nu + zeta dL/dd_k) is
-    #     2 var_k (w_k gx0 . (nu' - zeta mu'_k) - zeta gl_k (A_k + r)) / d_k^2.
+    #     (s^2 d_k = s^2 + var_k (a^2 - s^2 c_src) and a^2 - a = -a s).
     # Far outside the domain, where a d_k is clamped, the gradients are those of these unclamped forms.
-    c_src = a_src * a_src * inv_ssrc * inv_ssrc
     b_dnu = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)  # sum_k gl_k mu_k / d_k: the part of dL/dnu not along gx0
     b_wvd = tl.zeros((BLOCK_L,), tl.float32)  # sum_k w_k var_k / d_k: dL/dnu = b_dnu + gx0 b_wvd
     b_hsum = tl.zeros((BLOCK_L,), tl.float32)  # sum_k w_k h_k
     b_dmusum = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
     b_gldsum = tl.zeros((BLOCK_L,), tl.float32)
+    b_glsh = tl.zeros((BLOCK_L,), tl.float32)  # one std: sum_k gl_k (log w_k - lw_k)
     o_dmeans = i_b64 * K * C * L + o_c[None, :, None] * L + o_l[None, None, :]
     o_dlw = i_b64 * K * L + o_l[None, :]
     o_dls = (i_b64 * n_tiles + i_t) * (K if PER_K_STD else 1)
-    b_dls_px = tl.zeros((BLOCK_L,), tl.float32)  # one std per sample: per-pixel sum over k, reduced once at the end
     for i_k in range(NUM_K_CHUNKS):
         k0 = i_k * BLOCK_K
-        b_mu, b_musq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw, b_zero,
+        b_y, b_ysq, b_lw2, b_var, m_k = _gm_load_chunk(
+            p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw,
             stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
-        b_l2, b_invd, b_dot = _gm_logits2(b_mu, b_musq, b_lw2, b_var, b_nup, b_r, zeta, g0, PER_K_STD)
+        b_invd, b_q = _gm_d(b_var, zeta)
+        b_a = _gm_dot(b_y, b_nup, zeta)  # A_k
+        b_l2 = _gm_logits2(b_lw2, b_a, b_invd, b_q, b_var, b_r, b_vp, b_idp, zeta, PER_K_STD)
         b_w = tl.exp2(b_l2 - b_lse[None, :])
-        b_dpre = b_var * zeta + 1.0
-        b_a = b_dot - (0.5 * zeta) * b_musq  # A_k
-        b_gxmu = tl.sum(b_gx0[None, :, :] * b_mu, axis=1)
-        b_e = (b_var * b_gxnu[None, :] + b_gxmu + b_gxc[None, :]) * b_invd
+        b_gxmu = tl.sum(b_gx0[None, :, :] * b_y, axis=1)
         if PER_K_STD:
+            b_beta = (b_var - b_vp[None, :]) * b_invd * b_idp[None, :]
             b_de = (
-                tl.sum(b_gx0[None, :, :] * (b_mu * b_invd[:, None, :] - b_ybar[None, :, :]), axis=1)
-                + (b_var * b_hbar[None, :] - b_vbar[None, :]) * b_invd * b_gxnup[None, :]
+                tl.sum(b_gx0[None, :, :] * (b_y * b_invd[:, None, :] - b_ybar[None, :, :]), axis=1)
+                + (b_beta - b_bbar[None, :]) * b_gxnup[None, :]
             )
         else:
             b_de = (b_gxmu - b_gxybar[None, :]) * b_invd
@@ -228,48 +224,39 @@ def _gm_velocity_bwd_kernel(
         m_kl = m_k[:, None] & m_l[None, :]
         tl.store(p_dlw + o_dlw + o_k64[:, None] * L, b_gl.to(p_dlw.dtype.element_ty), mask=m_kl)
 
-        b_dmu = b_wd[:, None, :] * b_gx0[None, :, :] + b_gld[:, None, :] * (b_nup[None, :, :] - zeta * b_mu)
+        b_dmu = b_wd[:, None, :] * b_gx0[None, :, :] + b_gld[:, None, :] * (b_nup[None, :, :] - zeta * b_y)
         p_dm = p_dmeans + o_dmeans + o_k64[:, None, None] * C * L
         tl.store(p_dm, (-s_src_raw * b_dmu).to(p_dmeans.dtype.element_ty), mask=m_k[:, None, None] & m_cl[None, :, :])
         b_dmusum += tl.sum(b_dmu, axis=0)
-        # sum_k gl_k mu_k / d_k = sum_k gl_k (mu_k - c) / d_k + c sum_k gl_k / d_k; with one d the last sum
+        # sum_k gl_k mu_k / d_k = sum_k gl_k y_k / d_k + x_src sum_k gl_k / d_k; with one d the last sum
         # is (sum_k gl_k) / d = 0 exactly and is left out
-        b_dnu += tl.sum(b_gld[:, None, :] * b_mu, axis=0)
-        b_h = (s - b_var * (a + s * c_src)) * (inv_s * inv_s) * b_invd
+        b_dnu += tl.sum(b_gld[:, None, :] * b_y, axis=0)
+        b_hk = (s - b_var * (a + s * c_src)) * (inv_s * inv_s) * b_invd
         if PER_K_STD:
             b_wvd += tl.sum(b_wd * b_var, axis=0)
-            b_hsum += tl.sum(b_w * b_h, axis=0)
+            b_hsum += tl.sum(b_w * b_hk, axis=0)
             b_gldsum += tl.sum(b_gld, axis=0)
-        else:
-            b_wvd += tl.sum(b_wd, axis=0) * b_var
-            b_hsum += tl.sum(b_w, axis=0) * b_h
-
-        # dL/dlogstd_k = 2 var_k dL/dvar_k = 2 var_k (w_k / d_k gx0 . nu + zeta dL/dd_k), summed over this tile's
-        # pixels (masked pixels contribute 0)
-        if PER_K_STD:  # one gradient per component (the form of the comment above the loop), chunk by chunk
+            # dL/dlogstd_k = 2 var_k dL/dvar_k, summed over this tile's pixels (masked pixels contribute 0)
             b_dls = (2.0 * b_var * b_invd * b_invd) * (
                 b_w * (b_gxnup[None, :] - zeta * b_gxmu) - zeta * b_gl * (b_a + b_r[None, :])
             )
             tl.store(p_dls + o_dls + o_k64, tl.sum(b_dls, axis=1), mask=m_k)
         else:
-            # d = max(var zeta + 1, eps): no gradient through the clamp (torch.clamp passes it at >= eps). One d
-            # for all k: only sum_k dL/dd_k is used, and sum_k gl_k = 0, so q_k may be shifted by any per-pixel
-            # constant; q_k - r/d - lse = log(w_k) - lw_k is O(1) for the components that carry weight instead
-            # of O(zeta ||mu||^2), which cuts the float32 cancellation in the logstds gradient
-            b_dd = -(b_w * b_e + b_gl * (b_a * b_invd - b_lse[None, :] * 0.6931471805599453)) * b_invd
-            b_dd = tl.where(b_dpre >= EPS_K, b_dd, 0.0)
-            # summed over k within each thread; one reduction over the pixels after the last chunk
-            b_dls_px += tl.sum(2.0 * b_var * (b_wd * b_gxnu[None, :] + zeta * b_dd), axis=0)
+            b_wvd += tl.sum(b_wd, axis=0) * b_var
+            b_hsum += tl.sum(b_w, axis=0) * b_hk
+            b_glsh += tl.sum(b_gl * (b_a * b_invd - b_lse[None, :] * 0.6931471805599453), axis=0)
 
     if PER_K_STD:
         b_dnu += b_xs * b_gldsum[None, :]
     else:
-        tl.store(p_dls + o_dls, tl.sum(b_dls_px, axis=0))
+        # dL/dlogstd = 2 var dL/dvar, dL/dvar = direct - zeta / d sum_k gl_k (log w_k - lw_k), over the tile's pixels
+        b_dls_px = (2.0 * var1) * (b_direct - (zeta * invd1) * b_glsh)
+        tl.store(p_dls + o_dls, tl.sum(tl.where(m_l, b_dls_px, 0.0), axis=0))
     if NEED_DX:
         b_dx = b_g * b_hsum[None, :] + (a * inv_s * inv_s) * b_dnu
         tl.store(p_dx + o_out, b_dx.to(p_dx.dtype.element_ty), mask=m_cl)
     if NEED_DXS:
-        b_dxs = b_dmusum - (a_src * inv_ssrc * inv_ssrc) * (b_dnu + b_gx0 * b_wvd[None, :])
+        b_dxs = b_dmusum - a_src_s2 * (b_dnu + b_gx0 * b_wvd[None, :])
         tl.store(p_dxs + o_out, b_dxs.to(p_dxs.dtype.element_ty), mask=m_cl)
 
 
@@ -279,7 +266,7 @@ def _gm_velocity_bwd_kernel(
 
 
 def _n_stats(policy: GMTensors) -> int:
-    """Rows of the forward's saved per-pixel statistics: lse2, and vbar, hbar with per-component stds."""
+    """Rows of the forward's saved per-pixel statistics: lse2, and bbar, var_p with per-component stds."""
     return 3 if policy.per_component_std else 1
 
 
@@ -343,8 +330,8 @@ def gm_velocity_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u, ybar, stats): the GM velocity (B, C, L) in x.dtype and, with ``save_stats``, what the backward
     reuses, float32 and not differentiable (empty (0,) tensors otherwise): ybar (B, C, L) =
-    sum_k w_k (mu_k - x_src) [/ d_k], stats (B, S, L) = the log2-sum-exp2 of the centred log2 logits
-    [, sum_k w_k var_k / d_k, sum_k w_k / d_k with per-component stds (S = 3)]."""
+    sum_k w_k (mu_k - x_src) [/ d_k], stats (B, S, L) = the log2-sum-exp2 of the log2 logits
+    [, sum_k w_k beta_k and the pivot's variance var_p with per-component stds (S = 3)] ([eq:gm-backward])."""
     return _gm_velocity_fwd(x, sigma, GMTensors(means, logweights, logstds, x_src, sigma_src), save_stats)
 
 

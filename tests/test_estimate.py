@@ -23,7 +23,8 @@ from test_prompt_cache import MSL, encode, save_flux  # noqa: E402
 from piflow_kernels.cli import main  # noqa: E402
 from piflow_kernels.distill.builders import build_teacher, build_training_student  # noqa: E402
 from piflow_kernels.distill.config import ConfigError, TrainConfig  # noqa: E402
-from piflow_kernels.distill.estimate import BNB_BLOCK, estimate_memory, meta_models  # noqa: E402
+from piflow_kernels.distill.estimate import BNB_BLOCK, DEFAULT_TEXT_LEN, estimate_memory, meta_models  # noqa: E402
+from piflow_kernels.layouts import TEXT_ARGS  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -349,3 +350,18 @@ def test_activation_estimate_matches_a_measured_step_on_the_cpu(flux_cache, tmp_
     assert measured[True] < measured[False] and estimated[True] < estimated[False]
     for ckpt in (False, True):
         assert 0.6 < estimated[ckpt] / measured[ckpt] < 1.6, (ckpt, estimated[ckpt], measured[ckpt])
+
+
+def test_every_text_teacher_has_its_pipelines_default_prompt_length():
+    """Without a prompt cache the text tokens are the pipeline's default: ``max_sequence_length`` of the pipelines
+    that have one (FLUX.1, FLUX.2, Wan; SD3's is the T5 part, after its 77 CLIP tokens), for every TEXT_ARGS class."""
+    import inspect
+
+    import diffusers
+
+    assert sorted(DEFAULT_TEXT_LEN) == sorted(TEXT_ARGS)
+    pipelines = {"FluxTransformer2DModel": "FluxPipeline", "Flux2Transformer2DModel": "Flux2Pipeline",
+                 "WanTransformer3DModel": "WanPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline"}  # fmt: skip
+    for teacher, name in pipelines.items():
+        default = inspect.signature(getattr(diffusers, name).__call__).parameters["max_sequence_length"].default
+        assert DEFAULT_TEXT_LEN[teacher] == default + (77 if teacher == "SD3Transformer2DModel" else 0), teacher

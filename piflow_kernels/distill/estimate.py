@@ -96,9 +96,16 @@ BNB_BLOCK = 256
 BNB_MIN_8BIT_SIZE = 4096
 
 #: text tokens when no prompt cache says (``--text-len`` overrides): each pipeline's default prompt length
-#: (SD3: 77 CLIP tokens + 256 T5 tokens; Qwen-Image: its longest, prompts are usually shorter); 512 for other
-#: text teachers (:data:`piflow_kernels.layouts.TEXT_ARGS`), none for class-conditional ones
-DEFAULT_TEXT_LEN = {"FluxTransformer2DModel": 512, "SD3Transformer2DModel": 77 + 256, "QwenImageTransformer2DModel": 1024}
+#: (``max_sequence_length``: 512 for FLUX.1, FLUX.2 and Wan; SD3: 77 CLIP tokens + 256 T5 tokens; Qwen-Image: its
+#: longest, prompts are usually shorter), one for every text teacher of :data:`piflow_kernels.layouts.TEXT_ARGS`
+#: (512 for one added there without an entry here), none for class-conditional ones
+DEFAULT_TEXT_LEN = {
+    "FluxTransformer2DModel": 512,
+    "Flux2Transformer2DModel": 512,
+    "SD3Transformer2DModel": 77 + 256,
+    "QwenImageTransformer2DModel": 1024,
+    "WanTransformer3DModel": 512,
+}
 
 
 # ---------------------------------------------------------------------------- results

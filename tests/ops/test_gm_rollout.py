@@ -131,15 +131,20 @@ EDGE_STDS = {"std-per-sample": False, "std-per-comp": True}
 @pytest.mark.parametrize("sigma_src", EDGE_SIGMA_SRCS, ids=lambda s: f"ssrc{s:g}")
 @pytest.mark.parametrize("std", EDGE_STDS)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("impl", ["torch", "native"])
+@pytest.mark.parametrize("impl", ["torch", "native", "triton"])
 def test_gm_rollout_centred_at_small_sigma_src(impl, dtype, std, sigma_src, end, poisoned, eager_twin):
-    """The x_src-centred rollouts (the torch twin's substep, the native loop) from sigma_src (and 0.9, 0.8, 0.6 of it)
-    to end * that, 128 substeps per unit raw time, K = 3, C = 5, 7x9, logstds uniform in [-10, 3], fp32 / bf16 /
-    fp16 inputs, against the float64 reference rollout on the same inputs: within max(2 * err32, TOL) (err32: the
-    literal float32 reference's own error, tests/ops/test_gm_velocity_edges.py's rule) and within TOL itself. At
-    sigma_src 1e-6 with per-component stds err32 is 0.2 to 0.3 here; the twin's former x0-space substep was 0.3
-    to 0.6 off (x - x0 is O(sigma) out of O(1) terms, mu_k . nu ~1e12) and the native loop, then centred on the
-    prior mixture mean, 2e-3 in fp32; both centred on x_src stay near 1e-7."""
+    """The x_src-centred rollouts (the torch twin's substep, the native loop, the Triton kernel) from sigma_src (and
+    0.9, 0.8, 0.6 of it) to end * that, 128 substeps per unit raw time, K = 3, C = 5, 7x9, logstds uniform in
+    [-10, 3], fp32 / bf16 / fp16 inputs, against the float64 reference rollout on the same inputs: within
+    max(2 * err32, TOL) (err32: the literal float32 reference's own error, tests/ops/test_gm_velocity_edges.py's
+    rule) and within TOL itself. At sigma_src 1e-6 with per-component stds err32 is 0.2 to 0.3 here; the twin's
+    former x0-space substep was 0.3 to 0.6 off (x - x0 is O(sigma) out of O(1) terms, mu_k . nu ~1e12) and the
+    native loop, then centred on the prior mixture mean, 2e-3 in fp32; both centred on x_src stay near 1e-7. The
+    Triton kernel (centred on x_src too) runs the few-substep cases here, sigma_src <= 1e-2 (in the interpreter a
+    128-substep rollout of this shape takes a minute); its many-substep rollouts are held to the float64 reference
+    in test_gm_velocity_edges.py."""
+    if impl == "triton" and sigma_src > 1e-2:
+        pytest.skip("128 interpreted substeps: covered at another shape by test_gm_velocity_edges.py")
     fn = implementation("gm_rollout", impl)
     dt = cases.DTYPES[dtype]
     x, _, policy = cases.gm_edge_inputs(4, 3, 5, 63, sigma_src, 1.0, per_component=EDGE_STDS[std],

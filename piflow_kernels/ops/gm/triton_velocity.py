@@ -65,12 +65,13 @@ def _gm_velocity_fwd_kernel(
     BLOCK_L: tl.constexpr,  # pixels per program
     NUM_K_CHUNKS: tl.constexpr,  # ceil(K / BLOCK_K)
     PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
-    FAST_RCP: tl.constexpr,  # NVIDIA GPU: approximate reciprocal by inline PTX (not in the interpreter)
     SAVE_STATS: tl.constexpr,  # write ybar and stats for the backward
 ):
     i_b, i_t, i_b64, o_l, o_c, m_l, m_cl = _gm_program(n_tiles, C, L, BLOCK_C, BLOCK_L)
     s_src_raw = tl.load(p_ssrc + i_b).to(tl.float32)
-    s, a, inv_s, rho, zeta, a_src_s2 = _gm_scalars(tl.load(p_sigma + i_b).to(tl.float32), s_src_raw, FAST_RCP)
+    # exact 1 / s (no FAST_RCP): the backward recomputes these logits from the same scalars, and at small sigma a
+    # logit of ~1e6 (log2 units) moves by ~0.5 for a 2^-22 change of 1 / s
+    s, a, inv_s, rho, zeta, a_src_s2 = _gm_scalars(tl.load(p_sigma + i_b).to(tl.float32), s_src_raw, False)
 
     o_x = i_b64 * stride_xb + o_c[:, None] * stride_xc + o_l[None, :] * stride_xl
     b_x = tl.load(p_x + o_x, mask=m_cl, other=0.0).to(tl.float32)
@@ -284,7 +285,7 @@ def _gm_velocity_fwd(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors, sa
         x, utils.vec(sigma), means, logweights, logstds, x_src, utils.vec(sigma_src), u, ybar, stats,
         k, c, length, n_tiles,
         *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
-        PER_K_STD=policy.per_component_std, FAST_RCP=common.fast_rcp(x), SAVE_STATS=save_stats, **cfg,
+        PER_K_STD=policy.per_component_std, SAVE_STATS=save_stats, **cfg,
     )  # fmt: skip
     return u, ybar, stats
 

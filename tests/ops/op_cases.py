@@ -68,8 +68,8 @@ def skip_if_interpreted() -> None:
 def assert_per_pixel_pointers_unaligned(kernel) -> None:
     """Every pointer to a per-pixel tensor is in UNALIGNED: one 16-byte-aligned per-pixel pointer lets Triton
     vectorize along L, and the compute layout then spreads pixels over threads (shuffles and barriers in the
-    substep loop). Only per-sample (B,) vectors and the logstds partials may be aligned."""
-    per_sample = {"p_sigma", "p_ssrc", "p_ls", "p_s0", "p_n", "p_h", "p_r0", "p_dls"}
+    substep loop). Only per-sample (B,) or (B, K) vectors (the variances) and the logstds partials may be aligned."""
+    per_sample = {"p_sigma", "p_ssrc", "p_var", "p_s0", "p_n", "p_h", "p_r0", "p_dls"}
     pointers = {p for p in inspect.signature(kernel.fn).parameters if p.startswith("p_")}
     assert pointers - per_sample <= set(gm_common.UNALIGNED), kernel.fn.__name__
 

@@ -155,8 +155,9 @@ def gm_velocity_centred(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors,
         var_p = _at_max(lw + (dot + r[:, None]) * inv_d[:, :, None], var[:, :, None])  # (B, L)
         var_p = torch.where(zeta[:, None] >= 0, var_p, 0.0)
         d_p = 1.0 + zeta[:, None] * var_p  # (B, L): d_k at k = p
-    # r (1/d_k - 1/d_p) = r (zeta var_p - (d_k - 1)) / (d_p d_k), d_k - 1 = var_k zeta + q_k
-    r_k = r[:, None] * ((zeta[:, None] * var_p)[:, None] - (vz + q)[:, :, None]) / d_p[:, None]
+    # r (1/d_k - 1/d_p) = r (zeta var_p - (d_k - 1)) / (d_p d_k), d_k - 1 = var_k zeta + q_k, formed as
+    # zeta (var_p - var_k) - q_k: exactly -q_k at the pivot (0 in the domain) however the products round
+    r_k = r[:, None] * (zeta[:, None, None] * (var_p[:, None] - var[:, :, None]) - q[:, :, None]) / d_p[:, None]
     logits = lw + (dot + r_k) * inv_d[:, :, None]
     w = _PivotedSoftmax.apply(logits)
     # beta's value from the difference var_k - var_p, its derivative in var_k (1/d_k^2) from that of var_k / d_k
@@ -221,8 +222,8 @@ def _gm_substep(x, s, s_next, y, y_sq, y_xs, var, lw, xs, xs_sq, sigma_src):
         var_p = _at_max(torch.addcmul(lw, dot + r[:, None], inv_d[:, :, None]), var[:, :, None])  # (B, L)
         var_p = torch.where(zeta[:, None] >= 0, var_p, 0.0)
         d_p = 1.0 + zeta[:, None] * var_p
-        # r (1/d_k - 1/d_p) d_k = r (zeta var_p - (d_k - 1)) / d_p, d_k - 1 = var_k zeta + q_k
-        r_k = (r / d_p)[:, None] * ((zeta[:, None] * var_p)[:, None] - (vz + q)[:, :, None])
+        # r (1/d_k - 1/d_p) d_k = r (zeta var_p - (d_k - 1)) / d_p, d_k - 1 = var_k zeta + q_k, as zeta (var_p - var_k) - q_k
+        r_k = (r / d_p)[:, None] * (zeta[:, None, None] * (var_p[:, None] - var[:, :, None]) - q[:, :, None])
         logits = torch.addcmul(lw, dot + r_k, inv_d[:, :, None])
         # the softmax's normalisation applied to the sums over K, not to each w_k (one (B, K, L) pass fewer)
         e = torch.exp(logits - logits.amax(1, keepdim=True))

@@ -95,7 +95,14 @@ def _rcp(x, FAST_RCP: tl.constexpr):
             "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
         )
     else:
-        return 1.0 / x
+        return _div_rn(1.0, x)
+
+
+@triton.jit
+def _div_rn(a, b):
+    """a / b rounded to nearest, as torch divides: ``a / b`` in a kernel is div.full.f32 on NVIDIA GPUs (2 ulp), and
+    the logits at small sigma are large enough for that to show against the float32 reference."""
+    return tl.math.div_rn(a, b)
 
 
 @triton.jit
@@ -117,7 +124,7 @@ def _neg_zero(shape: tl.constexpr):
 def _gm_load_chunk(
     p_means,  # means of this sample, pointer at (b, 0, 0, 0)
     p_lw,  # logweights of this sample, pointer at (b, 0, 0)
-    p_ls,  # logstds of this sample, pointer at (b, 0)
+    p_var,  # variances of this sample, pointer at (b, 0)
     k0,  # first component of the chunk
     K,  # number of components
     o_c,  # (BLOCK_C,) int64 channel offsets
@@ -130,7 +137,7 @@ def _gm_load_chunk(
     stride_ml,  # means stride over L
     stride_wk,  # logweights stride over K
     stride_wl,  # logweights stride over L
-    stride_sk,  # logstds stride over K (unused for one std per sample)
+    stride_vk,  # variances stride over K (unused for one std per sample)
     BLOCK_K: tl.constexpr,  # components per chunk
     PER_K_STD: tl.constexpr,  # logstds per component (else one per sample)
 ):
@@ -154,11 +161,10 @@ def _gm_load_chunk(
     b_lw2 = tl.where(m_k[:, None], b_lw * LOG2E_K, float("-inf"))
     b_ysq = tl.sum(b_y * b_y, axis=1)
     if PER_K_STD:
-        b_ls = tl.load(p_ls + o_k64 * stride_sk, mask=m_k, other=0.0).to(tl.float32)
         # broadcast over pixels in the layout of b_ysq (0 * a finite tile is exactly 0)
-        b_var = (tl.exp(2.0 * b_ls) * (s_src * s_src))[:, None] + 0.0 * b_ysq
+        b_var = tl.load(p_var + o_k64 * stride_vk, mask=m_k, other=0.0)[:, None] + 0.0 * b_ysq
     else:
-        b_var = tl.exp(2.0 * tl.load(p_ls).to(tl.float32)) * (s_src * s_src)
+        b_var = tl.load(p_var)
     return b_y, b_ysq, b_lw2, b_var, m_k
 
 
@@ -172,7 +178,7 @@ def _gm_scalars(s_raw, s_src_raw, FAST_RCP: tl.constexpr):
     s_src = tl.maximum(s_src_raw, EPS_K)
     a = 1.0 - s
     inv_s = _rcp(s, FAST_RCP)
-    inv_ssrc = 1.0 / s_src
+    inv_ssrc = _div_rn(1.0, s_src)
     rho = (s_src - s) * inv_s * inv_ssrc
     zeta = rho * (a * inv_s + (1.0 - s_src) * inv_ssrc)
     return s, a, inv_s, rho, zeta, (1.0 - s_src) * inv_ssrc * inv_ssrc
@@ -193,7 +199,7 @@ def _gm_d(b_var, zeta):
     """1 / d_k and q_k = d_k - 1 - var_k zeta (0 unless d_k = 1 + var_k zeta is clamped at eps, which only
     happens outside the domain, sigma > sigma_src), per component (BK, BL) or a per-sample scalar."""
     vz = b_var * zeta
-    return 1.0 / tl.maximum(vz + 1.0, EPS_K), tl.maximum((EPS_K - 1.0) - vz, 0.0)
+    return _div_rn(1.0, tl.maximum(vz + 1.0, EPS_K)), tl.maximum((EPS_K - 1.0) - vz, 0.0)
 
 
 @triton.jit
@@ -222,7 +228,7 @@ def _gm_pivot_merge(b_m, b_vp, b_mc, b_vpc):
 def _gm_pivot_finish(b_vp, zeta):
     """var_p and 1 / d_p (BL,) of the pivot; outside the domain (zeta < 0) a virtual component of variance 0."""
     b_vp = tl.where(zeta >= 0.0, b_vp, 0.0)
-    return b_vp, 1.0 / (1.0 + zeta * b_vp)
+    return b_vp, _div_rn(1.0, 1.0 + zeta * b_vp)
 
 
 @triton.jit
@@ -240,11 +246,14 @@ def _gm_logits2(
 ):
     """Log2 logits (BK, BL) ([eq:gm-centred]). With one std per sample lw_k + A_k / d (r drops out of the
     softmax); with per-component stds lw_k + (A_k + r (1/d_k - 1/d_p) d_k) / d_k, relative to the per-pixel
-    pivot p, r (1/d_k - 1/d_p) d_k formed as r (zeta var_p - (d_k - 1)) / d_p. The forward, the rollout and the
+    pivot p, r (1/d_k - 1/d_p) d_k formed as r (zeta (var_p - var_k) - q_k) / d_p. The forward, the rollout and the
     backward all evaluate the logits here, so the backward's softmax is normalised by the forward's
     log-sum-exp to within float32 rounding."""
     if PER_K_STD:
-        b_rk = (b_r * b_idp)[None, :] * ((zeta * b_vp)[None, :] - (b_var * zeta + b_q))
+        # zeta (var_p - var_k) - q_k: exactly -q_k (0 in the domain) at the pivot whatever the compiler contracts
+        # into FMAs; zeta var_p - (var_k zeta + q_k) left the rounding residual of zeta var_p there, different in
+        # the forward and the backward (hoisted out of its loop), times r / d_p: hundreds in log2 units at sigma 1e-5
+        b_rk = (b_r * b_idp)[None, :] * (zeta * (b_vp[None, :] - b_var) - b_q)
         return b_lw2 + (b_a + b_rk) * (LOG2E_K * b_invd)
     else:
         return b_lw2 + b_a * (LOG2E_K * b_invd)
@@ -254,7 +263,7 @@ def _gm_logits2(
 def _gm_centred_num(
     p_means,  # means of this sample
     p_lw,  # logweights of this sample
-    p_ls,  # logstds of this sample
+    p_var,  # variances of this sample
     K,  # number of components
     o_c,  # (BC,) channel offsets
     o_l,  # (BL,) pixel offsets
@@ -273,7 +282,7 @@ def _gm_centred_num(
     stride_ml,  # means stride over L
     stride_wk,  # logweights stride over K
     stride_wl,  # logweights stride over L
-    stride_sk,  # logstds stride over K
+    stride_vk,  # variances stride over K
     BLOCK_K: tl.constexpr,  # components per chunk
     BLOCK_C: tl.constexpr,  # padded channels
     BLOCK_L: tl.constexpr,  # pixels per program
@@ -292,7 +301,7 @@ def _gm_centred_num(
     b_idp = tl.zeros((BLOCK_L,), tl.float32) + 1.0  # 1 / d_p
     b_mp = tl.full((BLOCK_L,), float("-inf"), tl.float32)  # the running pivot's unpivoted logit
     b_vpraw = tl.zeros((BLOCK_L,), tl.float32)  # its variance
-    var1 = _gm_var1(p_ls, s_src)  # one std per sample: its variance (with per-component stds unused)
+    var1 = _gm_var1(p_var)  # one std per sample: its variance (with per-component stds unused)
     b_mrun = tl.full((BLOCK_L,), -1e30, tl.float32)
     b_lrun = tl.zeros((BLOCK_L,), tl.float32)
     b_accy = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)
@@ -301,8 +310,8 @@ def _gm_centred_num(
     b_accg = tl.zeros((BLOCK_L,), tl.float32)  # sum_k p_k / d_k: moves b_accb to a new pivot
     for i_k in range(NUM_K_CHUNKS):
         b_y, b_ysq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means, p_lw, p_ls, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src,
-            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+            p_means, p_lw, p_var, i_k * BLOCK_K, K, o_c, o_l, m_cl, m_l, s_src,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_vk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
         b_invd, b_q = _gm_d(b_var, zeta)
         b_a = _gm_dot(b_y, b_nup, zeta)
@@ -315,7 +324,7 @@ def _gm_centred_num(
             b_mc, b_vpc = _gm_pivot_of_chunk(b_lw2 + (b_a + b_r[None, :]) * (LOG2E_K * b_invd), b_var)
             b_mp, b_vpraw = _gm_pivot_merge(b_mp, b_vpraw, b_mc, b_vpc)
             b_vpn, b_idpn = _gm_pivot_finish(b_vpraw, zeta)
-            b_move = (LOG2E_K * zeta) * b_r * (b_vpn - b_vp) * (b_idp * b_idpn)
+            b_move = (LOG2E_K * zeta * b_r * b_idp) * ((b_vpn - b_vp) * b_idpn)  # no ~1e26 intermediate
             b_mrun = tl.where(b_lrun > 0.0, b_mrun + b_move, b_mrun)
             b_accb = b_accb + (b_vp - b_vpn) * b_accg
             b_vp = b_vpn
@@ -334,7 +343,7 @@ def _gm_centred_num(
         else:
             b_accy = b_accy * b_alpha[None, :] + tl.sum(b_p[:, None, :] * b_y, axis=0)
         b_mrun = b_mnew
-    b_inv = 1.0 / b_lrun
+    b_inv = _div_rn(1.0, b_lrun)
     b_ybar = b_accy * b_inv[None, :]
     if PER_K_STD:
         b_bbar = b_accb * b_inv * b_idp
@@ -348,9 +357,9 @@ def _gm_centred_num(
 
 
 @triton.jit
-def _gm_var1(p_ls, s_src):
-    """The variance of the first logstds entry: with one std per sample, the variance."""
-    return tl.exp(2.0 * tl.load(p_ls).to(tl.float32)) * (s_src * s_src)
+def _gm_var1(p_var):
+    """The first variance of a sample: with one std per sample, the variance."""
+    return tl.load(p_var)
 
 
 @triton.jit
@@ -419,6 +428,15 @@ def _launch_config_cached(k: int, c: int, length: int, budget: int, num_warps: i
         "NUM_K_CHUNKS": triton.cdiv(k, block_k),
         "num_warps": num_warps,
     }
+
+
+def variances(logstds: torch.Tensor, sigma_src: torch.Tensor) -> torch.Tensor:
+    """var = exp(2 logstds) sigma_src^2 (B, K1) float32, contiguous, as the torch twin forms it. The kernels read it
+    instead of the logstds: Triton's exp is ex2.approx on NVIDIA GPUs (1.7e-6 relative at logstds -10, 30 ulp), and
+    at small sigma a logit is ~var_k^-1 times something large, so that error moved logits by more than the float32
+    reference's own rounding."""
+    s_src = sigma_src.to(torch.float32)
+    return (torch.exp(2.0 * logstds.to(torch.float32)) * s_src[:, None] ** 2).contiguous()
 
 
 def fast_rcp(t: torch.Tensor) -> bool:

@@ -54,7 +54,7 @@ def _gm_rollout_kernel(
     p_out,  # out: x_end (B, C, L) contiguous, dtype of x_start
     p_means,  # means (B, K, C, L), strided
     p_lw,  # logweights (B, K, L), strided
-    p_ls,  # logstds (B, K1), strided
+    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (triton_common.variances)
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_s0,  # sigma_start (B,) float32, contiguous
@@ -69,7 +69,7 @@ def _gm_rollout_kernel(
     stride_xb, stride_xc, stride_xl,  # x_start strides
     stride_mb, stride_mk, stride_mc, stride_ml,  # means strides
     stride_wb, stride_wk, stride_wl,  # logweights strides
-    stride_sb, stride_sk,  # logstds strides
+    stride_vb, stride_vk,  # var strides
     stride_yb, stride_yc, stride_yl,  # x_src strides
     BLOCK_K: tl.constexpr,  # components per chunk
     BLOCK_C: tl.constexpr,  # next power of two >= C
@@ -97,17 +97,17 @@ def _gm_rollout_kernel(
     s = tl.load(p_s0 + i_b).to(tl.float32)
     p_means_b = p_means + i_b64 * stride_mb
     p_lw_b = p_lw + i_b64 * stride_wb
-    p_ls_b = p_ls + i_b64 * stride_sb
+    p_var_b = p_var + i_b64 * stride_vb
 
     # Each substep is x <- x + u (s_next - s), u of [eq:gm-centred] (the torch twin's substep algebra, same clamps):
     # the logits centred on x_src (y_k = -s_src means_k), u formed without x0 (x - x0 is O(s) out of O(1)
     # terms), per-component stds about the per-pixel pivot component.
-    var1 = _gm_var1(p_ls_b, s_src_raw)  # one std per sample: the variance
+    var1 = _gm_var1(p_var_b)  # one std per sample: the variance
     if NUM_K_CHUNKS == 1:
         # the whole policy tile lives in registers: read once, used n_sub times
         b_y, b_ysq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means_b, p_lw_b, p_ls_b, 0, K, o_c, o_l, m_cl, m_l, s_src_raw,
-            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+            p_means_b, p_lw_b, p_var_b, 0, K, o_c, o_l, m_cl, m_l, s_src_raw,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_vk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
         # axis indices in the layouts of the slices taken below
         o_k3 = tl.arange(0, BLOCK_K)[:, None, None]
@@ -137,7 +137,7 @@ def _gm_rollout_kernel(
                 b_q = tl.maximum((EPS_K - 1.0) - b_vz, 0.0)
                 b_r = tl.sum(b_xs * b_nup, axis=0) + (0.5 * zeta) * b_xsq
                 b_vp, b_idp = _gm_pivot_finish(b_vpraw, zeta)
-                b_rk = (b_r * b_idp)[None, :] * ((zeta * b_vp)[None, :] - (b_vz + b_q))
+                b_rk = (b_r * b_idp)[None, :] * (zeta * (b_vp[None, :] - b_var) - b_q)  # as _gm_logits2
                 b_l2 = b_lw2 + (b_a + b_rk) * b_g
                 b_m, b_vpraw = _gm_pivot_of_chunk(b_l2, b_var)
                 b_p = tl.exp2(b_l2 - b_m[None, :])
@@ -180,8 +180,8 @@ def _gm_rollout_kernel(
             )
             b_r = tl.sum(b_xs * b_nup, axis=0) + (0.5 * zeta) * b_xsq
             b_num, _, _, _, _ = _gm_centred_num(
-                p_means_b, p_lw_b, p_ls_b, K, o_c, o_l, m_cl, m_l, s_src_raw, b_x, b_xs, b_delta, b_nup, b_h, b_r,
-                zeta, stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
+                p_means_b, p_lw_b, p_var_b, K, o_c, o_l, m_cl, m_l, s_src_raw, b_x, b_xs, b_delta, b_nup, b_h, b_r,
+                zeta, stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_vk,
                 BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD,
             )  # fmt: skip
             b_x = b_x + b_num * ((s_next - s) * inv_s)
@@ -199,12 +199,13 @@ def _gm_rollout(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan) -> 
     cfg = common.launch_config(k, c, length, common.LAUNCH["rollout"]["budget"], common.LAUNCH["rollout"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     out = utils.alloc((b, c, length), x_start.dtype, x_start.device)
+    var = common.variances(logstds, sigma_src)
     vec = utils.vec
     _gm_rollout_kernel[(b * n_tiles,)](
-        x_start, out, means, logweights, logstds, x_src,
+        x_start, out, means, logweights, var, x_src,
         vec(sigma_src), vec(sigma_start), vec(n_substeps, torch.int32), vec(substep_size), vec(r_start),
         float(shift), k, c, length, n_tiles,
-        *x_start.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
+        *x_start.stride(), *means.stride(), *logweights.stride(), *var.stride(), *x_src.stride(),
         PER_K_STD=policy.per_component_std, FAST_RCP=common.fast_rcp(x_start), **cfg,
     )  # fmt: skip
     return out

@@ -21,6 +21,7 @@ from piflow_kernels.ops.gm import triton_common as common
 from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
     UNALIGNED,
+    _div_rn,
     _gm_centred_num,
     _gm_centred_terms,
     _gm_d,
@@ -44,7 +45,7 @@ def _gm_velocity_fwd_kernel(
     p_sigma,  # sigma (B,) float32, contiguous
     p_means,  # means (B, K, C, L), strided
     p_lw,  # logweights (B, K, L), strided
-    p_ls,  # logstds (B, K1), strided
+    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (triton_common.variances)
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_u,  # out: u (B, C, L) contiguous, dtype of x
@@ -58,7 +59,7 @@ def _gm_velocity_fwd_kernel(
     stride_xb, stride_xc, stride_xl,  # x strides
     stride_mb, stride_mk, stride_mc, stride_ml,  # means strides
     stride_wb, stride_wk, stride_wl,  # logweights strides
-    stride_sb, stride_sk,  # logstds strides
+    stride_vb, stride_vk,  # var strides
     stride_yb, stride_yc, stride_yl,  # x_src strides
     BLOCK_K: tl.constexpr,  # components per chunk
     BLOCK_C: tl.constexpr,  # next power of two >= C
@@ -81,9 +82,9 @@ def _gm_velocity_fwd_kernel(
     b_r = tl.sum(b_xs * (b_nup + (0.5 * zeta) * b_xs), axis=0)  # (BL,) x_src . (nu' + zeta x_src / 2)
 
     b_num, b_ybar, b_lse, b_bbar, b_vp = _gm_centred_num(
-        p_means + i_b64 * stride_mb, p_lw + i_b64 * stride_wb, p_ls + i_b64 * stride_sb, K,
+        p_means + i_b64 * stride_mb, p_lw + i_b64 * stride_wb, p_var + i_b64 * stride_vb, K,
         o_c, o_l, m_cl, m_l, s_src_raw, b_x, b_xs, b_delta, b_nup, b_h, b_r, zeta,
-        stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk,
+        stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_vk,
         BLOCK_K, BLOCK_C, BLOCK_L, NUM_K_CHUNKS, PER_K_STD,
     )  # fmt: skip
     o_u = i_b64 * C * L + o_c[:, None] * L + o_l[None, :]
@@ -104,7 +105,7 @@ def _gm_velocity_bwd_kernel(
     p_sigma,  # sigma (B,) float32, contiguous
     p_means,  # means (B, K, C, L), strided
     p_lw,  # logweights (B, K, L), strided
-    p_ls,  # logstds (B, K1), strided
+    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (triton_common.variances)
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_ybar,  # the forward's ybar (B, C, L) float32, contiguous
@@ -122,7 +123,7 @@ def _gm_velocity_bwd_kernel(
     stride_xb, stride_xc, stride_xl,  # x strides
     stride_mb, stride_mk, stride_mc, stride_ml,  # means strides
     stride_wb, stride_wk, stride_wl,  # logweights strides
-    stride_sb, stride_sk,  # logstds strides
+    stride_vb, stride_vk,  # var strides
     stride_yb, stride_yc, stride_yl,  # x_src strides
     BLOCK_K: tl.constexpr,  # components per chunk
     BLOCK_C: tl.constexpr,  # next power of two >= C
@@ -167,17 +168,17 @@ def _gm_velocity_bwd_kernel(
     b_gx0 = -b_g * inv_s
     p_means_b = p_means + i_b64 * stride_mb
     p_lw_b = p_lw + i_b64 * stride_wb
-    p_ls_b = p_ls + i_b64 * stride_sb
+    p_var_b = p_var + i_b64 * stride_vb
     if PER_K_STD:
         b_bbar = tl.load(p_stats + o_s + L, mask=m_l, other=0.0)
         b_vp = tl.load(p_stats + o_s + 2 * L, mask=m_l, other=0.0)
-        b_idp = 1.0 / (1.0 + zeta * b_vp)
+        b_idp = _div_rn(1.0, 1.0 + zeta * b_vp)  # as _gm_pivot_finish in the forward
         b_gxnup = tl.sum(b_gx0 * b_nup, axis=0)  # gx0 . nu'
     else:
         b_vp = tl.zeros((BLOCK_L,), tl.float32)  # (not read by _gm_logits2 with one std)
         b_idp = b_vp
         b_gxybar = tl.sum(b_gx0 * b_ybar, axis=0)
-        var1 = _gm_var1(p_ls_b, s_src_raw)
+        var1 = _gm_var1(p_var_b)
         invd1, _ = _gm_d(var1, zeta)
         # the logstds gradient's part at fixed weights, (zeta gx0 . (delta - ybar) - gx0 . h) / d^2 per pixel
         b_direct = (zeta * tl.sum(b_gx0 * (b_delta - b_ybar), axis=0) - tl.sum(b_gx0 * b_hx, axis=0)) * (invd1 * invd1)
@@ -188,7 +189,8 @@ def _gm_velocity_bwd_kernel(
     #     so dL/dx = g sum_k w_k h_k + (a / s^2) sum_k gl_k mu_k / d_k with
     #     h_k = 1 / s - a var_k / (s^3 d_k) = (s - var_k (a + s c_src)) / (s^2 d_k), c_src = (a_src / s_src)^2
     #     (s^2 d_k = s^2 + var_k (a^2 - s^2 c_src) and a^2 - a = -a s).
-    # Far outside the domain, where a d_k is clamped, the gradients are those of these unclamped forms.
+    # Outside the domain (zeta < 0, reachable with validation off) the gradients are exact while no d_k is clamped
+    # at eps; where one is, the clamp's q_k terms are left out of them (the forward keeps them): approximate there.
     b_dnu = tl.zeros((BLOCK_C, BLOCK_L), tl.float32)  # sum_k gl_k mu_k / d_k: the part of dL/dnu not along gx0
     b_wvd = tl.zeros((BLOCK_L,), tl.float32)  # sum_k w_k var_k / d_k: dL/dnu = b_dnu + gx0 b_wvd
     b_hsum = tl.zeros((BLOCK_L,), tl.float32)  # sum_k w_k h_k
@@ -201,8 +203,8 @@ def _gm_velocity_bwd_kernel(
     for i_k in range(NUM_K_CHUNKS):
         k0 = i_k * BLOCK_K
         b_y, b_ysq, b_lw2, b_var, m_k = _gm_load_chunk(
-            p_means_b, p_lw_b, p_ls_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw,
-            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_sk, BLOCK_K, PER_K_STD,
+            p_means_b, p_lw_b, p_var_b, k0, K, o_c, o_l, m_cl, m_l, s_src_raw,
+            stride_mk, stride_mc, stride_ml, stride_wk, stride_wl, stride_vk, BLOCK_K, PER_K_STD,
         )  # fmt: skip
         b_invd, b_q = _gm_d(b_var, zeta)
         b_a = _gm_dot(b_y, b_nup, zeta)  # A_k
@@ -279,12 +281,13 @@ def _gm_velocity_fwd(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors, sa
     cfg = common.launch_config(k, c, length, common.LAUNCH["fwd"]["budget"], common.LAUNCH["fwd"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     u = utils.alloc((b, c, length), x.dtype, x.device)
+    var = common.variances(logstds, sigma_src)
     ybar = utils.alloc((b, c, length) if save_stats else (0,), torch.float32, x.device)
     stats = utils.alloc((b, _n_stats(policy), length) if save_stats else (0,), torch.float32, x.device)
     _gm_velocity_fwd_kernel[(b * n_tiles,)](
-        x, utils.vec(sigma), means, logweights, logstds, x_src, utils.vec(sigma_src), u, ybar, stats,
+        x, utils.vec(sigma), means, logweights, var, x_src, utils.vec(sigma_src), u, ybar, stats,
         k, c, length, n_tiles,
-        *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
+        *x.stride(), *means.stride(), *logweights.stride(), *var.stride(), *x_src.stride(),
         PER_K_STD=policy.per_component_std, SAVE_STATS=save_stats, **cfg,
     )  # fmt: skip
     return u, ybar, stats
@@ -302,11 +305,12 @@ def _gm_velocity_bwd(grad_u, x, sigma, policy: GMTensors, ybar, stats, need_x: b
     dmeans = utils.alloc((b, k, c, length), means.dtype, dev)
     dlw = utils.alloc((b, k, length), logweights.dtype, dev)
     dls_part = utils.alloc((b, n_tiles, logstds.shape[1]), torch.float32, dev)
+    var = common.variances(logstds, sigma_src)
     _gm_velocity_bwd_kernel[(b * n_tiles,)](
-        grad_u, x, utils.vec(sigma), means, logweights, logstds, x_src, utils.vec(sigma_src), ybar, stats,
+        grad_u, x, utils.vec(sigma), means, logweights, var, x_src, utils.vec(sigma_src), ybar, stats,
         dx, dmeans, dlw, dls_part, dxs,
         k, c, length, n_tiles,
-        *grad_u.stride(), *x.stride(), *means.stride(), *logweights.stride(), *logstds.stride(), *x_src.stride(),
+        *grad_u.stride(), *x.stride(), *means.stride(), *logweights.stride(), *var.stride(), *x_src.stride(),
         PER_K_STD=policy.per_component_std, NEED_DX=need_x, NEED_DXS=need_x_src, **cfg,
     )  # fmt: skip
     return dx, dmeans, dlw, dls_part.sum(1).to(logstds.dtype), dxs

@@ -52,7 +52,7 @@ MAX_COMPONENTS = 64  # K range of the kernels (chunked over K beyond the registe
 MAX_CHANNELS = 64  # C range of the kernels
 # Per-thread register budget in fp32 elements of one (BLOCK_K, BLOCK_C) chunk. At 128 a K=32, C=4
 # (ImageNet) or K=8, C=16 (FLUX) policy tile stays resident over a rollout (255 registers, no spill
-# with Triton 3.6 for sm_90; with per-component stds K=32, C=4 spills 424 bytes). The velocity kernels
+# with Triton 3.6 for sm_90; with per-component stds K=32, C=4 spills 448 bytes). The velocity kernels
 # are memory-bound and stream chunks: smaller chunks, fewer registers, more warps in flight. At K=32,
 # C=4, one std per sample (python -m bench.sass, Triton 3.6): forward 96 registers at budget 64,
 # backward 168 at budget 32; the GPU check's sweep times other budgets.
@@ -381,7 +381,7 @@ def _gm_program(n_tiles, C, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
 # on an H100 (Triton 3.6) with aligned pointers, the 128-substep B=512, K=32, C=4, 32x32 rollout took
 # 8.3 / 3.1 / 1.8 ms at 4 / 2 / 1 warps. Unaligned, a warp still reads 32 consecutive floats per
 # load (one 128-byte transaction) and each thread owns whole pixels: compiled for sm_90 by Triton 3.6 with
-# the launch's own specialization (python -m bench.sass), the substep loop is 487 instructions per pixel,
+# the launch's own specialization (python -m bench.sass), the substep loop is 488 instructions per pixel,
 # with no shuffles, barriers or spills, and the forward kernel has none either. One aligned per-pixel
 # pointer is enough to bring the vectorized layout back (a store of the backward's statistics did: 9
 # barriers in the forward), so every pointer to a per-pixel tensor is listed; only the (B,)-sized

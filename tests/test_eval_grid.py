@@ -326,6 +326,75 @@ def test_decode_qwen_equals_the_pipelines_decode_path():
     assert torch.equal(got, stock)
 
 
+def _zero_velocity_pipeline(kind: str):
+    """The tiny ``kind`` pipeline (piflow_kernels.tiny) with an Euler scheduler and a transformer that predicts 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler as Euler
+
+    from piflow_kernels import tiny
+
+    torch.manual_seed(7)
+    pipe = tiny._BUILDERS[kind]()
+    pipe.scheduler = Euler(shift=3.0)
+    pipe.transformer = zero_velocity(pipe.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_decode_flux2_equals_the_pipelines_decode_path():
+    from diffusers import Flux2Pipeline
+
+    pipe = _zero_velocity_pipeline("flux2")
+    vae = pipe.vae
+    vae.bn.running_mean.copy_(randn(12, seed=8))  # the batch norm of the 2x2-patchified channels, not the identity
+    vae.bn.running_var.copy_(randn(12, seed=9).abs() + 0.5)
+    z = randn(BATCH, 3, 8, 8, seed=4)  # the library's image layout: 3 channels, 2x2 patches of a 16 x 16 image
+    got = decode_latents(vae, z, "flux2")
+    assert got.shape == (BATCH, 3, 16, 16) and got.dtype == torch.float32 and got.min() >= 0 and got.max() <= 1
+    # diffusers/pipelines/flux2/pipeline_flux2.py, Flux2Pipeline.__call__ (latents (B, 4 C, H/2, W/2)):
+    #   latents = latents * sqrt(bn.running_var + batch_norm_eps) + bn.running_mean
+    #   latents = self._unpatchify_latents(latents); image = self.vae.decode(latents, return_dict=False)[0]
+    patched = Flux2Pipeline._patchify_latents(z)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    image = vae.decode(Flux2Pipeline._unpatchify_latents(patched * std + vae.bn.running_mean.view(1, -1, 1, 1)),
+                       return_dict=False)[0]  # fmt: skip
+    assert torch.equal(got, (image / 2 + 0.5).clamp(0, 1))
+    emb = randn(BATCH, TEXT_LEN, pipe.transformer.config.joint_attention_dim, seed=3)
+    stock = pipe(prompt_embeds=emb, latents=patched, height=16, width=16, num_inference_steps=2, guidance_scale=4.0,
+                 output_type="pt").images  # fmt: skip
+    assert torch.equal(got, stock)
+    with pytest.raises(ValueError, match="the flux2 VAE normalises 12 = 4 x 3"):
+        decode_latents(vae, randn(BATCH, 4, 8, 8), "flux2")
+    with pytest.raises(ValueError, match="even height and width"):
+        decode_latents(vae, randn(BATCH, 3, 7, 8), "flux2")
+    with pytest.raises(ValueError, match="no bn.running_mean .*AutoencoderKLFlux2"):
+        decode_latents(tiny_vae(3), z, "flux2")
+
+
+@torch.no_grad()
+def test_decode_wan_is_frame_0_of_the_pipelines_video():
+    pipe = _zero_velocity_pipeline("wan")
+    vae = pipe.vae
+    vae.register_to_config(latents_mean=[0.1, -0.2, 0.3], latents_std=[0.5, 2.0, 1.5])
+    z = randn(BATCH, 3, 3, 8, 8, seed=4)  # 5 frames of 16 x 16 (2x temporal and spatial downsampling)
+    got = decode_latents(vae, z, "wan")
+    assert got.shape == (BATCH, 3, 16, 16) and got.dtype == torch.float32 and got.min() >= 0 and got.max() <= 1
+    # diffusers/pipelines/wan/pipeline_wan.py, WanPipeline.__call__: latents / (1 / latents_std) + latents_mean,
+    # self.vae.decode(latents, return_dict=False)[0], self.video_processor.postprocess_video
+    mean = torch.tensor(vae.config.latents_mean).view(1, 3, 1, 1, 1)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 3, 1, 1, 1)
+    video = vae.decode(z / std + mean, return_dict=False)[0]
+    assert torch.equal(got, (video[:, :, 0] / 2 + 0.5).clamp(0, 1))
+    emb = randn(BATCH, TEXT_LEN, pipe.transformer.config.text_dim, seed=3)
+    frames = pipe(prompt_embeds=emb, latents=z, num_frames=5, height=16, width=16, num_inference_steps=2,
+                  guidance_scale=1.0, output_type="pt").frames  # fmt: skip
+    assert frames.shape[:3] == (BATCH, 5, 3)
+    assert torch.equal(got, frames[:, 0])
+    assert torch.equal(decode_latents(None, z, "wan"), latents_preview(z[:, :, 0]))
+    with pytest.raises(ValueError, match="latents must have shape .B, C, F, H, W."):
+        decode_latents(vae, randn(BATCH, 3, 8), "wan")
+
+
 def test_decode_bad_inputs():
     vae = tiny_vae(3)
     z = randn(BATCH, 3, LAT_H, LAT_W)

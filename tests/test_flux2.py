@@ -404,7 +404,8 @@ def test_a_lora_run_on_a_flux2_teacher_leaves_a_student_folder_that_samples(tmp_
     from piflow_kernels.distill.trainer import Trainer
 
     cfg = text_config(tmp_path, flux2_dir, flux2_cache, max_iters=3, teacher={"embedded_guidance": GUIDANCE},
-                      piid={"shift": 3.2, "final_step_size_scale": 0.5})  # fmt: skip
+                      piid={"shift": 3.2, "final_step_size_scale": 0.5}, eval_every=3,
+                      eval={"num_prompts": 2, "teacher_steps": 2, "batch_size": 2})  # fmt: skip
     trainer = Trainer(TrainConfig.from_dict(cfg))
     adapted = {n.split(".lora_")[0] for n, p in trainer.student.named_parameters() if ".lora_" in n and p.requires_grad}
     assert "trunk.single_transformer_blocks.0.attn.to_out" in adapted
@@ -421,6 +422,12 @@ def test_a_lora_run_on_a_flux2_teacher_leaves_a_student_folder_that_samples(tmp_
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
+    # the evaluation grid is decoded by the pipeline's AutoencoderKLFlux2: 4 x 4 latents are 8 x 8 images (a latent
+    # preview would be 4 x 4); 2 prompts, the student's row above the teacher's, 2-pixel gaps
+    from PIL import Image
+
+    assert x.shape[-2:] == (4, 4)
+    assert Image.open(tmp_path / "eval" / "iter_00000003.png").size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
 
     folder = tmp_path / "students" / "iter_00000003"
     student = PiFlowStudent.from_pretrained(folder).eval()

@@ -342,4 +342,8 @@ def test_a_video_run_evaluates_against_the_teachers_samples(tmp_path, wan_folder
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/latent_rms" in r]
     assert len(evals) == 1 and math.isfinite(evals[0]["eval/latent_rms"]) and evals[0]["eval/latent_rms"] > 0
-    assert (tmp_path / "eval" / "iter_00000002.png").is_file()  # the first frames, as latent previews
+    from PIL import Image
+
+    # the first frame of each video, decoded by the pipeline's AutoencoderKLWan: 4 x 4 latents are 8 x 8 pixels
+    # (a latent preview would be 4 x 4); 2 prompts, the student's row above the teacher's, 2-pixel gaps
+    assert Image.open(tmp_path / "eval" / "iter_00000002.png").size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)

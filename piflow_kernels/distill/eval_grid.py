@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
-PIPELINE_KINDS = ("flux", "sd3", "qwen")
+PIPELINE_KINDS = ("flux", "sd3", "qwen", "flux2", "wan")
 GRID_ROWS = ("student", "teacher")
 
 
@@ -184,60 +184,103 @@ def _vae_device_dtype(vae: Any) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+#: the VAE class each pipeline kind decodes with (for error messages)
+_VAE_CLASS = {"flux": "AutoencoderKL", "sd3": "AutoencoderKL", "qwen": "AutoencoderKLQwenImage",
+              "flux2": "AutoencoderKLFlux2", "wan": "AutoencoderKLWan"}  # fmt: skip
+
+
 def _config_value(config: Any, key: str, kind: str, default: Any = ...) -> Any:
     value = config.get(key, None) if isinstance(config, Mapping) else getattr(config, key, None)
     if value is None:
         if default is ...:
-            wanted = "an AutoencoderKLQwenImage" if kind == "qwen" else "an AutoencoderKL"
-            raise ValueError(f"vae: its config has no {key} (pipeline_kind {kind!r} decodes with {wanted})")
+            raise ValueError(f"vae: its config has no {key} (pipeline_kind {kind!r} decodes with an {_VAE_CLASS[kind]})")
         return default
     return value
 
 
+def _video_latents(name: str, latents: object) -> torch.Tensor:
+    """(B, C, F, H, W) video latents; (B, C, H, W) is accepted as one frame."""
+    x = check_float_tensor(name, latents)
+    if x.dim() == 4:
+        x = x[:, :, None]
+    if x.dim() != 5 or x.shape[0] == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have shape (B, C, F, H, W) (video layout) with B >= 1, got {tuple(x.shape)}")
+    return x
+
+
+def _flux2_bn(vae: Any, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX.2's latent normalisation: the VAE's batch-norm statistics over the 2x2-patchified channels (4 C)."""
+    bn = getattr(vae, "bn", None)
+    mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        raise ValueError("vae: it has no bn.running_mean / bn.running_var (pipeline_kind 'flux2' decodes with an "
+                         "AutoencoderKLFlux2)")  # fmt: skip
+    if mean.numel() != 4 * channels:
+        raise ValueError(f"latents have {channels} channels, the flux2 VAE normalises {mean.numel()} = 4 x "
+                         f"{mean.numel() // 4} patchified ones")  # fmt: skip
+    eps = _config_value(vae.config, "batch_norm_eps", "flux2")
+    return mean.view(1, -1, 1, 1), torch.sqrt(var.view(1, -1, 1, 1) + eps)
+
+
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor, pipeline_kind: str, *, batch_size: int | None = None) -> torch.Tensor:
-    """Images float32 (B, 3, H, W) in [0, 1] on the CPU, decoded from model latents (B, C, H, W) as the pipeline does.
+    """Images float32 (B, 3, H, W) in [0, 1] on the CPU, decoded from model latents as the pipeline does.
 
     The pipeline's own inverse normalisation, then ``vae.decode``, then ``VaeImageProcessor.postprocess``
-    (``(x / 2 + 0.5).clamp(0, 1)``):
+    (``(x / 2 + 0.5).clamp(0, 1)``). Latents are (B, C, H, W) in the image layout (unpacked), (B, C, F, H, W)
+    for ``"wan"``:
 
     - ``"flux"`` / ``"sd3"`` (``AutoencoderKL``): ``z / scaling_factor + shift_factor`` (FluxPipeline and
       StableDiffusion3Pipeline ``__call__``; a config without ``shift_factor`` counts as 0), then cast to the
       VAE's device and dtype;
     - ``"qwen"`` (``AutoencoderKLQwenImage``): cast to the VAE's dtype, then ``z / (1 / latents_std) +
-      latents_mean`` on a frame axis (B, C, 1, H, W) (QwenImagePipeline ``__call__``), and frame 0 of the decode.
+      latents_mean`` on a frame axis (B, C, 1, H, W) (QwenImagePipeline ``__call__``), and frame 0 of the decode;
+    - ``"flux2"`` (``AutoencoderKLFlux2``): the 2x2 patchify to 4 C channels (``Flux2Pipeline._patchify_latents``,
+      the library's packed channel order), ``z * sqrt(bn.running_var + batch_norm_eps) + bn.running_mean``,
+      ``Flux2Pipeline._unpatchify_latents`` (Flux2Pipeline ``__call__``), then the VAE's device and dtype;
+    - ``"wan"`` (``AutoencoderKLWan``): as ``"qwen"`` on all F frames (WanPipeline ``__call__``); the image is
+      frame 0 of each decoded video.
 
-    ``vae=None`` gives :func:`latents_preview` instead. ``batch_size`` decodes that many latents at a time
-    (None: all at once).
+    ``vae=None`` gives :func:`latents_preview` instead (of frame 0 for video latents). ``batch_size`` decodes that
+    many latents at a time (None: all at once).
     """
     kind = _check_kind(pipeline_kind)
-    x = _image_latents("latents", latents)
+    x = _video_latents("latents", latents) if kind == "wan" else _image_latents("latents", latents)
     if vae is None:
-        return latents_preview(x)
+        return latents_preview(x[:, :, 0] if kind == "wan" else x)
     if batch_size is not None:
         batch_size = count("batch_size", batch_size)
     if not callable(getattr(vae, "decode", None)) or getattr(vae, "config", None) is None:
         raise TypeError(f"vae must be a diffusers VAE (with .decode and .config) or None, got {type(vae).__name__}")
     config = vae.config
     device, dtype = _vae_device_dtype(vae)
-    if kind == "qwen":
+    x = x.detach()
+    if kind in ("qwen", "wan"):
         channels = _config_value(config, "z_dim", kind)
         mean, std = _config_value(config, "latents_mean", kind), _config_value(config, "latents_std", kind)
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"vae: latents_mean and latents_std must have z_dim = {channels} entries")
+        if x.shape[1] != channels:
+            raise ValueError(f"latents have {x.shape[1]} channels, the {kind} VAE takes {channels} (shape {tuple(x.shape)})")
+        z = x.to(dtype) if kind == "wan" else x.to(dtype)[:, :, None]
+        latents_mean = torch.tensor(mean).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
+        latents_std = 1.0 / torch.tensor(std).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
+        z = (z / latents_std + latents_mean).to(device)
+    elif kind == "flux2":
+        from diffusers import Flux2Pipeline
+
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"flux2 latents need an even height and width (2x2 patches), got {tuple(x.shape)}")
+        bn_mean, bn_std = _flux2_bn(vae, x.shape[1])
+        z = Flux2Pipeline._patchify_latents(x)
+        z = z * bn_std.to(z.device, z.dtype) + bn_mean.to(z.device, z.dtype)
+        z = Flux2Pipeline._unpatchify_latents(z).to(device, dtype)
     else:
         scaling = _config_value(config, "scaling_factor", kind)
         channels = _config_value(config, "latent_channels", kind)
         shift = _config_value(config, "shift_factor", kind, 0.0)
-    if x.shape[1] != channels:
-        raise ValueError(f"latents have {x.shape[1]} channels, the {kind} VAE takes {channels} (shape {tuple(x.shape)})")
-    x = x.detach()
-    if kind == "qwen":
-        z = x.to(dtype)[:, :, None]
-        latents_mean = torch.tensor(mean).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
-        latents_std = 1.0 / torch.tensor(std).view(1, channels, 1, 1, 1).to(z.device, z.dtype)
-        z = (z / latents_std + latents_mean).to(device)
-    else:
+        if x.shape[1] != channels:
+            raise ValueError(f"latents have {x.shape[1]} channels, the {kind} VAE takes {channels} (shape {tuple(x.shape)})")
         z = (x / scaling + shift).to(device, dtype)
     from diffusers.image_processor import VaeImageProcessor
 
@@ -246,7 +289,7 @@ def decode_latents(vae: Any, latents: torch.Tensor, pipeline_kind: str, *, batch
     images = []
     for start in range(0, z.shape[0], step):
         image = vae.decode(z[start : start + step], return_dict=False)[0]
-        if kind == "qwen":
+        if kind in ("qwen", "wan"):
             image = image[:, :, 0]
         images.append(processor.postprocess(image, output_type="pt").float().cpu())
     return torch.cat(images)

@@ -33,7 +33,13 @@ from piflow_kernels.distill.evaluation import sample_with
 __all__ = ["TextEvaluation", "PIPELINE_KINDS"]
 
 #: teacher class -> the decode convention of its pipeline (:func:`~piflow_kernels.distill.eval_grid.decode_latents`)
-PIPELINE_KINDS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3", "QwenImageTransformer2DModel": "qwen"}
+PIPELINE_KINDS = {
+    "FluxTransformer2DModel": "flux",
+    "SD3Transformer2DModel": "sd3",
+    "QwenImageTransformer2DModel": "qwen",
+    "Flux2Transformer2DModel": "flux2",
+    "WanTransformer3DModel": "wan",
+}
 
 
 class TextEvaluation:
@@ -124,7 +130,7 @@ class TextEvaluation:
     def _images(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self._decoder()
         kind = PIPELINE_KINDS.get(self.teacher_class)
-        if vae is None or kind is None or latents.dim() != 4:  # no VAE, or video latents: a latent preview
+        if vae is None or kind is None:  # no VAE: a latent preview (of frame 0 for video latents)
             return latents_preview(latents[:, :, 0] if latents.dim() == 5 else latents)
         return decode_latents(vae, latents, kind, batch_size=self.cfg.eval.batch_size)
 

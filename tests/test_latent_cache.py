@@ -489,3 +489,25 @@ def test_cli_encodes_and_refuses_bad_configs_with_exit_code_2(flux_dir, images, 
         assert cli.main(["encode-images", str(config)]) == 2, message
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
+
+
+@torch.no_grad()
+def test_flux2_latents_are_the_pipelines_encoding_in_the_image_layout(images, tmp_path):
+    """FLUX.2: Flux2Pipeline._encode_vae_image (the mode, 2x2-patchified, normalised by the VAE's batch-norm
+    statistics) stored unpatchified, the library's image layout: patchified again it is the pipeline's, bit for bit."""
+    from diffusers import AutoencoderKLFlux2, Flux2Pipeline
+
+    from piflow_kernels import tiny
+
+    torch.manual_seed(3)
+    pipe = tiny._flux2()
+    pipe.vae.bn.running_mean.copy_(torch.randn(12))  # not the identity normalisation of a fresh VAE
+    pipe.vae.bn.running_var.copy_(torch.rand(12) + 0.5)
+    pipe.save_pretrained(tmp_path / "flux2")
+    cache = LatentCache(encode(tmp_path / "flux2", images, tmp_path / "cache", batch_size=10, shard_size=10))
+    assert cache.latent_shape == (3, HEIGHT // 2, WIDTH // 2) and cache.index["vae"]["pipeline"] == "Flux2Pipeline"
+    vae = AutoencoderKLFlux2.from_pretrained(tmp_path / "flux2" / "vae").eval()
+    owner = SimpleNamespace(vae=vae, _patchify_latents=Flux2Pipeline._patchify_latents)  # what _encode_vae_image reads
+    want = Flux2Pipeline._encode_vae_image(owner, pixels(images, range(10)), None)  # (10, 12, H/4, W/4)
+    stored = torch.stack([cache[i]["latents"] for i in range(10)])
+    assert torch.equal(Flux2Pipeline._patchify_latents(stored), want)

@@ -12,7 +12,8 @@ beside each image) or a ``datasets.save_to_disk`` folder. Each is resized and ce
 ``resolution`` by diffusers' ``VaeImageProcessor``, encoded by the pipeline's VAE (the mean of the latent
 distribution, or a seeded sample) and normalised the way the pipeline's transformer sees latents:
 FLUX.1 / SD3 ``(z - shift_factor) * scaling_factor``, Qwen-Image ``(z - latents_mean) / latents_std``
-with its frame axis of 1 dropped. The folder has the prompt cache's layout (see docs/latent_cache.md):
+with its frame axis of 1 dropped, FLUX.2 by its VAE's batch-norm statistics over the 2x2-patchified channels
+(then unpatchified: the library's image layout). The folder has the prompt cache's layout (see docs/latent_cache.md):
 per-rank safetensors shards of tensors ``"<image index>/latents"`` (C, H, W), per-rank index parts and
 the merged ``index.json``.
 """
@@ -57,7 +58,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 METADATA = ("metadata.jsonl", "metadata.csv")
 # the VAE class each pipeline's transformer was trained on
 _VAE_CLASS = {"FluxPipeline": "AutoencoderKL", "StableDiffusion3Pipeline": "AutoencoderKL",
-              "QwenImagePipeline": "AutoencoderKLQwenImage"}  # fmt: skip
+              "QwenImagePipeline": "AutoencoderKLQwenImage", "Flux2Pipeline": "AutoencoderKLFlux2"}  # fmt: skip
 # a diffusers config.json also records the diffusers version it was saved with
 _VOLATILE_VAE_KEYS = (*VOLATILE_CONFIG_KEYS, "_diffusers_version")
 KIND = CacheKind(name="latent cache", format=FORMAT, command="encode-images", identity_key="vae", identity_what="VAEs",
@@ -271,7 +272,7 @@ def _geometry(root: Path, pipeline: str) -> tuple[str, int, int]:
         vae_scale_factor = 2 ** len(config.get("temperal_downsample", [False, True, True]))
     else:
         vae_scale_factor = 2 ** (len(config.get("block_out_channels", [64])) - 1)
-    patch = 2  # FLUX.1 and Qwen-Image pack 2 x 2 latents into a token
+    patch = 2  # FLUX.1, FLUX.2 and Qwen-Image pack 2 x 2 latents into a token
     if pipeline == "StableDiffusion3Pipeline" and (root / "transformer" / "config.json").is_file():
         patch = int(read_json(root / "transformer" / "config.json", "transformer config").get("patch_size", 2))
     return expected, vae_scale_factor, vae_scale_factor * patch
@@ -330,6 +331,14 @@ def _encode_batch(vae: Any, pipeline: str, pixels: torch.Tensor, seeds: Sequence
         z = torch.cat([DiagonalGaussianDistribution(dist.parameters[j : j + 1]).sample(torch.Generator().manual_seed(s))
                        for j, s in enumerate(seeds)])  # fmt: skip
     config = vae.config
+    if pipeline == "Flux2Pipeline":  # Flux2Pipeline._encode_vae_image, in the 2x2-patchified channels, then unpatchified
+        from diffusers import Flux2Pipeline
+
+        # (the library's image layout; its 2x2 packing is Flux2Pipeline's _patchify_latents + _pack_latents)
+        patched = Flux2Pipeline._patchify_latents(z)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patched.device, patched.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + config.batch_norm_eps).to(patched.device, patched.dtype)
+        return Flux2Pipeline._unpatchify_latents((patched - mean) / std)
     if qwen:  # QwenImageImg2ImgPipeline._encode_vae_image: (z - mean) * (1 / std), then the frame axis dropped
         mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
         inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)

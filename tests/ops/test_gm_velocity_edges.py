@@ -117,6 +117,21 @@ def test_gm_velocity_edges_low_precision_inputs(impl, dtype, point, poisoned):
     _assert_within_rule(impl, dtype, sigma_src, ratio, True)
 
 
+COMPILED_CASES = [("fp32", p) for p in POINTS] + [("bf16", p) for p in POINTS if p[1] in (1.0, 1e-3)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("std", STDS)
+@pytest.mark.parametrize("dtype, point", COMPILED_CASES, ids=[f"{d}-{_point_id(*p)}" for d, p in COMPILED_CASES])
+def test_gm_velocity_edges_compiled_triton_kernels(dtype, point, std, poisoned):
+    """The rule of the module docstring for the compiled kernels on a GPU, forward and all five gradients, at every
+    point in fp32 and at the low-precision test's points in bf16: the interpreter neither contracts FMAs nor
+    approximates exp and division, so what the backward recomputes (its logits, normalised by the forward's
+    log-sum-exp) can only disagree with the forward when compiled."""
+    cases.skip_if_interpreted()
+    _assert_within_rule("triton", dtype, *point, STDS[std])
+
+
 # ------------------------------------------------------------------------------------------ the torch twin itself
 
 

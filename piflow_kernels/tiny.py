@@ -126,19 +126,28 @@ def _sd3():
     )  # fmt: skip
 
 
-def _qwen():
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+def _qwen_text_encoder(hidden: int = _TEXT_DIM, intermediate: int = 24, mrope_section: tuple[int, ...] = (1, 1, 1)):
+    """(tokenizer, encoder): a byte-level Qwen2 tokenizer and a one-layer Qwen2.5-VL of width ``hidden`` (its
+    vision tower one block of the same width), in eval mode: Qwen-Image's text encoder, tiny. The tests build theirs
+    here too."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
     tok = Qwen2Tokenizer(vocab=_byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
-    text = {"vocab_size": len(tok), "hidden_size": _TEXT_DIM, "intermediate_size": 24, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 1]},
+    text = {"vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(mrope_section)},
             "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
-    vision = {"depth": 1, "hidden_size": _TEXT_DIM, "intermediate_size": 24, "num_heads": 2, "out_hidden_size": _TEXT_DIM,
-              "patch_size": 2, "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4,
-              "fullatt_block_indexes": [0]}  # fmt: skip
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vision = {"depth": 1, "hidden_size": hidden, "intermediate_size": intermediate, "num_heads": 2,
+              "out_hidden_size": hidden, "patch_size": 2, "spatial_merge_size": 1, "temporal_patch_size": 1,
+              "window_size": 4, "fullatt_block_indexes": [0]}  # fmt: skip
+    return tok, Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+
+
+def _qwen():
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tok, encoder = _qwen_text_encoder()
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                                  latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # fmt: skip
     transformer = QwenImageTransformer2DModel(

@@ -25,9 +25,10 @@ from diffusers import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 from test_pipelines import tiny_vae  # noqa: E402
-from test_prompt_cache import PROMPTS, byte_level_vocab, encode, save_flux  # noqa: E402
+from test_prompt_cache import PROMPTS, encode, save_flux  # noqa: E402
 from test_students import POOLED_DIM, TEXT_DIM, TEXT_LEN, pack, tiny_teacher  # noqa: E402
 
+from piflow_kernels import tiny  # noqa: E402
 from piflow_kernels.distill.eval_grid import (  # noqa: E402
     EvalPrompts,
     decode_latents,
@@ -330,8 +331,6 @@ def _zero_velocity_pipeline(kind: str):
     """The tiny ``kind`` pipeline (piflow_kernels.tiny) with an Euler scheduler and a transformer that predicts 0."""
     from diffusers import FlowMatchEulerDiscreteScheduler as Euler
 
-    from piflow_kernels import tiny
-
     torch.manual_seed(7)
     pipe = tiny._BUILDERS[kind]()
     pipe.scheduler = Euler(shift=3.0)
@@ -534,17 +533,9 @@ def test_eval_prompts_from_a_cache(flux_cache):
 
 
 def test_eval_prompts_pad_prompts_of_their_own_lengths(tmp_path):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-    tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
-    text = {"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "bos_token_id": None,
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16, "patch_size": 2,
-              "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4, "fullatt_block_indexes": [0]}  # fmt: skip
     torch.manual_seed(3)
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    tok, encoder = tiny._qwen_text_encoder(hidden=16, intermediate=32, mrope_section=(1, 1, 2))
     pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), qwen_vae(), encoder, tok, tiny_teacher("qwen"))
     pipe.save_pretrained(tmp_path / "q")
     prompts = [Prompt("a cat", "dark"), Prompt("a much longer prompt about a dog"), Prompt("sky")]

@@ -293,22 +293,11 @@ def test_sd3_cache_holds_the_negatives_for_guidance(tmp_path):
 # ---------------------------------------------------------------------------- Qwen-Image: prompts of their own lengths
 
 
-byte_level_vocab = tiny._byte_level_vocab
-
-
 def test_qwen_image_cache_keeps_each_prompts_length_and_pads_like_the_pipeline(tmp_path):
     from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-    tok = Qwen2Tokenizer(vocab=byte_level_vocab(), merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         additional_special_tokens=["<|im_start|>", "<|im_end|>"])  # fmt: skip
-    text = {"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, "bos_token_id": None,
-            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}  # fmt: skip
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16, "patch_size": 2,
-              "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 4, "fullatt_block_indexes": [0]}  # fmt: skip
     torch.manual_seed(3)
-    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    tok, encoder = tiny._qwen_text_encoder(hidden=16, intermediate=32, mrope_section=(1, 1, 2))
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=3, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
                                  latents_mean=[0.0] * 3, latents_std=[1.0] * 3)  # fmt: skip
     pipe = QwenImagePipeline(FlowMatchEulerDiscreteScheduler(), vae, encoder, tok, tiny_teacher("qwen"))

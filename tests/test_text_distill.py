@@ -404,6 +404,39 @@ def flux_latents(flux_dir, tmp_path_factory) -> tuple[Path, Path]:
     return latents, prompts
 
 
+def test_a_damaged_evaluation_cache_is_recomputed_and_a_damaged_vae_config_is_named(tmp_path, flux_dir, flux_cache, caplog):
+    """eval/teacher.json (the key of the cached teacher samples) damaged: the samples are recomputed, the same, with a
+    warning naming the file, and the key rewritten; a damaged or foreign vae/config.json is a DamagedFileError
+    naming it."""
+    import logging
+    import shutil
+
+    from piflow_kernels.files import DamagedFileError
+
+    trainer = make(tmp_path, flux_dir, flux_cache, max_iters=2, eval_every=2, save_student=False,
+                   eval={"num_prompts": 3, "teacher_steps": 2, "batch_size": 3, "seed": 11})  # fmt: skip
+    trainer.train()
+    evaluation = trainer._text_eval
+    first, meta = evaluation._reference.clone(), tmp_path / "eval" / "teacher.json"
+    meta.write_bytes(b"\x00garbage")
+    evaluation._reference = None
+    with caplog.at_level(logging.WARNING, logger="piflow_kernels.distill.text_eval"), torch.no_grad():
+        again = evaluation.reference(trainer.teacher, True)
+    assert torch.equal(again, first)
+    assert "recomputing the teacher's evaluation samples" in caplog.text and str(meta) in caplog.text
+    assert isinstance(json.loads(meta.read_text())["key"], str)
+    folder = tmp_path / "pipe"
+    shutil.copytree(flux_dir / "vae", folder / "vae")
+    evaluation.cfg.eval.vae = str(folder)
+    bad = (('{"_class_name": ', "vae config: invalid JSON"), ('{"_class_name": "NoSuchVAE"}', "no diffusers class"))
+    for text, message in bad:
+        (folder / "vae" / "config.json").write_text(text)
+        evaluation._vae_loaded = False
+        with pytest.raises(DamagedFileError, match=message) as info:
+            evaluation._decoder()
+        assert info.value.path == folder / "vae" / "config.json"
+
+
 def test_data_dependent_distillation_pairs_each_latent_with_its_caption(tmp_path, flux_dir, flux_latents, flux_cache):
     from piflow_kernels.distill.latent_cache import LatentCache
     from piflow_kernels.distill.prompt_cache import PromptCache

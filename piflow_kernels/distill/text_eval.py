@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ from piflow_kernels.distill.eval_grid import (
     teacher_samples,
 )
 from piflow_kernels.distill.evaluation import sample_with
+from piflow_kernels.files import DamagedFileError, load_safetensors, read_json
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TextEvaluation", "PIPELINE_KINDS"]
 
@@ -86,13 +90,16 @@ class TextEvaluation:
         """The teacher's ``eval.teacher_steps``-step samples (N, C, H, W) of the evaluation prompts and noise."""
         if self._reference is not None:
             return self._reference
-        from piflow_kernels.files import load_safetensors
-
         path, key = self.folder / "teacher.safetensors", self._reference_key()
         meta = self.folder / "teacher.json"
-        if path.is_file() and meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("key") == key:
-            self._reference = load_safetensors(path, "evaluation teacher samples")["x0"]
-            return self._reference
+        if path.is_file() and meta.is_file():
+            try:  # a cache of this run's own: a damaged one is recomputed, with a word
+                stored = read_json(meta, "evaluation teacher samples' key")
+                if isinstance(stored, dict) and stored.get("key") == key:
+                    self._reference = load_safetensors(path, "evaluation teacher samples")["x0"]
+                    return self._reference
+            except DamagedFileError as err:
+                logger.warning("piflow_kernels: recomputing the teacher's evaluation samples (%s)", err)
         e, p = self.cfg.eval, self.cfg.piid
         x = [
             teacher_samples(teacher, self.noise[i : i + e.batch_size].to(self.device), e.teacher_steps, shift=p.shift,
@@ -123,7 +130,10 @@ class TextEvaluation:
                 raise ConfigError(f"config key eval.vae: {where!r} is not a pipeline folder with a vae/config.json")
             import diffusers
 
-            name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name", "AutoencoderKL")
+            config = read_json(folder / "config.json", "vae config")
+            name = config.get("_class_name", "AutoencoderKL") if isinstance(config, dict) else None
+            if not isinstance(name, str) or not isinstance(getattr(diffusers, name, None), type):
+                raise DamagedFileError(folder / "config.json", f"vae config: _class_name {name!r} is no diffusers class")
             self._vae = getattr(diffusers, name).from_pretrained(folder, local_files_only=True).eval()
         return self._vae
 

@@ -32,6 +32,23 @@ from bench.runner import format_targets
 from bench.timing import device_name, git_commit, versions
 
 
+class BackwardMark(torch.autograd.Function):
+    """Identity whose backward appends ``mark()`` to ``box``: brackets a sub-graph's backward.
+
+        >>> y = BackwardMark.apply(x, box, clock.mark)   # box gets a mark when the gradient reaches y's input
+    """
+
+    @staticmethod
+    def forward(ctx, x, box, mark):
+        ctx.box, ctx.mark = box, mark
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.box.append(ctx.mark())
+        return grad, None, None
+
+
 class Clock:
     """Marks on the device timeline (CUDA events) or the host clock (CPU)."""
 

@@ -20,15 +20,6 @@ needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is No
 SLACK_MS = 1e-3
 
 
-@pytest.fixture
-def isolated_torch_state():
-    """The scripts set the thread count and seed torch's RNG: give both back to the rest of the session."""
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    torch.set_num_threads(threads)
-
-
 def _load(path) -> dict:
     with open(path) as fh:
         return json.load(fh)

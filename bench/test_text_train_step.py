@@ -22,15 +22,6 @@ needs_text_stack = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def isolated_torch_state():
-    """The trainer seeds torch's RNG: give it, and the thread count, back to the rest of the session."""
-    threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    torch.set_num_threads(threads)
-
-
 def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 

@@ -73,6 +73,8 @@ from typing import Any
 
 import torch
 
+from bench.step_timing import BackwardMark
+
 VARIANTS = ("lora", "lora+gc", "full", "full+gc")
 
 # The model and data of each --size. "small" is meant for a CPU (about a second an iteration on two cores),
@@ -119,33 +121,15 @@ WORDS = ("a photo of the cat dog red blue on in with big small tree house car sk
 # ---------------------------------------------------------------------------------------------- the pipeline
 
 
-def _clip_tokenizer(max_length: int) -> Any:
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in sorted(set("".join(WORDS) + "0123456789")):
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    for w in WORDS:
-        vocab.setdefault(w + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-def _t5_tokenizer() -> Any:
-    from transformers import T5Tokenizer
-
-    chars = sorted(set("".join(WORDS) + "0123456789"))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in chars]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
 def build_pipeline(folder: Path, size: dict, seed: int = 0) -> Path:
     """A random FLUX.1 pipeline of ``size`` saved to ``folder`` (float32 weights)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     clip_max = 77
-    tok, tok2 = _clip_tokenizer(clip_max), _t5_tokenizer()
+    from piflow_kernels.tiny import _clip_tokenizer, _t5_tokenizer
+
+    tok, tok2 = _clip_tokenizer(WORDS, clip_max), _t5_tokenizer(WORDS)
     c, t5 = size["clip"], size["t5"]
     channels = size["latent"][0]
     with torch.random.fork_rng(devices=[]):
@@ -306,20 +290,6 @@ def train_config(spec: dict, variant: str, out_dir: str) -> dict:
     )  # fmt: skip
 
 
-class _Mark(torch.autograd.Function):
-    """Identity whose backward appends ``clock()`` to ``box``: brackets a sub-graph's backward."""
-
-    @staticmethod
-    def forward(ctx, x, box, clock):
-        ctx.box, ctx.clock = box, clock
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.box.append(ctx.clock())
-        return grad, None, None
-
-
 class _TimedTeacher(torch.nn.Module):
     """The trainer's teacher inside a timed span; in eval mode, so pi-ID's eval-mode guard never toggles it."""
 
@@ -434,7 +404,7 @@ class IterationProbe:
             with probe.span("policy_build"):
                 if dataclasses.is_dataclass(output):  # GMFlowOutput / DXOutput: mark where the policy's gradient leaves
                     output = dataclasses.replace(output, **{
-                        f.name: _Mark.apply(getattr(output, f.name), probe._pol_in, probe.clock)
+                        f.name: BackwardMark.apply(getattr(output, f.name), probe._pol_in, probe.clock)
                         for f in dataclasses.fields(output) if isinstance(getattr(output, f.name), torch.Tensor)
                         and getattr(output, f.name).requires_grad
                     })  # fmt: skip
@@ -446,7 +416,7 @@ class IterationProbe:
             with probe.span("policy_mean_velocity_forward"):
                 u = mean_velocity(*args, **kwargs)
             probe.note_substeps(signature.bind(*args, **kwargs))  # after the span: read back with the iteration
-            return _Mark.apply(u, probe._vel_out, probe.clock) if u.requires_grad else u
+            return BackwardMark.apply(u, probe._vel_out, probe.clock) if u.requires_grad else u
 
         def timed_backward(*args: Any, **kwargs: Any) -> Any:
             with probe.span("backward"):

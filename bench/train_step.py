@@ -45,6 +45,7 @@ from torch import nn
 
 from bench import official_style
 from bench.step_timing import (
+    BackwardMark,
     Clock,
     Spans,
     add_threads_flag,
@@ -100,20 +101,6 @@ def train_config(args: argparse.Namespace, device: str, out_dir: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- probes
-
-
-class _Mark(torch.autograd.Function):
-    """Identity whose backward appends a clock mark to ``box``: brackets a sub-graph's backward."""
-
-    @staticmethod
-    def forward(ctx, x, box, clock):
-        ctx.box, ctx.clock = box, clock
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.box.append(ctx.clock.mark())
-        return grad, None, None
 
 
 class _TimedTeacher(nn.Module):
@@ -181,12 +168,13 @@ class IterationProbe:
                 with spans.span("policy_velocity_forward"):
                     return velocity_impl(pol, x, sigma)
             start, ends = [], []
-            means, logweights, logstds = (_Mark.apply(t, ends, clock) for t in (pol.means, pol.logweights, pol.logstds))
+            tensors = (pol.means, pol.logweights, pol.logstds)
+            means, logweights, logstds = (BackwardMark.apply(t, ends, clock.mark) for t in tensors)
             marked = GMFlowPolicy(means, logweights, logstds, pol.x_src, pol.sigma_src, backend=pol.backend)
             with spans.span("policy_velocity_forward"):
                 u = velocity_impl(marked, x, sigma)
             probe.velocity_backward.append((start, ends))
-            return _Mark.apply(u, start, clock)
+            return BackwardMark.apply(u, start, clock.mark)
 
         autograd_backward = torch.autograd.backward
 

@@ -25,6 +25,7 @@ vocabulary spells the system prompt out byte by byte, about 190 tokens before th
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,23 +44,25 @@ def tiny_prompts(n: int = 16) -> list[str]:
     return [f"{w[i % 16]} {w[(3 * i + 1) % 16]} {w[(5 * i + 2) % 16]} number {i}" for i in range(n)]
 
 
-def _clip_tokenizer():
+def _clip_tokenizer(words: Sequence[str] = TINY_WORDS, max_length: int = 32):
+    """A CLIP tokenizer whose vocabulary is ``words`` and their characters (any prompt of them tokenizes)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in sorted(set("".join(TINY_WORDS) + "number0123456789")):
+    for c in sorted(set("".join(words) + "number0123456789")):
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    for w in TINY_WORDS:
+    for w in words:
         vocab.setdefault(w + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def _t5_tokenizer():
+def _t5_tokenizer(words: Sequence[str] = TINY_WORDS):
+    """A unigram T5 tokenizer of ``words`` and their characters."""
     from transformers import T5Tokenizer
 
-    chars = sorted(set("".join(TINY_WORDS) + "number0123456789"))
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in TINY_WORDS]
+    chars = sorted(set("".join(words) + "number0123456789"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
     return T5Tokenizer(vocab=pieces + [(c, -5.0) for c in chars], extra_ids=0)
 
 

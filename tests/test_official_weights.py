@@ -66,6 +66,17 @@ def capture(module: torch.nn.Module, pre: bool = False) -> dict:
     return seen
 
 
+def dit_forward(student) -> tuple:
+    """The student on the DiT teacher's inputs: (output, the features entering proj_out_2, block 0's timestep
+    embedding, the inputs (x, t, kwargs))."""
+    features = capture(student.trunk.proj_out_2, pre=True)
+    temb = capture(student.trunk.transformer_blocks[0].norm1.emb)
+    x, t, kwargs = teacher_inputs("dit")
+    with torch.no_grad():
+        out = student(x, t, **kwargs)
+    return out, features["value"], temb["value"], (x, t, kwargs)
+
+
 def official_logstds(tensors: dict, temb: torch.Tensor) -> torch.Tensor:
     h = torch.nn.functional.silu(temb) @ tensors["proj_out_logstds.1.weight"].T + tensors["proj_out_logstds.1.bias"]
     return torch.nn.functional.silu(h) @ tensors["proj_out_logstds.3.weight"].T + tensors["proj_out_logstds.3.bias"]
@@ -196,13 +207,9 @@ def test_gm_dit_full_model_builds_its_own_teacher(tmp_path):
     assert {m.downscale_freq_shift for m in student.modules() if isinstance(m, Timesteps)} == {0.0}
     assert torch.equal(student.trunk.proj_out_1.weight, tensors["proj_out_1.weight"])
 
-    features = capture(student.trunk.proj_out_2, pre=True)
-    temb = capture(student.trunk.transformer_blocks[0].norm1.emb)
-    x, t, kwargs = teacher_inputs("dit")
-    with torch.no_grad():
-        out = student(x, t, **kwargs)
+    out, f, temb, (x, t, kwargs) = dit_forward(student)
     b, _, height, width = x.shape
-    hh, ww, f = height // p, width // p, features["value"]
+    hh, ww = height // p, width // p
     means = (f @ tensors["proj_out_means.weight"].T + tensors["proj_out_means.bias"]).reshape(b, hh, ww, p, p, k * c)
     means = means.permute(0, 5, 1, 3, 2, 4).reshape(b, k, c, height, width)
     logits = (f @ tensors["proj_out_logweights.weight"].T + tensors["proj_out_logweights.bias"]).reshape(b, hh, ww, p, p, k)
@@ -216,7 +223,7 @@ def test_gm_dit_full_model_builds_its_own_teacher(tmp_path):
     )
     cond = h @ tensors["emb.timestep_embedder.linear_2.weight"].T + tensors["emb.timestep_embedder.linear_2.bias"]
     cond = cond + tensors["emb.class_embedder.embedding_table.weight"][kwargs["class_labels"]]
-    torch.testing.assert_close(temb["value"], cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(temb, cond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.logstds, official_logstds(tensors, cond).reshape(b, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
 
@@ -316,13 +323,9 @@ def test_gm_dit_v1_full_model(tmp_path, constant):
     assert student.constant_logstd == (const if constant else None)
     assert {m.downscale_freq_shift for m in student.modules() if isinstance(m, Timesteps)} == {0.0}
 
-    features = capture(student.trunk.proj_out_2, pre=True)
-    temb = capture(student.trunk.transformer_blocks[0].norm1.emb)
-    x, t, kwargs = teacher_inputs("dit")
-    with torch.no_grad():
-        out = student(x, t, **kwargs)
+    out, f, temb, (x, t, kwargs) = dit_forward(student)
     b, _, height, width = x.shape
-    hh, ww, f = height // p, width // p, features["value"]
+    hh, ww = height // p, width // p
     raw = (f @ tensors["proj_out_2.weight"].T + tensors["proj_out_2.bias"]).reshape(b, hh, ww, p, p, k * (c + 1))
     raw = raw.permute(0, 5, 1, 3, 2, 4).reshape(b, k * (c + 1), height, width)  # the v1 unpatchify
     means, logits = raw.split([k * c, k], dim=1)  # GMOutput2D
@@ -333,7 +336,7 @@ def test_gm_dit_v1_full_model(tmp_path, constant):
         assert torch.equal(out.logstds, torch.full((b, 1, 1, 1, 1), const))
     else:
         mlp = {key.replace("gm_out.logstd_layers.", "proj_out_logstds."): v for key, v in tensors.items() if "gm_out" in key}
-        torch.testing.assert_close(out.logstds, official_logstds(mlp, temb["value"]).reshape(b, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.logstds, official_logstds(mlp, temb).reshape(b, 1, 1, 1, 1), atol=1e-5, rtol=1e-5)
 
     from piflow_kernels.official_export import export_official
 

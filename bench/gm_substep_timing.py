@@ -32,7 +32,7 @@ def uncentred_terms(policy: GMTensors) -> tuple:
     s_src = policy.sigma_src.float().clamp(min=GM_EPS)
     a_src = 1.0 - s_src
     mu = policy.x_src.float()[:, None] - policy.sigma_src.float()[:, None, None, None] * policy.means.float()
-    var = torch_twin.variances(policy)
+    var = torch_twin.variances(policy.logstds, policy.sigma_src).expand(policy.means.shape[:2])
     nu_src = (a_src / s_src**2)[:, None, None] * policy.x_src.float()
     return mu, (mu * mu).sum(2), var, policy.logweights.float(), nu_src, (a_src / s_src) ** 2
 

@@ -198,7 +198,7 @@ def gm_rollout_native(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPla
     means = policy.means
     b, k, c, length = means.shape
     table = torch.stack(sigma_table(*plan.kernel_args), 1)  # (B, T): a finished sample repeats its last sigma
-    var = variances(policy)  # per-sample std: the kernel reads var[:, 0]
+    var = variances(policy.logstds, policy.sigma_src).expand(b, k)  # per-sample std: the kernel reads var[:, 0]
     inputs = (means, policy.logweights, policy.x_src, var, policy.sigma_src, table)
     args = [t.detach().float().contiguous() for t in inputs]
     out = x_start.detach().float().contiguous().clone()

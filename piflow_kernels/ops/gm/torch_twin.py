@@ -35,10 +35,12 @@ from piflow_kernels.timesteps import sigma_table
 logger = logging.getLogger(__name__)
 
 
-def variances(policy: GMTensors) -> torch.Tensor:
-    """var_k = exp(2 logstd_k) sigma_src^2 (the raw sigma_src, as the reference), (B, K) float32 (expanded)."""
-    b, k = policy.means.shape[:2]
-    return (torch.exp(2.0 * policy.logstds.float()) * policy.sigma_src.float()[:, None] ** 2).expand(b, k)
+def variances(logstds: torch.Tensor, sigma_src: torch.Tensor) -> torch.Tensor:
+    """var_k = exp(2 logstd_k) sigma_src^2 (the raw sigma_src, as the reference), (B, K1) float32, contiguous: the
+    native loop (expanded to K) and the Triton kernels read it (Triton's own exp is ex2.approx on NVIDIA GPUs,
+    30 ulp at logstds -10, which moves the logits at small sigma by more than the float32 reference's rounding)."""
+    s_src = sigma_src.to(torch.float32)
+    return (torch.exp(2.0 * logstds.to(torch.float32)) * s_src[:, None] ** 2).contiguous()
 
 
 class _PivotedSoftmax(torch.autograd.Function):

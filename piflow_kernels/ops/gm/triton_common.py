@@ -430,15 +430,6 @@ def _launch_config_cached(k: int, c: int, length: int, budget: int, num_warps: i
     }
 
 
-def variances(logstds: torch.Tensor, sigma_src: torch.Tensor) -> torch.Tensor:
-    """var = exp(2 logstds) sigma_src^2 (B, K1) float32, contiguous, as the torch twin forms it. The kernels read it
-    instead of the logstds: Triton's exp is ex2.approx on NVIDIA GPUs (1.7e-6 relative at logstds -10, 30 ulp), and
-    at small sigma a logit is ~var_k^-1 times something large, so that error moved logits by more than the float32
-    reference's own rounding."""
-    s_src = sigma_src.to(torch.float32)
-    return (torch.exp(2.0 * logstds.to(torch.float32)) * s_src[:, None] ** 2).contiguous()
-
-
 def fast_rcp(t: torch.Tensor) -> bool:
     """Inline-PTX reciprocal only where PTX exists: compiled kernels on NVIDIA GPUs."""
     return t.device.type == "cuda" and torch.version.hip is None and not INTERPRET

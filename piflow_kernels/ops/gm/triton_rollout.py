@@ -17,6 +17,7 @@ import triton.language as tl
 
 from piflow_kernels.ops import utils
 from piflow_kernels.ops.gm import triton_common as common
+from piflow_kernels.ops.gm.torch_twin import variances
 from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
     LOG2E_K,
@@ -54,7 +55,7 @@ def _gm_rollout_kernel(
     p_out,  # out: x_end (B, C, L) contiguous, dtype of x_start
     p_means,  # means (B, K, C, L), strided
     p_lw,  # logweights (B, K, L), strided
-    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (triton_common.variances)
+    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (torch_twin.variances)
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_s0,  # sigma_start (B,) float32, contiguous
@@ -199,7 +200,7 @@ def _gm_rollout(x_start: torch.Tensor, policy: GMTensors, plan: RolloutPlan) -> 
     cfg = common.launch_config(k, c, length, common.LAUNCH["rollout"]["budget"], common.LAUNCH["rollout"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     out = utils.alloc((b, c, length), x_start.dtype, x_start.device)
-    var = common.variances(logstds, sigma_src)
+    var = variances(logstds, sigma_src)
     vec = utils.vec
     _gm_rollout_kernel[(b * n_tiles,)](
         x_start, out, means, logweights, var, x_src,

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from piflow_kernels.ops import utils
 from piflow_kernels.ops.gm import triton_common as common
+from piflow_kernels.ops.gm.torch_twin import variances
 from piflow_kernels.ops.gm.triton_common import (
     EPS_K,
     UNALIGNED,
@@ -45,7 +46,7 @@ def _gm_velocity_fwd_kernel(
     p_sigma,  # sigma (B,) float32, contiguous
     p_means,  # means (B, K, C, L), strided
     p_lw,  # logweights (B, K, L), strided
-    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (triton_common.variances)
+    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (torch_twin.variances)
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_u,  # out: u (B, C, L) contiguous, dtype of x
@@ -105,7 +106,7 @@ def _gm_velocity_bwd_kernel(
     p_sigma,  # sigma (B,) float32, contiguous
     p_means,  # means (B, K, C, L), strided
     p_lw,  # logweights (B, K, L), strided
-    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (triton_common.variances)
+    p_var,  # var (B, K1) float32: exp(2 logstds) sigma_src^2, from the launcher (torch_twin.variances)
     p_xs,  # x_src (B, C, L), strided
     p_ssrc,  # sigma_src (B,) float32, contiguous
     p_ybar,  # the forward's ybar (B, C, L) float32, contiguous
@@ -281,7 +282,7 @@ def _gm_velocity_fwd(x: torch.Tensor, sigma: torch.Tensor, policy: GMTensors, sa
     cfg = common.launch_config(k, c, length, common.LAUNCH["fwd"]["budget"], common.LAUNCH["fwd"]["num_warps"])
     n_tiles = triton.cdiv(length, cfg["BLOCK_L"])
     u = utils.alloc((b, c, length), x.dtype, x.device)
-    var = common.variances(logstds, sigma_src)
+    var = variances(logstds, sigma_src)
     ybar = utils.alloc((b, c, length) if save_stats else (0,), torch.float32, x.device)
     stats = utils.alloc((b, _n_stats(policy), length) if save_stats else (0,), torch.float32, x.device)
     _gm_velocity_fwd_kernel[(b * n_tiles,)](
@@ -305,7 +306,7 @@ def _gm_velocity_bwd(grad_u, x, sigma, policy: GMTensors, ybar, stats, need_x: b
     dmeans = utils.alloc((b, k, c, length), means.dtype, dev)
     dlw = utils.alloc((b, k, length), logweights.dtype, dev)
     dls_part = utils.alloc((b, n_tiles, logstds.shape[1]), torch.float32, dev)
-    var = common.variances(logstds, sigma_src)
+    var = variances(logstds, sigma_src)
     _gm_velocity_bwd_kernel[(b * n_tiles,)](
         grad_u, x, utils.vec(sigma), means, logweights, var, x_src, utils.vec(sigma_src), ybar, stats,
         dx, dmeans, dlw, dls_part, dxs,
